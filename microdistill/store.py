@@ -1,0 +1,343 @@
+"""Shards: the on-disk teacher signal that every student trains on.
+
+A shard folder holds `manifest.json`, `tokenizer/` (the teacher's tokenizer files, so students
+need no teacher) and `shard-NNNNN.safetensors` files of up to 128 examples each. Per example:
+
+    input_ids    int32 [n_in]            teacher token ids of the input text (no prompt)
+    output_ids   int32 [n_out]           teacher token ids the teacher chose, ending with EOS
+    logits       float16 [n_out, K]      raw teacher logits over the kept vocabulary
+    lse          float32 [n_out]         log-sum-exp of the logits over the FULL vocabulary
+    decisions    float32 [n_values]      per enum field: P(value), normalised over the values
+    text, output_text, fields, split, labels   (JSON in the safetensors header)
+
+Ragged arrays are stored concatenated with offsets. Text-only shards (sequence-level KD from a
+black-box teacher) omit `logits` and `lse`. Every file is written to a temporary name and
+renamed, and the manifest is rewritten after each shard: a crash loses at most the examples
+of the shard being filled, never a written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+FORMAT = "microdistill.shards/1"
+SHARD_SIZE = 128
+VAL_FRACTION = 0.1
+
+
+class StoreError(RuntimeError):
+    """A shard folder that cannot be read or written; the message is one line for the user."""
+
+
+@dataclass
+class Record:
+    text: str
+    input_ids: np.ndarray
+    output_ids: np.ndarray
+    output_text: str
+    fields: dict[str, Any]
+    logits: np.ndarray | None = None
+    lse: np.ndarray | None = None
+    decisions: dict[str, np.ndarray] = field(default_factory=dict)
+    labels: dict[str, Any] | None = None
+    id: str = ""
+    split: str = ""
+
+    def __post_init__(self) -> None:
+        self.id = self.id or example_id(self.text)
+        self.split = self.split or split_of(self.id)
+        self.input_ids = np.asarray(self.input_ids, dtype=np.int32)
+        self.output_ids = np.asarray(self.output_ids, dtype=np.int32)
+        if self.logits is not None:
+            self.logits = np.asarray(self.logits, dtype=np.float16)
+            self.lse = np.asarray(self.lse, dtype=np.float32)
+            if self.logits.shape[0] != len(self.output_ids) or self.lse.shape != (len(self.output_ids),):
+                raise ValueError(f"example {self.id}: logits/lse rows must match the {len(self.output_ids)} output tokens")
+
+
+def normalise(text: str) -> str:
+    """The form two inputs must share to count as duplicates (and to share a split)."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().casefold()
+
+
+def example_id(text: str) -> str:
+    return hashlib.sha256(normalise(text).encode()).hexdigest()[:16]
+
+
+def split_of(eid: str, val_fraction: float = VAL_FRACTION) -> str:
+    """Held-out split by hash, so the same input lands in the same split in every run."""
+    return "val" if int(eid[:8], 16) < val_fraction * 2**32 else "train"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is either the old file or the whole new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        reason = "disk full" if e.errno == 28 else e.strerror or str(e)
+        raise StoreError(f"cannot write {path}: {reason}; files written before are intact") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
+
+
+def _ragged(arrays: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(a) for a in arrays])
+    flat = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
+    return flat, offsets
+
+
+def encode_shard(records: list[Record]) -> bytes:
+    tensors: dict[str, np.ndarray] = {}
+    tensors["input_ids"], tensors["input_offsets"] = _ragged([r.input_ids for r in records], np.int32)
+    tensors["output_ids"], tensors["output_offsets"] = _ragged([r.output_ids for r in records], np.int32)
+    with_logits = [r.logits is not None for r in records]
+    if any(with_logits):
+        if not all(with_logits):
+            raise ValueError("a shard holds either logits for every example or for none")
+        tensors["logits"] = np.concatenate([r.logits for r in records]).astype(np.float16)
+        tensors["lse"] = np.concatenate([r.lse for r in records]).astype(np.float32)
+    for name in records[0].decisions if records else []:
+        tensors[f"decisions.{name}"] = np.stack([r.decisions[name] for r in records]).astype(np.float32)
+    meta = [
+        {"id": r.id, "split": r.split, "text": r.text, "output_text": r.output_text, "fields": r.fields, "labels": r.labels}
+        for r in records
+    ]
+    return st_save(tensors, metadata={"format": FORMAT, "examples": json.dumps(meta, ensure_ascii=False)})
+
+
+def decode_shard(data: bytes, path: Path) -> list[Record]:
+    try:
+        t = st_load(data)
+        with safe_open_bytes(data) as meta:
+            examples = json.loads(meta["examples"])
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise StoreError(f"shard {path}: corrupted or not a microdistill shard ({type(e).__name__})") from None
+    io, oo = t["input_offsets"], t["output_offsets"]
+    dec_names = [k.split(".", 1)[1] for k in t if k.startswith("decisions.")]
+    out = []
+    for i, m in enumerate(examples):
+        a, b = int(oo[i]), int(oo[i + 1])
+        out.append(
+            Record(
+                text=m["text"],
+                input_ids=t["input_ids"][io[i] : io[i + 1]],
+                output_ids=t["output_ids"][a:b],
+                output_text=m["output_text"],
+                fields=m["fields"],
+                logits=t["logits"][a:b] if "logits" in t else None,
+                lse=t["lse"][a:b] if "lse" in t else None,
+                decisions={n: t[f"decisions.{n}"][i] for n in dec_names},
+                labels=m.get("labels"),
+                id=m["id"],
+                split=m["split"],
+            )
+        )
+    return out
+
+
+class safe_open_bytes:
+    """The safetensors header metadata of an in-memory file."""
+
+    def __init__(self, data: bytes):
+        n = int.from_bytes(data[:8], "little")
+        self.meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
+
+    def __enter__(self) -> dict[str, str]:
+        if self.meta.get("format") != FORMAT:
+            raise ValueError("wrong format tag")
+        return self.meta
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ShardWriter:
+    """Appends examples to a shard folder; re-opening the folder resumes it.
+
+    `header` is everything fixed for the folder (task, teacher, vocabulary, ...). Re-opening
+    a folder whose header disagrees on the keys in `must_match` is refused: shards from two
+    teachers or tasks must never be mixed.
+    """
+
+    must_match = ("format", "task_fingerprint", "teacher", "vocab", "signal")
+
+    def __init__(self, out_dir: Path, header: dict[str, Any], shard_size: int = SHARD_SIZE):
+        self.dir = Path(out_dir)
+        self.shard_size = shard_size
+        self.dir.mkdir(parents=True, exist_ok=True)
+        header = {**header, "format": FORMAT}
+        path = self.dir / "manifest.json"
+        if path.exists():
+            self.manifest = ShardSet(self.dir).manifest
+            for key in self.must_match:
+                if self.manifest.get(key) != header.get(key):
+                    raise StoreError(
+                        f"{self.dir} holds shards made with a different {key.replace('_', ' ')}; "
+                        "use another --out folder or delete this one"
+                    )
+            self.manifest.update({k: v for k, v in header.items() if k not in self.manifest})
+        else:
+            self.manifest = {**header, "shards": [], "complete": False, "created": time.time()}
+        self.done_ids = ShardSet.ids_in(self.dir, self.manifest)
+        self.buffer: list[Record] = []
+
+    @property
+    def n_done(self) -> int:
+        return sum(s["n"] for s in self.manifest["shards"])
+
+    def add(self, record: Record) -> None:
+        if record.id in self.done_ids:
+            return
+        self.done_ids.add(record.id)
+        self.buffer.append(record)
+        if len(self.buffer) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        data = encode_shard(self.buffer)
+        name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
+        atomic_write_bytes(self.dir / name, data)
+        splits = [r.split for r in self.buffer]
+        self.manifest["shards"].append(
+            {"file": name, "n": len(self.buffer), "n_val": splits.count("val"), "bytes": len(data), "sha256": _sha256(data)}
+        )
+        self.buffer = []
+        self.manifest["complete"] = False
+        self.save_manifest()
+
+    def update(self, **fields: Any) -> None:
+        self.manifest.update(fields)
+        self.save_manifest()
+
+    def save_manifest(self) -> None:
+        shards = self.manifest["shards"]
+        n = sum(s["n"] for s in shards)
+        n_val = sum(s["n_val"] for s in shards)
+        self.manifest["counts"] = {**self.manifest.get("counts", {}), "examples": n, "train": n - n_val, "val": n_val}
+        atomic_write_json(self.dir / "manifest.json", self.manifest)
+
+    def close(self, **fields: Any) -> None:
+        """Write the last, possibly short, shard and mark the folder complete."""
+        self.flush()
+        self.manifest["complete"] = True
+        self.update(**fields)
+
+
+class ShardSet:
+    """Read access to a shard folder, checked against its manifest."""
+
+    def __init__(self, path: Path, verify: bool = False):
+        self.dir = Path(path)
+        mpath = self.dir / "manifest.json"
+        if not self.dir.is_dir():
+            raise StoreError(f"shard folder {self.dir}: not found")
+        if not mpath.is_file():
+            raise StoreError(f"shard folder {self.dir}: no manifest.json (not a microdistill shard folder)")
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreError(f"{mpath}: corrupted manifest ({e})") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            raise StoreError(f"{mpath}: not a {FORMAT} manifest (format={self.manifest.get('format')!r})")
+        for s in self.manifest["shards"]:
+            p = self.dir / s["file"]
+            if not p.is_file():
+                raise StoreError(f"shard {p}: listed in the manifest but missing")
+            if p.stat().st_size != s["bytes"]:
+                raise StoreError(f"shard {p}: {p.stat().st_size} bytes, manifest says {s['bytes']} (corrupted)")
+        self.verify = verify
+
+    @staticmethod
+    def ids_in(path: Path, manifest: dict) -> set[str]:
+        ids: set[str] = set()
+        for s in manifest["shards"]:
+            with safe_open(str(Path(path) / s["file"]), "np") as f:
+                ids.update(e["id"] for e in json.loads(f.metadata()["examples"]))
+        return ids
+
+    def __len__(self) -> int:
+        return sum(s["n"] for s in self.manifest["shards"])
+
+    @property
+    def has_logits(self) -> bool:
+        return self.manifest.get("signal", "logits") == "logits"
+
+    @property
+    def kept_vocab(self) -> np.ndarray:
+        """Teacher token id of each student output index."""
+        return np.asarray(self.manifest["vocab"]["kept"], dtype=np.int64)
+
+    @property
+    def input_vocab(self) -> np.ndarray:
+        """Teacher token id of each student input index."""
+        return np.asarray(self.manifest["vocab"]["input"], dtype=np.int64)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.manifest["vocab"]["eos"])
+
+    def task(self):
+        from microdistill.task import task_from_dict
+
+        return task_from_dict(self.manifest["task"], f"in {self.dir / 'manifest.json'}")
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        path = self.dir / "tokenizer"
+        if not path.is_dir():
+            raise StoreError(f"shard folder {self.dir}: tokenizer/ is missing")
+        return AutoTokenizer.from_pretrained(str(path))
+
+    def shard_records(self, s: dict) -> list[Record]:
+        p = self.dir / s["file"]
+        data = p.read_bytes()
+        if self.verify and _sha256(data) != s["sha256"]:
+            raise StoreError(f"shard {p}: checksum mismatch (corrupted)")
+        return decode_shard(data, p)
+
+    def records(self, split: str | None = None) -> Iterator[Record]:
+        for s in self.manifest["shards"]:
+            for r in self.shard_records(s):
+                if split is None or r.split == split:
+                    yield r
+
+    def load(self, split: str | None = None) -> list[Record]:
+        out = list(self.records(split))
+        if not out:
+            what = f"{split} examples" if split else "examples"
+            raise StoreError(f"shard folder {self.dir}: no {what}")
+        return out

@@ -30,6 +30,11 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+@app.callback()
+def _root() -> None:
+    """Distil one narrow LLM call into a tiny, fast student model."""
+
+
 @app.command()
 def tasks() -> None:
     """List the built-in task presets."""

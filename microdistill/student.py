@@ -1,0 +1,328 @@
+"""The student: a small decoder-only model in the Gemma style, readable in one sitting.
+
+    python -c "from microdistill.student import PRESETS, describe; [print(describe(c)) for c in PRESETS.values()]"
+
+One row is the sequence `BOS input... SEP out_0 ... out_{n-2}`. The input part (BOS, input
+tokens, SEP) is embedded with the input table, the output part with a separate output table,
+and a head tied to the output table scores the next output token at SEP and at every output
+position. Building blocks follow Gemma: RMSNorm with a `(1 + w)` gain, rotary positions,
+multi-head attention, a GeGLU MLP, pre-norm residual blocks, a final norm, and embeddings
+scaled by sqrt(d_model).
+
+Input indices: PAD=0, BOS=1, SEP=2, then a teacher input token at `N_SPECIAL + its position in
+the shard manifest's input vocabulary` (the mapping lives with the trainer and the saved folder).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PAD, BOS, SEP = 0, 1, 2
+N_SPECIAL = 3
+SEED_INPUT_VOCAB = 262_144  # the Gemma 3 tokenizer: every input row kept, as the seed did
+INIT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    input_vocab: int  # including the N_SPECIAL rows
+    output_vocab: int  # the kept output vocabulary (plus a tail class when the trainer opts in)
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    max_input: int  # input tokens, without BOS/SEP
+    max_output: int  # output tokens, EOS included
+    rope_theta: float = 10000.0
+    dropout: float = 0.0  # on each residual branch; 0 keeps training deterministic given the data
+
+    def __post_init__(self) -> None:
+        for name in ("input_vocab", "output_vocab", "d_model", "n_layers", "n_heads", "d_ff", "max_input", "max_output"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"StudentConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.input_vocab <= N_SPECIAL:
+            raise ValueError(f"StudentConfig.input_vocab must exceed the {N_SPECIAL} special rows, got {self.input_vocab}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"StudentConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"StudentConfig.n_heads: head size {self.head_dim} must be even for rotary positions")
+        if self.rope_theta <= 0:
+            raise ValueError(f"StudentConfig.rope_theta must be positive, got {self.rope_theta}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"StudentConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudentConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"StudentConfig: unknown keys {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+
+# Shapes by total size at a realistic vocabulary (input ~5,000 rows, output ~512). d_ff = 4·d_model
+# everywhere: the seed's published shape (hidden 1024, 16 layers, 262,144 input rows) only adds
+# up to its ~530M parameters with a 4x gated MLP (16 layers × (4d² attention + 3·d·4d MLP) ≈ 268M
+# beside 268M of input embeddings), so the small presets keep the same proportions.
+PRESETS: dict[str, dict[str, int]] = {
+    "nano": dict(d_model=96, n_layers=4, n_heads=4, d_ff=384),  # ~1.1M
+    "micro": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024),  # ~5.6M
+    "small": dict(d_model=384, n_layers=8, n_heads=6, d_ff=1536),  # ~21M
+    "seed": dict(d_model=1024, n_layers=16, n_heads=16, d_ff=4096),  # ~537M
+}
+
+
+def config_for(preset: str, input_vocab: int, output_vocab: int, max_input: int, max_output: int) -> StudentConfig:
+    """The config of a size preset for a given vocabulary and context."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown student preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if preset == "seed":
+        # The seed kept the teacher's whole input embedding table; never shrink below a caller's need.
+        input_vocab = max(input_vocab, SEED_INPUT_VOCAB)
+    return StudentConfig(input_vocab=input_vocab, output_vocab=output_vocab, max_input=max_input,
+                         max_output=max_output, **PRESETS[preset])
+
+
+def parameter_count(config: StudentConfig) -> int:
+    """Parameters of `Student(config)`, computed without building it (the head is tied)."""
+    d = config.d_model
+    per_layer = 4 * d * d + 3 * d * config.d_ff + 2 * d  # qkv + o, gate/up/down, two norms
+    return (config.input_vocab + config.output_vocab) * d + config.n_layers * per_layer + d
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters of a built model (a tied weight counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(config: StudentConfig) -> str:
+    """One line, e.g. 'micro: 5.6M parameters (d=256, 4 layers, 4 heads, in 5003, out 512)'."""
+    shape = dict(d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads, d_ff=config.d_ff)
+    name = next((k for k, v in PRESETS.items() if v == shape), "custom")
+    n = parameter_count(config)
+    size = f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+    return (f"{name}: {size} parameters (d={config.d_model}, {config.n_layers} layers, {config.n_heads} heads, "
+            f"in {config.input_vocab}, out {config.output_vocab})")
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) · (1 + w), w starting at 0, computed in float32."""
+
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_angles(pos: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, 1, L, head_dim] for integer positions pos [B, L] (RoFormer, Su et al. 2021)."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    ang = pos.float()[..., None] * inv_freq  # [B, L, head_dim/2]
+    ang = torch.cat([ang, ang], dim=-1)[:, None]
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (i, i + head_dim/2) of x [B, H, L, head_dim], the half-split layout Gemma uses."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: StudentConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = c.n_heads, c.head_dim
+        self.qkv = nn.Linear(c.d_model, 3 * c.d_model, bias=False)
+        self.o = nn.Linear(c.d_model, c.d_model, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x [B, L, D], mask [B, 1, L, L_past + L] (True = may attend); returns y [B, L, D] and (k, v)
+        [B, H, L_past + L, head_dim] with rotary already applied to k, so a cache never re-rotates."""
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(B, L, D)), (k, v)
+
+
+class GeGLU(nn.Module):
+    """down(gelu_tanh(x W_gate) * (x W_up)) (Shazeer 2020, "GLU Variants"; Gemma's MLP)."""
+
+    def __init__(self, c: StudentConfig):
+        super().__init__()
+        self.gate = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.up = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.down = nn.Linear(c.d_ff, c.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: StudentConfig):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(c.d_model), Attention(c)
+        self.mlp_norm, self.mlp = RMSNorm(c.d_model), GeGLU(c)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x, cos, sin, mask, past=None):
+        a, kv = self.attn(self.attn_norm(x), cos, sin, mask, past)
+        x = x + self.drop(a)
+        return x + self.drop(self.mlp(self.mlp_norm(x))), kv
+
+
+@dataclass
+class KVCache:
+    """Decoding state: per layer (k, v) [B, H, L, head_dim], which keys are real (valid [B, L],
+    False at input padding) and the rotary position of the next token (pos [B])."""
+
+    kv: list[tuple[Tensor, Tensor]]
+    valid: Tensor
+    pos: Tensor
+
+    def select(self, rows: Tensor) -> KVCache:
+        """The cache of a subset of rows (e.g. to drop finished sequences from a batch)."""
+        return KVCache([(k[rows], v[rows]) for k, v in self.kv], self.valid[rows], self.pos[rows])
+
+    def __len__(self) -> int:
+        return self.valid.shape[1]
+
+
+class Student(nn.Module):
+    def __init__(self, config: StudentConfig):
+        super().__init__()
+        self.config = c = config
+        self.embed_in = nn.Embedding(c.input_vocab, c.d_model)
+        self.embed_out = nn.Embedding(c.output_vocab, c.d_model)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) everywhere, residual projections shrunk by sqrt(2·n_layers) so the residual
+        stream's variance does not grow with depth (GPT-2, Radford et al. 2019)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.zeros_(p)
+            else:
+                residual = name.endswith((".o.weight", ".down.weight"))
+                nn.init.normal_(p, 0.0, INIT_STD / math.sqrt(2 * self.config.n_layers) if residual else INIT_STD)
+
+    def _embed(self, table: nn.Embedding, ids: Tensor) -> Tensor:
+        # Gemma multiplies embeddings by sqrt(d_model) so they match the residual stream's scale.
+        return self.drop(table(ids) * math.sqrt(self.config.d_model))
+
+    def _logits(self, h: Tensor) -> Tensor:
+        # Head tied to the output embedding (as Gemma ties its head): the same vector that says
+        # "token k was produced" scores "token k comes next", and the head costs no parameters.
+        return F.linear(self.norm(h), self.embed_out.weight)
+
+    def _run(self, x: Tensor, pos: Tensor, mask: Tensor, past: KVCache | None = None):
+        """x [B, L, D], pos [B, L], mask [B, 1, L, L_past + L] -> h [B, L, D], per-layer (k, v)."""
+        cos, sin = rope_angles(pos, self.config.head_dim, self.config.rope_theta)
+        kv = []
+        for i, block in enumerate(self.blocks):
+            x, layer_kv = block(x, cos, sin, mask, past.kv[i] if past is not None else None)
+            kv.append(layer_kv)
+        return x, kv
+
+    def _prompt(self, inp: Tensor) -> tuple[Tensor, Tensor]:
+        """inp [B, Li] -> ids [B, Li + 2] = BOS inp SEP, valid [B, Li + 2] (False at padding)."""
+        B, Li = inp.shape
+        if Li > self.config.max_input:
+            raise ValueError(f"input of {Li} tokens exceeds the student's max_input={self.config.max_input}")
+        bos = inp.new_full((B, 1), BOS)
+        sep = inp.new_full((B, 1), SEP)
+        ones = torch.ones(B, 1, dtype=torch.bool, device=inp.device)
+        return torch.cat([bos, inp, sep], 1), torch.cat([ones, inp != PAD, ones], 1)
+
+    @staticmethod
+    def _mask(valid: Tensor) -> Tensor:
+        """Causal mask that also hides padded keys: valid [B, L] -> [B, 1, L, L]."""
+        L = valid.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+        return causal & valid[:, None, None, :]
+
+    def forward(self, inp: Tensor, out_in: Tensor) -> Tensor:
+        """Teacher-forced logits.
+
+        inp [B, Li]: input indices without BOS/SEP, right-padded with PAD.
+        out_in [B, Lo]: previous output tokens (output_ids[:-1]); right-padding may hold any valid
+        index or a negative fill (read as 0): a causal model never lets it reach earlier positions.
+        Returns [B, Lo + 1, output_vocab]; position j predicts output token j (0 = at SEP).
+        """
+        Lo = out_in.shape[1]
+        if Lo + 1 > self.config.max_output:
+            raise ValueError(f"{Lo + 1} output positions exceed the student's max_output={self.config.max_output}")
+        ids, valid = self._prompt(inp)
+        x = torch.cat([self._embed(self.embed_in, ids), self._embed(self.embed_out, out_in.clamp_min(0))], 1)
+        valid = torch.cat([valid, torch.ones_like(out_in, dtype=torch.bool)], 1)
+        # Positions count real tokens only, so padding never shifts a row's rotary phases.
+        pos = valid.long().cumsum(1) - 1
+        h, _ = self._run(x, pos, self._mask(valid))
+        return self._logits(h[:, inp.shape[1] + 1:])
+
+    @torch.no_grad()
+    def prefill(self, inp: Tensor) -> tuple[Tensor, KVCache]:
+        """inp [B, Li] (as in forward) -> logits of output token 0 [B, output_vocab], cache."""
+        ids, valid = self._prompt(inp)
+        pos = valid.long().cumsum(1) - 1
+        h, kv = self._run(self._embed(self.embed_in, ids), pos, self._mask(valid))
+        return self._logits(h[:, -1]), KVCache(kv, valid, pos[:, -1] + 1)
+
+    @torch.no_grad()
+    def decode_step(self, tok: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:
+        """tok [B] (the output token just chosen) -> logits of the next one [B, output_vocab], cache.
+
+        Stopping is the caller's job (EOS or max_output); positions past training lengths still work.
+        """
+        valid = torch.cat([cache.valid, cache.valid.new_ones(cache.valid.shape[0], 1)], 1)
+        x = self._embed(self.embed_out, tok[:, None])
+        h, kv = self._run(x, cache.pos[:, None], valid[:, None, None, :], cache)
+        return self._logits(h[:, -1]), KVCache(kv, valid, cache.pos + 1)
+
+
+@torch.no_grad()
+def init_input_embeddings_pca(model: Student, teacher_rows: Tensor) -> None:
+    """Input rows N_SPECIAL.. from the teacher's embedding rows teacher_rows [n, D_teacher].
+
+    The rows are centred and projected on their top principal directions (up to d_model of
+    them), then rescaled to the default init's std, so words the teacher treats alike start
+    alike while the activations keep the scale the rest of the model was initialised for.
+    """
+    n = teacher_rows.shape[0]
+    room = model.config.input_vocab - N_SPECIAL
+    if n > room:
+        raise ValueError(f"{n} teacher rows do not fit the student's {room} non-special input rows")
+    x = teacher_rows.double()
+    x = x - x.mean(0, keepdim=True)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)  # principal directions, strongest first
+    q = min(model.config.d_model, vh.shape[0])
+    proj = torch.zeros(n, model.config.d_model, dtype=torch.float64)
+    proj[:, :q] = x @ vh[:q].T
+    # Rescale so the whole block has the default init's std (columns beyond q stay zero).
+    proj *= INIT_STD / proj.pow(2).mean().sqrt().clamp_min(1e-12)
+    w = model.embed_in.weight
+    w[N_SPECIAL:N_SPECIAL + n] = proj.to(dtype=w.dtype, device=w.device)

@@ -11,8 +11,14 @@ from typing import Optional
 
 import typer
 
+from microdistill.corpus import CorpusError
+from microdistill.cost import CostError
+from microdistill.evaluate import EvalError
+from microdistill.extract import ExtractError
+from microdistill.run import RunError
 from microdistill.store import StoreError
 from microdistill.task import TaskError
+from microdistill.teacher import TeacherError
 
 app = typer.Typer(
     add_completion=False,
@@ -22,12 +28,12 @@ app = typer.Typer(
 )
 
 # Errors a user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (TaskError, StoreError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (TaskError, StoreError, RunError, CorpusError, CostError, FileNotFoundError, EvalError, TeacherError, ExtractError)
 
 
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    sys.exit(2)
 
 
 @app.callback()
@@ -45,11 +51,342 @@ def tasks() -> None:
         typer.echo(f"{name:20s} fields: {', '.join(t.field_names)}")
 
 
+@app.command()
+def run(
+    name: str = typer.Option("default", help="Run folder name under --root."),
+    root: Path = typer.Option(Path("runs"), help="Where run folders live."),
+    input: Optional[Path] = typer.Option(None, "--input", help="Corpus file or HF datasets folder (default: the packaged sample comments)."),
+    field: str = typer.Option("text", help="Text field/column of the corpus."),
+    label: list[str] = typer.Option([], help="Human label column for a task field, FIELD=COLUMN (repeatable)."),
+    task: str = typer.Option("reddit-comment", help="Task preset name or YAML file."),
+    teacher: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="Teacher preset, HF model folder or .gguf file."),
+    limit: Optional[int] = typer.Option(None, help="Use at most N inputs."),
+    batch_size: int = typer.Option(16, help="Teacher batch size during extraction."),
+    vocab_size: int = typer.Option(512, help="Size of the kept output vocabulary."),
+    preset: str = typer.Option("micro", help="Student size preset: nano, micro, small."),
+    epochs: int = typer.Option(30, help="Training epochs."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop training after this many steps."),
+    seed: int = typer.Option(0, help="Random seed."),
+    eval_teacher: bool = typer.Option(True, help="Time the teacher beside the student in the report."),
+) -> None:
+    """Extract, train and evaluate in one go, under runs/NAME/ (re-run to resume)."""
+    from microdistill.run import RunConfig, run as run_pipeline
+
+    labels = _parse_pairs(label, "--label") or None
+    run_pipeline(RunConfig(
+        name=name, root=str(root), input=str(input) if input else None, field=field, labels=labels,
+        task=task, teacher=teacher, limit=limit, batch_size=batch_size, vocab_size=vocab_size,
+        preset=preset, epochs=epochs, max_steps=max_steps, seed=seed, eval_teacher=eval_teacher,
+    ))
+
+
+def _parse_pairs(pairs: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise typer.BadParameter(f"expected FIELD=COLUMN, got {p!r}", param_hint=flag)
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+@app.command()
+def cost(
+    run_dir: Optional[Path] = typer.Argument(None, metavar="RUN", help="A run folder (runs/NAME) whose logs and report to use."),
+    calls_per_day: float = typer.Option(10_000, help="Calls per day the student would take over (example default)."),
+    shards: Optional[Path] = typer.Option(None, help="Shard folder (default: RUN/shards)."),
+    student: Optional[Path] = typer.Option(None, help="Student folder (default: RUN/student)."),
+    report: Optional[Path] = typer.Option(None, help="Evaluation report.json or its folder (default: RUN/eval)."),
+    machine_usd_per_hour: float = typer.Option(0.10, help="Machine price for training and the student; example default: a small cloud CPU VM."),
+    teacher_machine_usd_per_hour: Optional[float] = typer.Option(None, help="Machine price for extraction and a local teacher (default: --machine-usd-per-hour)."),
+    teacher_pricing: str = typer.Option("api", help="Teacher cost per call: 'api' (token prices) or 'local' (measured speed x machine price)."),
+    api_usd_per_m_input: float = typer.Option(0.15, help="API price per million input tokens (example default)."),
+    api_usd_per_m_output: float = typer.Option(0.60, help="API price per million output tokens (example default)."),
+    input_tokens: Optional[float] = typer.Option(None, help="Input tokens per call (default: measured from the shards' task prompt)."),
+    output_tokens: Optional[float] = typer.Option(None, help="Output tokens per call (default: mean output length in the shards)."),
+    teacher_usd_per_call: Optional[float] = typer.Option(None, help="A known teacher cost per call (overrides the pricing above)."),
+    student_usd_per_call: Optional[float] = typer.Option(None, help="A known student cost per call (overrides the measured one)."),
+    basis: str = typer.Option("latency", help="Measured speed to price: 'latency' (p50, batch 1) or 'throughput' (batched)."),
+    corpus_size: Optional[int] = typer.Option(None, help="Plan this many teacher-labelled examples: estimate the one-off cost from throughput."),
+    epochs: Optional[float] = typer.Option(None, help="Epochs for the planned corpus (default: the measured run's)."),
+    measure: bool = typer.Option(False, help="Measure throughput on a small sample (--input, --task, --teacher, --preset) instead of a run's logs."),
+    input: Optional[Path] = typer.Option(None, "--input", help="Corpus for --measure (default: the packaged sample comments)."),
+    task: str = typer.Option("reddit-comment", help="Task for --measure."),
+    teacher: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="Teacher for --measure."),
+    preset: str = typer.Option("micro", help="Student preset for --measure and the pilot."),
+    sample: int = typer.Option(128, help="Inputs to extract for --measure."),
+    train_steps: int = typer.Option(20, help="Training steps to time for --measure."),
+    target_agreement: Optional[float] = typer.Option(None, help="Forecast the examples needed for this exact-match agreement (0-1); plans that corpus unless --corpus-size."),
+    points: Optional[str] = typer.Option(None, help="Pilot results 'examples:agreement,...' for the forecast (default: train a pilot at 25/50/100% of the shards)."),
+    out: Optional[Path] = typer.Option(None, help="Where cost.json, cost.png and forecast.png go (default: RUN/cost, or ./cost)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the analysis as JSON."),
+) -> None:
+    """Break-even of the student against the teacher: cost per day, one-off cost, days to pay back."""
+    import json
+
+    from microdistill.cost import CostConfig, RunFiles, analyse, summary_rows, write_outputs
+    from microdistill.forecast import learning_forecast, measure_throughput, parse_points, plan_from_forecast
+
+    cfg = CostConfig(
+        calls_per_day=calls_per_day, machine_usd_per_hour=machine_usd_per_hour,
+        teacher_machine_usd_per_hour=teacher_machine_usd_per_hour, teacher_pricing=teacher_pricing,
+        api_usd_per_m_input=api_usd_per_m_input, api_usd_per_m_output=api_usd_per_m_output,
+        input_tokens=input_tokens, output_tokens=output_tokens, teacher_usd_per_call=teacher_usd_per_call,
+        student_usd_per_call=student_usd_per_call, basis=basis, corpus_size=corpus_size, epochs=epochs,
+    )
+    out = out or (run_dir / "cost" if run_dir else Path("cost"))
+    throughput = None
+    if measure:
+        from microdistill.run import sample_corpus
+
+        throughput = measure_throughput(task, input or sample_corpus(), teacher, out / "measure", preset=preset,
+                                        sample=sample, train_steps=train_steps)
+        shards = shards or out / "measure" / "shards"
+    files = RunFiles.resolve(run_dir, shards=shards, student=student, report=report)
+    fc = None
+    if target_agreement is not None:
+        fc = learning_forecast(files.shards, out, target_agreement, parse_points(points) if points else None, preset=preset)
+        cfg = plan_from_forecast(cfg, fc)
+    analysis = write_outputs(analyse(files, cfg, throughput=throughput, forecast=fc), out)
+    if json_out:
+        typer.echo(json.dumps(analysis.to_dict(), indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="cost of the teacher vs distilling once and serving the student")
+    for col in ("figure", "value", "basis"):
+        table.add_column(col)
+    for row in summary_rows(analysis):
+        table.add_row(*row)
+    Console().print(table)
+    typer.echo(f"plot: {analysis.plot}")
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., help="Shard folder written by extract."),
+    out: Path = typer.Option(..., help="Student folder to write (model, config, tokenizer, metrics, checkpoint)."),
+    preset: str = typer.Option("micro", help="Student size preset: nano, micro, small, seed."),
+    epochs: int = typer.Option(10, help="Passes over the training split."),
+    batch_size: int = typer.Option(32, help="Examples per optimiser step."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (linear warm-up, then cosine)."),
+    min_lr_ratio: float = typer.Option(0.1, help="Final learning rate as a fraction of --lr."),
+    warmup_frac: float = typer.Option(0.05, help="Fraction of the steps spent warming up."),
+    weight_decay: float = typer.Option(0.1, help="AdamW weight decay on matrices and embeddings."),
+    grad_clip: float = typer.Option(1.0, help="Max global gradient norm (0: no clipping)."),
+    seed: int = typer.Option(0, help="Random seed (initialisation and data order)."),
+    divergence: str = typer.Option("forward_kl", help="forward_kl, reverse_kl, jsd, skew_kl or taid."),
+    temperature: float = typer.Option(1.0, help="Distillation temperature T."),
+    beta: float = typer.Option(0.5, help="JSD mixing weight (--divergence jsd)."),
+    alpha: float = typer.Option(0.1, help="Skew (--divergence skew_kl)."),
+    curriculum: str = typer.Option("cosine", help="Schedule of the KL weight: cosine, linear, constant or step."),
+    kl_start: float = typer.Option(0.9, help="KL weight at the start (CE gets 1 - it)."),
+    kl_end: float = typer.Option(0.1, help="KL weight at the end."),
+    tail: bool = typer.Option(False, help="Add an output class for the teacher's mass outside the kept vocabulary."),
+    signal: str = typer.Option("auto", help="Teacher signal: logits, text (CE only), or auto."),
+    max_steps: Optional[int] = typer.Option(None, help="A fixed step budget instead of --epochs."),
+    limit_train: Optional[int] = typer.Option(None, help="Use only the first N training examples."),
+    eval_limit: Optional[int] = typer.Option(None, help="Evaluate on at most N held-out examples per epoch."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint (same options)."),
+    quiet: bool = typer.Option(False, help="No live progress line."),
+) -> None:
+    """Train a student on teacher shards; Ctrl-C saves a checkpoint, --resume continues it exactly."""
+    import json
+
+    from microdistill.train import TrainConfig, TrainingInterrupted, train as run_training
+
+    cfg = TrainConfig(
+        preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, min_lr_ratio=min_lr_ratio, warmup_frac=warmup_frac,
+        weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, divergence=divergence, temperature=temperature,
+        beta=beta, alpha=alpha, curriculum=curriculum, kl_start=kl_start, kl_end=kl_end, tail=tail, signal=signal,
+        max_steps=max_steps, limit_train=limit_train, eval_limit=eval_limit,
+    )
+    try:
+        path = run_training(data, out, cfg, resume=resume, progress=not quiet)
+    except TrainingInterrupted as e:
+        typer.secho(str(e), err=True)
+        raise typer.Exit(130)
+    stats = json.loads((path / "training.json").read_text())
+    typer.echo(f"student saved in {path} ({stats['steps']} steps, {stats['wall_s']:.1f} s, "
+               f"{stats['tokens_per_s']:.0f} tokens/s)")
+
+
+@app.command()
+def predict(
+    texts: list[str] = typer.Argument(None, help="Texts to label (or use --input)."),
+    student: Path = typer.Option(..., help="Student folder (the --out of train)."),
+    input: Optional[Path] = typer.Option(None, "--input", help="A file with one text per line ('-' for stdin)."),
+    constrain: bool = typer.Option(True, help="Constrain generation to the task's schema (--no-constrain: raw output)."),
+    batch_size: int = typer.Option(64, help="Texts decoded together."),
+) -> None:
+    """Label texts with a trained student; prints one JSON object per input."""
+    import json
+
+    from microdistill.predict import predict as run_predict
+    from microdistill.saved import load_student
+
+    items = list(texts or [])
+    if input is not None:
+        if str(input) == "-":
+            items += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        elif not input.is_file():
+            fail(f"input file {input}: not found")
+        else:
+            items += [line for line in input.read_text().splitlines() if line.strip()]
+    if not items:
+        fail("nothing to predict: give texts as arguments or --input FILE")
+    loaded = load_student(student)
+    for r in run_predict(loaded, items, constrain=constrain, batch_size=batch_size):
+        typer.echo(json.dumps(r, ensure_ascii=False))
+
+
+@app.command("eval")
+def eval_(
+    student: Path = typer.Option(..., help="Student folder (the --out of train)."),
+    data: Path = typer.Option(..., help="Shard folder the student was trained on; its held-out split is scored."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher to time beside the student: preset, HF folder or .gguf (default: the shards' teacher, if it loads)."),
+    no_teacher: bool = typer.Option(False, "--no-teacher", help="Do not load or time a teacher."),
+    out: Optional[Path] = typer.Option(None, help="Report folder (default: 'eval' beside the student folder)."),
+    limit: Optional[int] = typer.Option(None, help="Score at most N held-out examples."),
+    timing_inputs: int = typer.Option(16, help="Inputs both models are timed on (the teacher is slow on a CPU)."),
+    batch_size: int = typer.Option(64, help="Student batch size while scoring."),
+    json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
+    quiet: bool = typer.Option(False, help="No progress lines."),
+) -> None:
+    """Agreement with the teacher, speed, size and memory -> report.md, PNG plots and report.json."""
+    import json
+
+    from microdistill.evaluate import evaluate
+    from microdistill.saved import StudentFolderError
+    from microdistill.teacher import TeacherError
+
+    if teacher is not None and no_teacher:
+        fail("--teacher and --no-teacher contradict each other; give one")
+    out = out or student.parent / "eval"
+    try:
+        report = evaluate(student, data, out, teacher=teacher, limit=limit, teacher_from_manifest=not no_teacher,
+                          timing_n=timing_inputs, batch_size=batch_size, progress=not quiet)
+    except (StudentFolderError, TeacherError) as e:
+        fail(str(e))
+    if json_out:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    speed = report["speed"]
+    typer.echo(f"{report['n_eval']} {report['split']} examples: exact match {report['student_only_exact']:.2%}, "
+               f"token accuracy {report['teacher_forced_token_acc']:.2%}, "
+               f"valid JSON without the grammar {report['valid_json_unconstrained']:.2%}")
+    if speed["speedup_p50"]:
+        typer.echo(f"student vs teacher: {speed['speedup_p50']:.1f}x faster at batch 1, "
+                   f"{speed['speedup_throughput']:.1f}x the throughput")
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+@app.command()
+def extract(
+    task: str = typer.Option("reddit-comment", help="Task preset name or YAML file."),
+    input: Path = typer.Option(..., "--input", help="Corpus: .txt, .jsonl, .csv, .parquet or a HF datasets folder."),
+    teacher: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="Teacher preset (qwen2.5-coder-0.5b-instruct, gemma-3-270m), HF model folder or .gguf file."),
+    out: Path = typer.Option(..., help="Shard folder to write (re-run the same command to continue it)."),
+    limit: Optional[int] = typer.Option(None, help="Extract only the first N inputs that pass the filters."),
+    batch_size: int = typer.Option(16, help="Inputs decoded together by the teacher."),
+    vocab_size: int = typer.Option(512, help="Size of the kept output vocabulary."),
+    calibration: int = typer.Option(64, help="Inputs decoded to choose the kept vocabulary (first run only)."),
+    field: str = typer.Option("text", help="Text field/column of the corpus."),
+    label: list[str] = typer.Option([], help="Human label column for a task field, FIELD=COLUMN (repeatable)."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Label a corpus with the teacher under the task's schema and store its logits as shards."""
+    from microdistill.extract import extract as run_extract
+
+    path = run_extract(task, input, teacher, out, limit=limit, batch_size=batch_size, vocab_size=vocab_size,
+                       calibration=calibration, field=field, labels=_parse_pairs(label, "--label") or None,
+                       progress=not quiet)
+    typer.echo(f"shards: {path}")
+
+
+@app.command()
+def inspect(
+    data: Path = typer.Argument(..., metavar="DIR", help="Shard folder written by extract."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Check a shard folder and summarise it: counts, labels, vocabulary, size, teacher, timings."""
+    import json
+
+    from microdistill.extract import inspect as run_inspect
+
+    info = run_inspect(data)
+    if json_out:
+        typer.echo(json.dumps(info, indent=1, ensure_ascii=False))
+        return
+    c, v, t = info["counts"], info["vocab"], info["timings"]
+    typer.echo(f"{info['path']}: task {info['task']}, teacher {info['teacher']['name']} "
+               f"({'complete' if info['complete'] else 'incomplete: re-run extract to continue'})")
+    typer.echo(f"examples: {c['examples']} ({c['train']} train, {c['val']} val) in {c['shards']} shards, "
+               f"{info['bytes_per_example'] / 1024:.1f} KiB per example, {info['output_tokens_mean']:.1f} output tokens")
+    typer.echo(f"vocabulary: {v['kept']} kept output tokens ({v['required']} required, "
+               f"{v['coverage']:.2%} of teacher mass), {v['input']} input tokens")
+    for name, counts in info["labels"].items():
+        typer.echo(f"  {name}: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
+    for name, acc in info["human_agreement"].items():
+        typer.echo(f"  teacher vs human labels, {name}: {acc:.2%}")
+    if t:
+        typer.echo(f"timings: {t.get('examples_per_s', 0):.2f} examples/s, {t.get('tokens_per_s', 0):.1f} tokens/s, "
+                   f"calibration {t.get('calibrate_s', 0):.1f} s, total {t.get('extract_s', 0):.1f} s")
+
+
+@app.command()
+def compare(
+    data: Optional[Path] = typer.Option(None, help="Shard folder written by extract."),
+    out: Optional[Path] = typer.Option(None, help="Comparison folder: one student folder per configuration and the report."),
+    configs: str = typer.Option("curriculum,ce,kd", help="Comma-separated named configurations (see --list)."),
+    plan: Optional[Path] = typer.Option(None, help="YAML list of runs (name, optional base, TrainConfig fields) instead of --configs."),
+    preset: str = typer.Option("micro", help="Student size preset for every run."),
+    max_steps: Optional[int] = typer.Option(None, help="The same step budget for every run."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs for every run instead of a step budget (default 10)."),
+    seed: int = typer.Option(0, help="Random seed for every run."),
+    limit_train: Optional[int] = typer.Option(None, help="Use only the first N training examples."),
+    sizes: Optional[str] = typer.Option(None, help="Also train on the first N examples for each N, e.g. 100,200,400 (accuracy vs data)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size for every run (default: train's)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate for every run (default: train's)."),
+    eval_limit: Optional[int] = typer.Option(None, help="Evaluate on at most N held-out examples per epoch."),
+    list_: bool = typer.Option(False, "--list", help="List the named configurations and exit."),
+    quiet: bool = typer.Option(False, help="No live progress."),
+) -> None:
+    """Train several distillation configurations on the same data and budget -> compare.md, curves.png, compare.json."""
+    from microdistill.compare import CONFIGS, compare as run_compare, load_plan
+
+    if list_:
+        for name, (what, _) in CONFIGS.items():
+            typer.echo(f"{name:12s} {what}")
+        return
+    if data is None or out is None:
+        fail("compare needs --data (a shard folder) and --out (a folder for the runs and the report)")
+    try:
+        size_list = [int(s) for s in sizes.split(",") if s.strip()] if sizes else None
+    except ValueError:
+        fail(f"--sizes {sizes!r}: expected comma-separated numbers of training examples, e.g. 100,200,400")
+    entries = load_plan(plan) if plan else [c.strip() for c in configs.split(",") if c.strip()]
+    common = {k: v for k, v in (("batch_size", batch_size), ("lr", lr), ("eval_limit", eval_limit)) if v is not None}
+    result = run_compare(data, out, entries, preset=preset, max_steps=max_steps, epochs=epochs, seed=seed,
+                         sizes=size_list, progress=not quiet, limit_train=limit_train, common=common)
+    v = result["verdict"]
+    for r in result["runs"]:
+        typer.echo(f"{r['name']:12s} exact match {r['exact_match']:.2%}  token accuracy {r['token_acc']:.2%}  "
+                   f"{r['steps']} steps  {r['wall_s']:.1f} s")
+    if v["runner_up"] is not None:
+        typer.echo(f"winner: {v['winner']} (over {v['runner_up']}: exact match {100 * v['margin']:+.2f} points, "
+                   f"standard error {100 * v['margin_se']:.2f}; token accuracy {100 * v['token_margin']:+.2f} points)")
+    typer.echo(f"report: {out / 'compare.md'}")
+
+
 def main() -> None:
     try:
         app()
     except USER_ERRORS as e:
-        fail(str(e))
+        # Outside the typer app a typer.Exit would not be handled: print and exit directly.
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         typer.secho("interrupted; finished work is saved, re-run the same command to continue", err=True)
         sys.exit(130)

@@ -59,3 +59,38 @@ def tiny_tokenizer(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+
+
+def build_tiny_teacher(path, tokenizer_dir, seed: int = 0):
+    """A tiny random Qwen2 causal LM saved with the tiny tokenizer as one Hugging Face folder.
+
+    Its weights are random except for one nudge: embedding dimension 0 is a constant and the
+    output row of each token reads it scaled by the token's length, so longer tokens score
+    higher. Like a real teacher, it then answers in ~20-30 tokens (a purely random one spells
+    answers character by character and runs past max_tokens), while the random rest of the
+    weights still gives different inputs different labels.
+    """
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.2,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config)
+    lengths = torch.tensor([len(tok.decode([i])) for i in range(len(tok))], dtype=torch.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight[:, 0] = 0.7 * lengths
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """Folder usable as `--teacher <folder>`: a seeded tiny random Qwen2 model + the tiny tokenizer."""
+    return build_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"), tiny_tokenizer_dir)

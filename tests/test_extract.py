@@ -1,0 +1,330 @@
+"""Extraction on a tiny random teacher: cached/batched decoding equals the plain computation,
+shards round-trip, resume never duplicates, and the CLI reports user errors in one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from synthetic import label, make_texts
+
+from microdistill import extract as extract_mod
+from microdistill.constrain import Grammar
+from microdistill.extract import ExtractError, extract, inspect
+from microdistill.generation import Decoder, prompt_layout
+from microdistill.store import ShardSet, ShardWriter, StoreError
+from microdistill.task import load_task
+from microdistill.teacher import load_teacher
+
+TASK = load_task("reddit-comment")
+# lengths differ a lot, so batches hold padding
+TEXTS = ["you idiot", "thanks so much, this fixed my problem!", "what a lovely day at the beach with friends today",
+         "this is the worst service I have ever had", "shut up"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run ~7x faster on one thread: on 2 busy cores, waking a second thread costs
+    more than these matmuls. Yields the thread count to restore for the real teacher."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield n
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher_dir):
+    return load_teacher(str(tiny_teacher_dir))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """24 inputs with human labels for two fields; one input is a duplicate and one too short."""
+    path = tmp_path_factory.mktemp("corpus") / "comments.jsonl"
+    texts = make_texts(24, seed=3) + [make_texts(1, seed=3)[0], "ok"]
+    rows = [{"body": t, "tox": label(t)["toxicity"], "sent": label(t)["sentiment"]} for t in texts]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _extract(corpus, teacher, out, **kw):
+    args = dict(limit=None, batch_size=5, vocab_size=200, calibration=6, field="body",
+                labels={"toxicity": "tox", "sentiment": "sent"}, progress=False)
+    return extract(TASK, corpus, teacher, out, **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def shards(corpus, teacher, tmp_path_factory):
+    return _extract(corpus, teacher, tmp_path_factory.mktemp("run") / "shards")
+
+
+# ---- decoding ------------------------------------------------------------------------------
+def test_prompt_split_tokenizes_like_the_whole_prompt(teacher):
+    layout = prompt_layout(teacher, TASK)
+    tok = teacher.tokenizer
+    assert layout.prefix_ids  # the system prompt and few-shot turns are shared
+    for text in TEXTS + [" spaced  out ", "émoji 😀 ok"]:
+        whole = tok(teacher.prompt_text(TASK, text), add_special_tokens=False).input_ids
+        rest = tok(layout.head + text + layout.tail, add_special_tokens=False).input_ids
+        assert layout.prefix_ids + rest == whole
+
+
+def test_batched_prefix_cached_decoding_equals_plain_forward(teacher):
+    """Every stored logit row and log-sum-exp equals a fresh, unbatched, uncached forward pass
+    over the whole prompt; every chosen token is the grammar-masked argmax of that pass."""
+    tok, model = teacher.tokenizer, teacher.model
+    keep = list(range(teacher.vocab_size))  # store everything, so every logit is compared
+    grammar = Grammar(TASK, tok, teacher.vocab_size, teacher.eos_id)
+    decoder = Decoder(teacher, TASK, grammar, keep_ids=keep)
+    batch = decoder.generate([decoder.rest_ids(t) for t in TEXTS], TASK.output.max_tokens)
+    assert len({len(r) for r in batch.rests}) > 2
+    for text, row in zip(TEXTS, batch.rows):
+        assert row.finished
+        prompt = tok(teacher.prompt_text(TASK, text), add_special_tokens=False).input_ids
+        ids = torch.tensor([prompt + row.output_ids[:-1]])
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits[0, len(prompt) - 1 :].float()  # [n_out, V]
+        got = torch.from_numpy(np.stack(row.logits)).float()
+        assert torch.allclose(got, ref, atol=2e-3, rtol=1e-3)  # float16 storage
+        assert torch.allclose(torch.tensor(row.lse), torch.logsumexp(ref, -1), atol=1e-4)
+        state = grammar.batch(1)
+        for t, chosen in enumerate(row.output_ids):
+            assert int(state.mask_(ref[t : t + 1].clone()).argmax()) == chosen
+            state.accept(0, chosen)
+
+
+def test_decision_points_equal_teacher_forcing(teacher, shards):
+    """P(value) per enum field equals the normalised product of token probabilities of the value,
+    computed by plain forward passes over prompt + answer prefix + value."""
+    tok, model = teacher.tokenizer, teacher.model
+    for rec in ShardSet(shards).load()[:3]:
+        prompt = tok(teacher.prompt_text(TASK, rec.text), add_special_tokens=False).input_ids
+        answer = rec.output_ids.tolist()
+        for f in TASK.enum_fields:
+            start = rec.output_text.index(f'"{f.name}":"') + len(f.name) + 4
+            # the context is the teacher's own answer tokens up to the value
+            j = next(t for t in range(len(answer)) if tok.decode(answer[:t]) == rec.output_text[:start])
+            context = prompt + answer[:j]
+            scores = []
+            for value in f.values:
+                cont = tok(value, add_special_tokens=False).input_ids
+                with torch.no_grad():
+                    logp = model(input_ids=torch.tensor([context + cont])).logits[0].float().log_softmax(-1)
+                scores.append(sum(float(logp[len(context) - 1 + k, c]) for k, c in enumerate(cont)))
+            expected = torch.tensor(scores).softmax(0).numpy()
+            assert np.allclose(rec.decisions[f.name], expected, atol=1e-4)
+            # greedy picked the value the teacher finds most likely (all values are single tokens here)
+            assert f.values[int(np.argmax(rec.decisions[f.name]))] == rec.fields[f.name]
+
+
+# ---- shards --------------------------------------------------------------------------------
+def test_shards_round_trip(shards, teacher):
+    s = ShardSet(shards, verify=True)
+    m = s.manifest
+    records = s.load()
+    assert len(records) == 24 and m["complete"]  # the duplicate and the too-short input are dropped
+    assert m["filters"]["duplicate"] == 1 and m["filters"]["too_short"] == 1
+    assert m["signal"] == "logits" and m["task_fingerprint"] == TASK.fingerprint()
+    assert m["teacher"] == teacher.describe()
+    assert set(m["vocab"]) >= {"kept", "kept_tokens", "n_required", "eos", "input", "coverage"}
+    assert set(m["timings"]) == {"extract_s", "calibrate_s", "examples_per_s", "tokens_per_s"}
+    kept = s.kept_vocab
+    assert len(kept) == 200 and s.eos_id == teacher.eos_id
+    tok = s.tokenizer()
+    assert tok.get_vocab() == teacher.tokenizer.get_vocab()
+    input_vocab = set(s.input_vocab.tolist())
+    for r in records:
+        assert TASK.parse(r.output_text) == r.fields
+        assert tok.decode(r.output_ids[:-1]) == r.output_text and r.output_ids[-1] == teacher.eos_id
+        assert set(r.output_ids.tolist()) <= set(kept.tolist())
+        assert tok.decode(r.input_ids) == r.text and set(r.input_ids.tolist()) <= input_vocab
+        assert r.logits.shape == (len(r.output_ids), len(kept)) and r.logits.dtype == np.float16
+        # the full-vocabulary normaliser bounds the kept part from above
+        kept_lse = torch.logsumexp(torch.from_numpy(r.logits).float(), -1).numpy()
+        assert np.all(r.lse >= kept_lse - 1e-2)
+        assert r.labels == {"toxicity": label(r.text)["toxicity"], "sentiment": label(r.text)["sentiment"]}
+        assert set(r.decisions) == {f.name for f in TASK.enum_fields}
+        assert all(abs(float(v.sum()) - 1) < 1e-5 for v in r.decisions.values())
+
+
+def test_calibration_answers_equal_decoding_again(corpus, teacher, tmp_path, monkeypatch):
+    """Calibration answers stored without decoding again are what decoding them again gives."""
+    reused = []
+    real = extract_mod.reuse_calibration
+    monkeypatch.setattr(extract_mod, "reuse_calibration", lambda *a: reused.append(real(*a)) or reused[-1])
+    first = _extract(corpus, teacher, tmp_path / "first", limit=10)
+    assert reused and reused[0] > 0  # the tiny teacher's calibration answers use kept tokens
+    again = tmp_path / "again"
+    again.mkdir()
+    manifest = json.loads((first / "manifest.json").read_text())
+    (again / "manifest.json").write_text(json.dumps({**manifest, "shards": [], "complete": False}))
+    _extract(corpus, teacher, again, limit=10)  # same vocabulary, no calibration: every input decoded
+    assert len(reused) == 1
+    fresh = {r.id: r for r in ShardSet(again).load()}
+    records = ShardSet(first).load()
+    assert len(records) == len(fresh) == 10
+    for r in records:
+        f = fresh[r.id]
+        assert r.output_ids.tolist() == f.output_ids.tolist()
+        assert np.allclose(r.logits.astype(np.float32), f.logits.astype(np.float32), atol=2e-3, rtol=1e-3)
+        assert np.allclose(r.lse, f.lse, atol=1e-4)
+        assert all(np.allclose(r.decisions[k], f.decisions[k], atol=1e-4) for k in r.decisions)
+
+
+def test_inspect_summarises_and_verifies(shards, tmp_path):
+    info = inspect(shards)
+    assert info["counts"]["examples"] == 24 == info["counts"]["train"] + info["counts"]["val"]
+    assert sum(info["labels"]["tone"].values()) == 24
+    assert info["vocab"]["kept"] == 200 and 0 < info["vocab"]["coverage"] <= 1
+    assert info["bytes_per_example"] == info["bytes"] / 24 > 0
+    assert set(info["human_agreement"]) == {"toxicity", "sentiment"}
+    # a flipped byte in a shard is caught by the checksum
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    shard = next(bad.glob("shard-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="checksum"):
+        inspect(bad)
+    with pytest.raises(StoreError, match="no manifest.json"):
+        inspect(tmp_path)
+
+
+# ---- resume --------------------------------------------------------------------------------
+def test_limit_then_continue_then_nothing_new(corpus, teacher, tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    _extract(corpus, teacher, out, limit=7)
+    first = ShardSet(out).manifest
+    assert first["counts"]["examples"] == 7
+    # a resumed folder keeps its vocabulary: calibration must not run again
+    monkeypatch.setattr(extract_mod, "calibrate", lambda *a, **k: pytest.fail("calibrated twice"))
+    _extract(corpus, teacher, out)
+    second = ShardSet(out).manifest
+    assert second["counts"]["examples"] == 24 and second["vocab"] == first["vocab"]
+    _extract(corpus, teacher, out)
+    third = ShardSet(out).manifest
+    assert third["shards"] == second["shards"]
+    ids = [r.id for r in ShardSet(out).load()]
+    assert len(ids) == len(set(ids)) == 24
+
+
+def test_interrupt_keeps_written_shards(corpus, teacher, tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    monkeypatch.setattr(ShardWriter.__init__, "__defaults__", (4,))  # shards of 4 examples
+    calls = {"n": 0}
+    real = Decoder.generate
+
+    def interrupted(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after 2 calibration batches and 2 extraction batches
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Decoder, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(corpus, teacher, out)
+    m = ShardSet(out, verify=True).manifest
+    # whole shards only: the examples buffered for the next shard are dropped
+    assert m["counts"]["examples"] == 4 * len(m["shards"]) >= 8 and not m["complete"]
+    monkeypatch.setattr(Decoder, "generate", real)
+    _extract(corpus, teacher, out)
+    ids = [r.id for r in ShardSet(out, verify=True).load()]
+    assert len(ids) == len(set(ids)) == 24
+
+
+def test_foreign_folder_is_refused(corpus, teacher, shards, tmp_path):
+    with pytest.raises(StoreError, match="different task fingerprint"):
+        extract("support-ticket", corpus, teacher, shards, field="body", progress=False, calibration=2)
+    with pytest.raises(StoreError, match="--vocab-size 200"):
+        _extract(corpus, teacher, shards, vocab_size=300)
+    (tmp_path / "manifest.json").write_text('{"format": "something/else", "shards": []}')
+    with pytest.raises(StoreError, match="not a microdistill.shards/1 manifest"):
+        _extract(corpus, teacher, tmp_path)
+
+
+def test_bad_arguments(corpus, teacher, tmp_path):
+    with pytest.raises(ExtractError, match="--batch-size"):
+        _extract(corpus, teacher, tmp_path / "x", batch_size=0)
+    with pytest.raises(ExtractError, match="--limit"):
+        _extract(corpus, teacher, tmp_path / "x", limit=0)
+
+
+# ---- command line --------------------------------------------------------------------------
+def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    from microdistill import cli
+
+    monkeypatch.setattr(sys, "argv", ["microdistill", *args])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_cli_extract_and_inspect(corpus, tiny_teacher_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "shards"
+    code, stdout, _ = _cli(monkeypatch, capsys, "extract", "--task", "reddit-comment", "--input", str(corpus),
+                           "--teacher", str(tiny_teacher_dir), "--out", str(out), "--limit", "6", "--batch-size", "4",
+                           "--vocab-size", "150", "--calibration", "4", "--field", "body", "--label", "toxicity=tox",
+                           "--quiet")
+    assert code in (0, None) and f"shards: {out}" in stdout
+    code, stdout, _ = _cli(monkeypatch, capsys, "inspect", str(out), "--json")
+    info = json.loads(stdout)
+    assert info["counts"]["examples"] == 6 and info["vocab"]["kept"] == 150
+    assert set(info["human_agreement"]) == {"toxicity"}
+    code, stdout, _ = _cli(monkeypatch, capsys, "inspect", str(out))
+    assert "examples: 6" in stdout and "150 kept output tokens" in stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--teacher", "no-such-teacher"], "unknown teacher 'no-such-teacher'"),
+        (["--task", "no-such-task"], "unknown task 'no-such-task'"),
+        (["--input", "EMPTY"], "empty corpus"),
+        (["--field", "nope"], "no field 'nope'"),
+    ],
+)
+def test_cli_user_errors(args, message, corpus, tiny_teacher_dir, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    base = {"--task": "reddit-comment", "--input": str(corpus), "--teacher": str(tiny_teacher_dir),
+            "--out": str(tmp_path / "out"), "--field": "body"}
+    given = dict(zip(args[::2], args[1::2]))
+    given = {k: (str(empty) if v == "EMPTY" else v) for k, v in given.items()}
+    argv = [x for kv in {**base, **given}.items() for x in kv]
+    code, _, err = _cli(monkeypatch, capsys, "extract", *argv, "--quiet")
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_inspect_foreign_folder(tmp_path, monkeypatch, capsys):
+    code, _, err = _cli(monkeypatch, capsys, "inspect", str(tmp_path))
+    assert code == 2 and "no manifest.json" in err and err.count("\n") == 1
+
+
+# ---- the real teacher ----------------------------------------------------------------------
+@pytest.mark.teacher
+def test_default_teacher_labels_sensibly(tmp_path, one_thread):
+    torch.set_num_threads(one_thread)
+    corpus = tmp_path / "c.txt"
+    texts = ["you are a worthless idiot, shut up and go away", "thank you so much, this is wonderful and kind",
+             "the bus was ten minutes late this morning", "I finally finished painting the kitchen"]
+    corpus.write_text("\n".join(texts) + "\n")
+    out = extract(TASK, corpus, "qwen2.5-coder-0.5b-instruct", tmp_path / "shards", batch_size=4, calibration=4,
+                  progress=False)
+    s = ShardSet(out, verify=True)
+    by_text = {r.text: r for r in s.load()}
+    assert set(by_text) == set(texts)
+    for r in by_text.values():
+        assert TASK.parse(r.output_text) == r.fields
+        assert set(r.output_ids.tolist()) <= set(s.kept_vocab.tolist())
+    assert by_text[texts[0]].fields["toxicity"] == "toxic"
+    assert by_text[texts[1]].fields["toxicity"] == "respectful"
+    assert by_text[texts[1]].fields["sentiment"] == "positive"
+    assert s.manifest["vocab"]["coverage"] > 0.9

@@ -2,9 +2,10 @@
 
     python benchmarks/tweeteval_corpus.py --out runs/tweeteval.jsonl
 
-Lines: {"text", "toxicity"} from `offensive` (offensive -> toxic, not-offensive -> respectful)
-and {"text", "sentiment"} from `sentiment`. The reddit-comment task's own filters (3-25
-tokens, no URLs, `@user` stripped) then choose the short tweets at extraction time.
+Lines: {"text", "toxicity", "sentiment"}: toxicity from `offensive` (offensive -> toxic,
+not-offensive -> respectful), sentiment from `sentiment`; the other label is null. The
+reddit-comment task's own filters (3-25 tokens, no URLs, `@user` stripped) then choose the
+short tweets at extraction time.
 Usage with the CLI: `--label toxicity=toxicity --label sentiment=sentiment`.
 """
 
@@ -23,7 +24,9 @@ def rows(folder: Path, split: str, field: str, mapping: dict[str, str]):
     texts = (folder / f"{split}_text.txt").read_text(encoding="utf-8").splitlines()
     labels = (folder / f"{split}_labels.txt").read_text(encoding="utf-8").split()
     for text, label in zip(texts, labels, strict=True):
-        yield {"text": text.strip(), field: mapping[label]}
+        # both label keys on every line (null where this source has none): a corpus reader
+        # treats a missing column as an error, a null as "no label for this input"
+        yield {"text": text.strip(), "toxicity": None, "sentiment": None, field: mapping[label]}
 
 
 def main() -> None:

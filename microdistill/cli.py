@@ -185,6 +185,8 @@ def train(
     kl_end: float = typer.Option(0.1, help="KL weight at the end."),
     tail: bool = typer.Option(False, help="Add an output class for the teacher's mass outside the kept vocabulary."),
     signal: str = typer.Option("auto", help="Teacher signal: logits, text (CE only), or auto."),
+    embed_init: str = typer.Option("teacher", help="Input embeddings: teacher (the teacher's rows, PCA to the "
+                                   "student's width, when the shards hold them) or random."),
     max_steps: Optional[int] = typer.Option(None, help="A fixed step budget instead of --epochs."),
     limit_train: Optional[int] = typer.Option(None, help="Use only the first N training examples."),
     eval_limit: Optional[int] = typer.Option(None, help="Evaluate on at most N held-out examples per epoch."),
@@ -200,7 +202,7 @@ def train(
         preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, min_lr_ratio=min_lr_ratio, warmup_frac=warmup_frac,
         weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, divergence=divergence, temperature=temperature,
         beta=beta, alpha=alpha, curriculum=curriculum, kl_start=kl_start, kl_end=kl_end, tail=tail, signal=signal,
-        max_steps=max_steps, limit_train=limit_train, eval_limit=eval_limit,
+        embed_init=embed_init, max_steps=max_steps, limit_train=limit_train, eval_limit=eval_limit,
     )
     try:
         path = run_training(data, out, cfg, resume=resume, progress=not quiet)

@@ -13,14 +13,13 @@ measured latency x a machine price. All prices are inputs; the defaults are exam
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from microdistill.store import atomic_write_bytes, atomic_write_json
+from microdistill.store import atomic_write_json, save_figure
 
 if TYPE_CHECKING:
     from microdistill.forecast import Estimate, Throughput
@@ -425,11 +424,7 @@ def plot_cumulative(a: Analysis, path: Path) -> Path:
     ax.set_title(f"{a.config.calls_per_day:,.0f} calls per day")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def write_outputs(a: Analysis, out_dir: Path) -> Analysis:

@@ -6,7 +6,8 @@
 Stages: read and filter the corpus; load the teacher; calibrate the kept output vocabulary on
 a sample (grammar-only decoding, mean teacher probability per token); decode every input
 greedily under the grammar limited to the kept vocabulary, keeping the raw logits at the kept
-ids, the full-vocabulary log-sum-exp and the enum decision points; write shards. Re-running
+ids, the full-vocabulary log-sum-exp and the enum decision points; write shards, and the
+teacher's input embedding rows of the input vocabulary (a student's starting point). Re-running
 the same command continues where it stopped; the kept vocabulary of an existing folder is
 reused, never recomputed.
 """
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from microdistill.corpus import Item, filter_inputs, read_corpus
-from microdistill.store import Record, ShardSet, ShardWriter, StoreError, example_id
+from microdistill.store import INPUT_EMBEDDINGS, Record, ShardSet, ShardWriter, StoreError, atomic_write_bytes, example_id
 from microdistill.task import EnumField, Task, load_task
 from microdistill.teacher import Teacher, load_teacher
 from microdistill.vocab import build_input_vocab, coverage, kept_token_strings, required_tokens, select_kept
@@ -234,6 +235,23 @@ def _save_tokenizer(tokenizer, out_dir: Path) -> None:
     os.replace(tmp, dest)
 
 
+def _save_input_embeddings(teacher: Teacher, input_ids: Sequence[int], out_dir: Path, replace: bool) -> None:
+    """out_dir/input_embeddings.safetensors: the teacher's input embedding rows at the input
+    vocabulary's ids (float16), so a student can start from them; written atomically, and when
+    the file is already there only if `replace` (a new vocabulary: the file may be a leftover)."""
+    from safetensors.torch import save
+
+    dest = out_dir / INPUT_EMBEDDINGS
+    if dest.is_file() and not replace:
+        return
+    weight = teacher.model.get_input_embeddings().weight
+    with torch.no_grad():
+        rows = weight[torch.as_tensor(list(input_ids), dtype=torch.long, device=weight.device)]
+        rows = rows.float().cpu().half().contiguous()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dest, save({"rows": rows}))
+
+
 def _check_args(limit: int | None, batch_size: int, vocab_size: int, calibration: int) -> None:
     if limit is not None and limit < 1:
         raise ExtractError(f"--limit must be at least 1 (got {limit})")
@@ -312,7 +330,7 @@ def _open_folder(out_dir: Path, task: Task, teacher: Teacher, items: Sequence[It
     made with the same task, teacher and vocabulary size.
     """
     header: dict[str, Any] = {"task": task.model_dump(mode="json"), "task_fingerprint": task.fingerprint(),
-                              "teacher": teacher.describe(), "signal": "logits"}
+                              "teacher": teacher.describe(), "signal": "logits", "input_embeddings": INPUT_EMBEDDINGS}
     existing = ShardSet(out_dir).manifest if (out_dir / "manifest.json").exists() else None
     if existing:
         for key in ("task_fingerprint", "teacher", "signal"):  # fail before calibrating, not after
@@ -323,10 +341,12 @@ def _open_folder(out_dir: Path, task: Task, teacher: Teacher, items: Sequence[It
         if existing["vocab"].get("size") != vocab_size:
             raise StoreError(f"{out_dir} holds shards made with --vocab-size {existing['vocab'].get('size')}; "
                              "use another --out folder or delete this one")
+        _save_input_embeddings(teacher, existing["vocab"]["input"], out_dir, replace=False)  # if missing
         return ShardWriter(out_dir, {**header, "vocab": existing["vocab"]}), None
     t0 = time.perf_counter()
     calib = calibrate(teacher, task, items[:calibration], batch_size, progress) if calibration else None
     header["vocab"] = build_vocab(teacher, task, items, vocab_size, calib, progress)
+    _save_input_embeddings(teacher, header["vocab"]["input"], out_dir, replace=True)
     writer = ShardWriter(out_dir, header)
     writer.update(timings={"calibrate_s": round(time.perf_counter() - t0, 3)})
     return writer, calib

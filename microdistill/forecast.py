@@ -14,7 +14,6 @@ examples reach a target agreement.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import dataclass, replace
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from microdistill.cost import CostConfig, CostError, OneOff, RunFiles, machine_usd, need
-from microdistill.store import VAL_FRACTION, atomic_write_bytes
+from microdistill.store import VAL_FRACTION, save_figure
 
 # A perfect score on a small held-out set only says the error is below that set's resolution;
 # flooring it keeps log(error) finite without letting one point dominate the fit.
@@ -207,11 +206,7 @@ def plot_forecast(fc: dict, path: Path) -> Path:
     ax.set_ylabel("agreement with the teacher (exact match)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return Path(path)
+    return save_figure(fig, path)
 
 
 EXACT_KEY = "val_exact_match"  # train.py's free-running exact match on the val split

@@ -8,7 +8,6 @@ pyplot), so no GUI backend is needed on servers or in tests.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from microdistill.store import atomic_write_bytes, atomic_write_json
+from microdistill.store import atomic_write_bytes, atomic_write_json, save_figure
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
@@ -29,11 +28,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
 
 
 def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-    return path.name
+    return save_figure(fig, path).name
 
 
 def _smooth(y: np.ndarray, n: int) -> np.ndarray:

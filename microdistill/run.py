@@ -19,7 +19,7 @@ from dataclasses import field as dc_field
 from importlib import resources
 from pathlib import Path
 
-from microdistill.store import StoreError, atomic_write_json
+from microdistill.store import atomic_write_json
 
 SAMPLE_LABELS = {"tone": "tone", "sentiment": "sentiment", "toxicity": "toxicity"}
 

@@ -10,6 +10,10 @@ need no teacher) and `shard-NNNNN.safetensors` files of up to 128 examples each.
     decisions    float32 [n_values]      per enum field: P(value), normalised over the values
     text, output_text, fields, split, labels   (JSON in the safetensors header)
 
+`input_embeddings.safetensors` (manifest key `input_embeddings`), when present, holds one
+float16 tensor `rows` [n_input, D_teacher]: the teacher's input embedding row of each id in
+`manifest.vocab.input`, in that order, from which a student can start its own input table.
+
 Ragged arrays are stored concatenated with offsets. Text-only shards (sequence-level KD from a
 black-box teacher) omit `logits` and `lse`. Every file is written to a temporary name and
 renamed, and the manifest is rewritten after each shard: a crash loses at most the examples
@@ -35,6 +39,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 FORMAT = "microdistill.shards/1"
+INPUT_EMBEDDINGS = "input_embeddings.safetensors"
 SHARD_SIZE = 128
 VAL_FRACTION = 0.1
 
@@ -104,6 +109,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG atomically and release it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
 
 
 def _ragged(arrays: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -308,6 +327,23 @@ class ShardSet:
     @property
     def eos_id(self) -> int:
         return int(self.manifest["vocab"]["eos"])
+
+    def input_embeddings(self):
+        """The teacher's input embedding rows at `input_vocab`, float32 torch [n_input, D_teacher],
+        or None when the folder has none (text-only shards, or written before they were stored)."""
+        path = self.dir / self.manifest.get("input_embeddings", INPUT_EMBEDDINGS)
+        if not path.is_file():
+            return None
+        from safetensors.torch import load
+
+        try:
+            rows = load(path.read_bytes())["rows"]
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise StoreError(f"{path}: corrupted or not an input embedding file ({type(e).__name__})") from None
+        n = len(self.manifest["vocab"]["input"])
+        if rows.dim() != 2 or rows.shape[0] != n:
+            raise StoreError(f"{path}: {tuple(rows.shape)} rows, expected one per input token ({n}); extract again")
+        return rows.float()
 
     def task(self):
         from microdistill.task import task_from_dict

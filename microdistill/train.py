@@ -4,8 +4,9 @@
 
 Per output position the loss is `w_kl(t)·T²·D(p_teacher^T ‖ p_student^T) + (1 - w_kl(t))·CE`,
 with w_kl following a curriculum over all steps (cosine 0.9 -> 0.1 by default); text-only
-shards train with CE alone (sequence-level distillation). AdamW, cosine learning rate after a
-linear warm-up, gradient clipping. Every epoch: a held-out evaluation and a checkpoint. SIGINT
+shards train with CE alone (sequence-level distillation). The input embeddings start from the
+teacher's rows, projected to the student's width by PCA, when the shards hold them (`embed_init`).
+AdamW, cosine learning rate after a linear warm-up, gradient clipping. Every epoch: a held-out evaluation and a checkpoint. SIGINT
 or SIGTERM finishes the current batch, saves a checkpoint (with the position inside the epoch)
 and stops; `resume=True` continues to bit-identical weights.
 
@@ -35,7 +36,10 @@ from microdistill.losses import CURRICULA, DIVERGENCES, curriculum_weight, disti
 from microdistill.predict import generate, parse_or_none
 from microdistill.saved import LoadedStudent, save_student
 from microdistill.store import Record, ShardSet, StoreError, atomic_write_bytes, atomic_write_json
-from microdistill.student import N_SPECIAL, PRESETS, Student, config_for, count_parameters, describe
+from microdistill.student import (N_SPECIAL, PRESETS, Student, config_for, count_parameters, describe,
+                                  init_input_embeddings_pca)
+
+EMBED_INITS = ("teacher", "random")
 
 
 class TrainError(StoreError):
@@ -70,6 +74,9 @@ class TrainConfig:
     kl_end: float = 0.1
     tail: bool = False  # one extra output class for the teacher's mass outside the kept set
     signal: str = "auto"  # "logits", "text" (CE only), or "auto": logits when the shards have them
+    # "teacher": input embeddings start from the teacher's rows (PCA to d_model) when the shards hold
+    # them, else random; "random": N(0, 0.02) like every other weight
+    embed_init: str = "teacher"
     max_steps: int | None = None  # a fixed step budget instead of `epochs` (the last epoch may be partial)
     limit_train: int | None = None  # use only the first N training examples
     eval_limit: int | None = None  # evaluate on at most N held-out examples
@@ -83,6 +90,7 @@ class TrainConfig:
         need(self.divergence in DIVERGENCES, "divergence", f"choose one of {', '.join(DIVERGENCES)}")
         need(self.curriculum in CURRICULA, "curriculum", f"choose one of {', '.join(CURRICULA)}")
         need(self.signal in ("auto", "logits", "text"), "signal", "choose auto, logits or text")
+        need(self.embed_init in EMBED_INITS, "embed_init", f"choose {' or '.join(EMBED_INITS)}")
         for name in ("epochs", "batch_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be a positive integer")
         for name in ("max_steps", "limit_train", "eval_limit"):
@@ -333,7 +341,7 @@ def load_checkpoint(out: Path, model: Student, opt: torch.optim.Optimizer, cfg: 
         if blob["fingerprint"].get(key) != value:
             raise TrainError(f"{path}: trained on shards with a different {key}; these shards cannot continue it "
                              "(use another --out)")
-    saved = blob["config"]
+    saved = {"embed_init": "random", **blob["config"]}  # checkpoints from before the option started at random
     diff = [f"{k}={saved.get(k)!r}" for k, v in cfg.to_dict().items() if k != "eval_limit" and saved.get(k) != v]
     if diff:
         raise TrainError(f"{path}: saved with other training options ({', '.join(diff)}); resume with the same options")
@@ -429,6 +437,24 @@ class Silent:
 
 
 # ---- the loop ----------------------------------------------------------------------------------
+def init_embeddings(model: Student, shards: ShardSet, cfg: TrainConfig, progress: bool) -> str:
+    """Start the input embeddings from the teacher's rows when asked and the shards hold them;
+    returns the initialisation used ("teacher" or "random")."""
+    if cfg.embed_init != "teacher":
+        return "random"
+    rows = shards.input_embeddings()
+    if rows is None:
+        if progress:
+            from rich.console import Console
+
+            Console(stderr=True, highlight=False).print(
+                f"note: {shards.dir} holds no teacher input embeddings (text-only or older shards); "
+                "input embeddings start random")
+        return "random"
+    init_input_embeddings_pca(model, rows)
+    return "teacher"
+
+
 def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resume: bool = False,
           progress: bool = True, on_step: Callable[[int], None] | None = None) -> Path:
     """Train a student on the shards in `data_dir`; returns `out_dir`, the student folder.
@@ -458,6 +484,7 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     )
     seed_everything(cfg.seed)
     model = Student(scfg)
+    embed_init = init_embeddings(model, shards, cfg, progress)  # draws no random numbers
     opt = make_optimizer(model, cfg)
     per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total = cfg.max_steps or cfg.epochs * per_epoch
@@ -528,6 +555,6 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
         "wall_s": round(state["wall_s"], 3), "train_s": round(state["train_s"], 3), "steps": state["step"],
         "epochs": state["epoch"], "tokens": state["tokens"], "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1),
         "examples": len(train_set), "parameters": count_parameters(model), "preset": cfg.preset,
-        "signal": "logits" if use_logits else "text", "config": cfg.to_dict(),
+        "signal": "logits" if use_logits else "text", "embed_init": embed_init, "config": cfg.to_dict(),
     })
     return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -45,6 +44,21 @@ def build_tiny_tokenizer(path, vocab_size: int = 600):
     fast.chat_template = CHATML
     fast.save_pretrained(str(path))
     return fast
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Run torch on one thread; yields the original count for the tests of the real teacher.
+
+    Tiny models run several times faster this way on 2 busy cores: waking a second OpenMP
+    thread costs more than their matmuls, and two spinning threads can stall each other.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield n
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

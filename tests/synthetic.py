@@ -16,8 +16,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save as st_save
 
-from microdistill.store import Record, ShardWriter
+from microdistill.store import INPUT_EMBEDDINGS, Record, ShardWriter, atomic_write_bytes
 from microdistill.task import load_task
 from microdistill.vocab import build_input_vocab
 
@@ -57,14 +58,23 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
     return texts
 
 
+def teacher_embeddings(tokenizer, seed: int = 0, width: int = 24) -> np.ndarray:
+    """A fake teacher's input embedding table, float32 [len(tokenizer), width]: random rows
+    with a few strong directions, as a trained table has."""
+    rng = np.random.default_rng(seed + 2)
+    scale = np.geomspace(1.0, 0.05, width).astype(np.float32)
+    return rng.normal(0.0, 1.0, size=(len(tokenizer), width)).astype(np.float32) * scale
+
+
 def make_shards(
     path: Path, tokenizer, n: int = 64, with_logits: bool = True, seed: int = 0, task_name: str = "reddit-comment",
-    shard_size: int = 32, labels: bool = False, teacher_sha256: str = "0" * 64,
+    shard_size: int = 32, labels: bool = False, teacher_sha256: str = "0" * 64, input_embeddings: bool = False,
 ) -> Path:
     """Write a complete shard folder of `n` examples to `path` and return `path`.
 
     labels=True also stores the rule's answer as human labels; `teacher_sha256` lets a test
-    make shards that look like they came from another teacher.
+    make shards that look like they came from another teacher. input_embeddings=True also
+    writes the teacher's input embedding rows: those of `teacher_embeddings(tokenizer, seed)`.
     """
     path = Path(path)
     task = load_task(task_name)
@@ -102,6 +112,10 @@ def make_shards(
             "eos": eos, "input": input_vocab, "coverage": 0.95,
         },
     }
+    if input_embeddings:
+        rows = teacher_embeddings(tokenizer, seed)[input_vocab].astype(np.float16)
+        atomic_write_bytes(path / INPUT_EMBEDDINGS, st_save({"rows": rows}))
+        header["input_embeddings"] = INPUT_EMBEDDINGS
     writer = ShardWriter(path, header, shard_size=shard_size)
     rng = np.random.default_rng(seed + 1)
     for text, out, ii, oi in zip(texts, outputs, input_ids, output_ids):

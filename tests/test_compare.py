@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from synthetic import make_shards
 
 import microdistill.compare as compare_mod
@@ -18,16 +17,6 @@ from microdistill.losses import curriculum_weight
 SHARED = {"preset": "nano", "seed": 3, "max_steps": 7, "limit_train": None}
 COMMON = {"batch_size": 16, "lr": 5e-3}
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two OpenMP threads on a busy 2-core machine spin-wait each other into 10-30x slowdowns.
-    # Module scope, so it is already in force when the module-scoped comparison trains.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +156,8 @@ def test_cli_reports_a_bad_plan_in_one_line(tmp_path, shards):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: plan {plan}, run 'odd': unknown field 'warmup'; expected TrainConfig fields "
-        "(alpha, batch_size, beta, curriculum, divergence, epochs, eval_limit, grad_clip, kl_end, kl_start, "
-        "limit_train, lr, max_steps, min_lr_ratio, preset, seed, signal, tail, temperature, warmup_frac, weight_decay)"]
+        "(alpha, batch_size, beta, curriculum, divergence, embed_init, epochs, eval_limit, grad_clip, kl_end, "
+        "kl_start, limit_train, lr, max_steps, min_lr_ratio, preset, seed, signal, tail, temperature, warmup_frac, weight_decay)"]
     assert not (tmp_path / "cmp").exists()  # nothing trained before the plan was checked
 
 

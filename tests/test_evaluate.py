@@ -23,15 +23,6 @@ from microdistill.task import load_task
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two OpenMP threads on a busy 2-core machine spin-wait each other into 10-30x slowdowns.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---- metric functions ----------------------------------------------------------------------------
 def test_confusion_counts_pairs_with_rows_teacher_and_columns_student():
     teacher = ["neg", "neg", "pos", "neu", "pos", "pos"]

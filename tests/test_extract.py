@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from synthetic import label, make_texts
 
 from microdistill import extract as extract_mod
@@ -23,16 +24,6 @@ TASK = load_task("reddit-comment")
 # lengths differ a lot, so batches hold padding
 TEXTS = ["you idiot", "thanks so much, this fixed my problem!", "what a lovely day at the beach with friends today",
          "this is the worst service I have ever had", "shut up"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~7x faster on one thread: on 2 busy cores, waking a second thread costs
-    more than these matmuls. Yields the thread count to restore for the real teacher."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield n
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +139,38 @@ def test_shards_round_trip(shards, teacher):
         assert r.labels == {"toxicity": label(r.text)["toxicity"], "sentiment": label(r.text)["sentiment"]}
         assert set(r.decisions) == {f.name for f in TASK.enum_fields}
         assert all(abs(float(v.sum()) - 1) < 1e-5 for v in r.decisions.values())
+
+
+def test_teacher_input_embeddings_are_stored_at_the_input_ids(shards, teacher, tmp_path, corpus):
+    s = ShardSet(shards)
+    assert s.manifest["input_embeddings"] == "input_embeddings.safetensors"
+    ids = torch.as_tensor(s.input_vocab)
+    expected = teacher.model.get_input_embeddings().weight.detach()[ids].half()
+    raw = load_file(str(shards / "input_embeddings.safetensors"))
+    assert set(raw) == {"rows"} and raw["rows"].dtype == torch.float16
+    assert torch.equal(raw["rows"], expected)
+    rows = s.input_embeddings()
+    assert rows.dtype == torch.float32 and rows.shape == (len(ids), teacher.model.config.hidden_size)
+    assert torch.equal(rows, expected.float())
+    # a folder written before the file existed gets it on the next run, with nothing else redone
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(shards, old)
+    (old / "input_embeddings.safetensors").unlink()
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["input_embeddings"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert ShardSet(old).input_embeddings() is None
+    _extract(corpus, teacher, old)
+    again = ShardSet(old)
+    assert again.manifest["input_embeddings"] == "input_embeddings.safetensors"
+    assert again.manifest["shards"] == s.manifest["shards"] and again.manifest["vocab"] == s.manifest["vocab"]
+    assert torch.equal(again.input_embeddings(), rows)
+    # a damaged file is a one-line error, not a crash in training
+    (old / "input_embeddings.safetensors").write_bytes(b"junk")
+    with pytest.raises(StoreError, match="corrupted or not an input embedding file"):
+        again.input_embeddings()
 
 
 def test_calibration_answers_equal_decoding_again(corpus, teacher, tmp_path, monkeypatch):

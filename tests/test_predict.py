@@ -19,15 +19,6 @@ from microdistill.student import N_SPECIAL, Student, config_for
 ODD_INPUTS = ["", "@user @bob", "you idiot", "héllo 😀 zebra", "great day " * 40]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a busy 2-core machine spin-wait each other into 10-30x slowdowns.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tiny_tokenizer):
     return ShardSet(make_shards(tmp_path_factory.mktemp("shards"), tiny_tokenizer, n=64))

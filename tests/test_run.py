@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from microdistill.cli import app
@@ -19,11 +18,6 @@ TEXTS = [
     "my cat knocked the plant over again", "nobody asked for your stupid opinion",
     "the soup recipe was easy and tasty", "delete your account, clown",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -17,17 +17,6 @@ GEMMA_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread when the cores are busy."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_teacher_dir):
     return load_teacher(str(tiny_teacher_dir))

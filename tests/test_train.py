@@ -10,20 +10,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from synthetic import make_shards
+from synthetic import make_shards, teacher_embeddings
 
+from microdistill import train as train_mod
 from microdistill.saved import load_student
 from microdistill.store import ShardSet, ShardWriter, StoreError
+from microdistill.student import N_SPECIAL, Student, init_input_embeddings_pca
 from microdistill.train import TrainConfig, TrainError, TrainingInterrupted, evaluate_epoch, load_split, lr_at, train
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a busy 2-core machine spin-wait each other into 10-30x slowdowns.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +117,83 @@ def test_step_budget_and_train_limit(shards, tmp_path):
     assert json.loads((out / "training.json").read_text())["examples"] == 12
 
 
+def _initial_weights(monkeypatch) -> list:
+    """Records the model's weights when the optimiser is made, i.e. before any step."""
+    seen = []
+    real = train_mod.make_optimizer
+
+    def spy(model, cfg):
+        seen.append((model.config, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        return real(model, cfg)
+
+    monkeypatch.setattr(train_mod, "make_optimizer", spy)
+    return seen
+
+
+def test_input_embeddings_start_from_the_teachers_rows(tmp_path, tiny_tokenizer, monkeypatch):
+    emb = make_shards(tmp_path / "emb", tiny_tokenizer, n=32, input_embeddings=True)
+    s = ShardSet(emb)
+    rows = s.input_embeddings()
+    assert torch.equal(rows, torch.from_numpy(teacher_embeddings(tiny_tokenizer)[s.input_vocab]).half().float())
+    seen = _initial_weights(monkeypatch)
+    cfg = TrainConfig(preset="nano", max_steps=1, batch_size=8, eval_limit=1, seed=3)
+    teacher_out = train(emb, tmp_path / "teacher", cfg, progress=False)
+    random_out = train(emb, tmp_path / "random", TrainConfig(**{**cfg.to_dict(), "embed_init": "random"}), progress=False)
+    (scfg, w_teacher), (_, w_random) = seen
+
+    torch.manual_seed(3)
+    fresh = Student(scfg)
+    assert torch.equal(w_random["embed_in.weight"], fresh.embed_in.weight)
+    init_input_embeddings_pca(fresh, rows)
+    expected = fresh.state_dict()
+    for k, v in expected.items():  # PCA rows, and every other weight as a random start would have it
+        assert torch.equal(w_teacher[k], v), k
+    n = len(rows)
+    start = w_teacher["embed_in.weight"][N_SPECIAL:N_SPECIAL + n].double()
+    assert not torch.allclose(start, w_random["embed_in.weight"][N_SPECIAL:N_SPECIAL + n].double())
+    # words the teacher places alike start alike: the rows' Gram matrix is the centred teacher rows'
+    # one restricted to their top principal directions (all of them here: 24 < d_model), rescaled
+    centred = rows.double() - rows.double().mean(0)
+    gram, want = start @ start.T, centred @ centred.T
+    assert torch.allclose(gram / gram.norm(), want / want.norm(), atol=1e-5)
+    assert start.std().item() == pytest.approx(0.02, rel=0.05)
+    assert json.loads((teacher_out / "training.json").read_text())["embed_init"] == "teacher"
+    assert json.loads((random_out / "training.json").read_text())["embed_init"] == "random"
+
+
+def test_teacher_init_without_stored_rows_falls_back_to_random(shards, tmp_path, monkeypatch, capsys):
+    assert ShardSet(shards).input_embeddings() is None
+    seen = _initial_weights(monkeypatch)
+    out = train(shards, tmp_path / "s", TrainConfig(preset="nano", max_steps=1, batch_size=8, eval_limit=1),
+                progress=True)
+    err = capsys.readouterr().err
+    assert "holds no teacher input embeddings" in err and "start random" in err
+    scfg, w = seen[0]
+    torch.manual_seed(0)
+    assert torch.equal(w["embed_in.weight"], Student(scfg).embed_in.weight)
+    assert json.loads((out / "training.json").read_text())["embed_init"] == "random"
+
+
+def test_teacher_init_resumes_bit_for_bit(tmp_path, tiny_tokenizer):
+    emb = make_shards(tmp_path / "emb", tiny_tokenizer, n=32, input_embeddings=True)
+    cfg = TrainConfig(preset="nano", max_steps=4, batch_size=8, eval_limit=1)
+    whole = train(emb, tmp_path / "whole", cfg, progress=False)
+
+    def interrupt(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        train(emb, tmp_path / "split", cfg, progress=False, on_step=interrupt)
+    train(emb, tmp_path / "split", cfg, resume=True, progress=False)
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(tmp_path / "split" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the option decides the weights: a resume must ask for the same one
+    with pytest.raises(TrainError, match=r"other training options \(embed_init='teacher'\)"):
+        train(emb, tmp_path / "split", TrainConfig(**{**cfg.to_dict(), "embed_init": "random"}), resume=True,
+              progress=False)
+
+
 def test_learning_rate_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(lr=1e-2, warmup_frac=0.1, min_lr_ratio=0.1)
     lrs = [lr_at(s, 100, cfg) for s in range(100)]
@@ -138,6 +208,7 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     ({"divergence": "kl"}, "divergence='kl'"),
     ({"curriculum": "sine"}, "curriculum='sine'"),
     ({"max_steps": 0}, "max_steps=0"),
+    ({"embed_init": "pca"}, "embed_init='pca': choose teacher or random"),
 ])
 def test_bad_options_are_one_line_errors(kwargs, message):
     with pytest.raises(TrainError, match=message) as e:

@@ -64,7 +64,7 @@ def run(
     batch_size: int = typer.Option(16, help="Teacher batch size during extraction."),
     vocab_size: int = typer.Option(512, help="Size of the kept output vocabulary."),
     preset: str = typer.Option("micro", help="Student size preset: nano, micro, small."),
-    epochs: int = typer.Option(30, help="Training epochs."),
+    epochs: int = typer.Option(15, help="Training epochs."),
     max_steps: Optional[int] = typer.Option(None, help="Stop training after this many steps."),
     seed: int = typer.Option(0, help="Random seed."),
     eval_teacher: bool = typer.Option(True, help="Time the teacher beside the student in the report."),

@@ -47,7 +47,7 @@ class RunConfig:
     vocab_size: int = 512
     calibration: int = 64
     preset: str = "micro"
-    epochs: int = 30
+    epochs: int = 15
     max_steps: int | None = None
     seed: int = 0
     eval_teacher: bool = True

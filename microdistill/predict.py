@@ -28,13 +28,14 @@ from microdistill.student import PAD
 from microdistill.task import EnumField, StringField, Task
 
 
-def predict(student: LoadedStudent, texts: Sequence[str], constrain: bool = True, batch_size: int = 64) -> list[dict[str, Any]]:
+def predict(student: LoadedStudent, texts: Sequence[str], constrain: bool = True, batch_size: int = 64,
+            drafts: bool = True) -> list[dict[str, Any]]:
     """One result per text: {"text", "output" (str), "fields" (dict, or None when the output is
     not a valid object), "valid" (bool), "truncated" (bool: the input exceeded the context)}."""
     strip = [re.compile(p) for p in student.task.inputs.strip]
     ids = [student.encoder.encode(clean(t, strip)) for t in texts]
     limit = student.config.max_input
-    outputs = generate(student, [x[:limit] for x in ids], constrain=constrain, batch_size=batch_size)
+    outputs = generate(student, [x[:limit] for x in ids], constrain=constrain, batch_size=batch_size, drafts=drafts)
     results = []
     for text, x, out in zip(texts, ids, outputs):
         output = student.tokenizer.decode(out, skip_special_tokens=False)
@@ -52,10 +53,12 @@ def parse_or_none(task, output: str) -> dict[str, Any] | None:
 
 
 def generate(student: LoadedStudent, input_ids: Sequence[Sequence[int]], constrain: bool = True,
-             batch_size: int = 64) -> list[list[int]]:
+             batch_size: int = 64, drafts: bool = True) -> list[list[int]]:
     """Greedy outputs (teacher ids, without EOS) for inputs given as teacher ids of the input vocabulary.
 
     Inputs are batched by length so little compute goes to padding; results keep the input order.
+    drafts: under the grammar, check the tokens it forces next in the same model call (the same
+    outputs in fewer calls; False decodes one token per call).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -73,7 +76,7 @@ def generate(student: LoadedStudent, input_ids: Sequence[Sequence[int]], constra
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            for i, ids in zip(chunk, _generate_batch(student, [rows[i] for i in chunk], constrain)):
+            for i, ids in zip(chunk, _generate_batch(student, [rows[i] for i in chunk], constrain, drafts)):
                 out[i] = ids
     finally:
         student.model.train(was_training)
@@ -87,13 +90,16 @@ def _pad(rows: list[list[int]]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _generate_batch(student: LoadedStudent, rows: list[list[int]], constrain: bool) -> list[list[int]]:
+def _generate_batch(student: LoadedStudent, rows: list[list[int]], constrain: bool,
+                    drafts: bool = False) -> list[list[int]]:
     """Greedy decoding of one batch; returns teacher ids per row, EOS excluded.
 
     A row stops at EOS, or after max_output tokens (unconstrained) or `step_budget` tokens
     (constrained); under the grammar a row whose allowed set is empty (impossible with a
     well-built kept vocabulary) stops where it is, and is invalid.
     """
+    if constrain and drafts:
+        return _generate_batch_drafted(student, rows)
     kept = torch.as_tensor(student.kept, dtype=torch.long)
     K, eos = len(kept), student.eos_id
     B = len(rows)
@@ -126,6 +132,99 @@ def _generate_batch(student: LoadedStudent, rows: list[list[int]], constrain: bo
             break
         logits, cache = student.model.decode_step(tok, cache)
     return out
+
+
+@torch.no_grad()
+def _generate_batch_drafted(student: LoadedStudent, rows: list[list[int]]) -> list[list[int]]:
+    """`_generate_batch` under the grammar, with grammar drafts: the same tokens in fewer calls.
+
+    After each chosen token, the tokens the grammar forces next (keys, quotes, punctuation, the
+    rest of a started value) are fed with it in one call. Walking the returned logits, a draft
+    token is kept only while it is the masked argmax, so every chosen token is the one
+    step-by-step greedy decoding picks; the first disagreement is the next chosen token, and the
+    cache drops the rejected drafts.
+    """
+    kept = torch.as_tensor(student.kept, dtype=torch.long)
+    K, eos = len(kept), student.eos_id
+    index = {int(t): k for k, t in enumerate(kept.tolist())}
+    B = len(rows)
+    batch = student.grammar.batch(B)
+    budget = step_budget(student.task, student.config.max_output)
+    done = [False] * B
+    chosen = [0] * B  # tokens chosen per row (EOS included), at most `budget`
+    out: list[list[int]] = [[] for _ in range(B)]
+    logits, cache = student.model.prefill(_pad(rows))
+    logits = logits[:, None]  # [B, 1 + drafts, V]: position i follows the pending token and i drafts
+    pending = [[] for _ in range(B)]  # per row: the drafts fed in the last call (as output indices)
+    nxt = torch.zeros(B, dtype=torch.long)  # each row's token to feed next (output index)
+    fed = None  # real tokens each row had in the cache before the last call
+    while True:
+        scores = logits[:, :, :K].float()
+        keep = cache.pos.clone() if fed is None else fed.clone()  # a finished row drops its filler
+        for b in range(B):
+            if done[b]:
+                continue
+            draft, a = pending[b], 0
+            for i in range(1 + len(draft)):
+                allowed = _allowed(batch, [b], kept)[0]
+                if not bool(allowed.any()):
+                    done[b] = True
+                    break
+                k = int(scores[b, i].masked_fill(~allowed, float("-inf")).argmax())
+                t = int(kept[k])
+                batch.accept(b, t)
+                chosen[b] += 1
+                if t == eos:
+                    done[b] = True
+                else:
+                    out[b].append(t)
+                    done[b] = batch.done(b)
+                nxt[b] = k
+                if done[b] or chosen[b] >= budget or i == len(draft) or k != draft[i]:
+                    break
+                a += 1
+            if chosen[b] >= budget:
+                done[b] = True
+            if fed is not None:
+                keep[b] = fed[b] + 1 + a  # the token fed first, then the confirmed drafts
+        if fed is not None:
+            cache = cache.truncate(keep)
+        if all(done):
+            break
+        pending = [[] if done[b] else _draft(batch.matchers[b], student.tokenizer, index, eos, budget - chosen[b] - 1) for b in range(B)]
+        n = 1 + max(len(d) for d in pending)
+        tok = torch.zeros(B, n, dtype=torch.long)
+        tok[:, 0] = nxt
+        for b, d in enumerate(pending):
+            tok[b, 1:1 + len(d)] = torch.tensor(d, dtype=torch.long)
+        fed = cache.pos.clone()
+        lengths = torch.tensor([1 + len(d) for d in pending], dtype=torch.long)
+        logits, cache = student.model.decode_tokens(tok, cache, lengths)
+    return out
+
+
+def _draft(matcher, tokenizer, index: dict[int, int], eos: int, limit: int) -> list[int]:
+    """Output indices of the tokens the grammar forces next: its jump-forward string in the
+    tokenizer's own segmentation (EOS once the object is complete), cut at the first token
+    outside the kept vocabulary. The matcher is left as it was."""
+    ids: list[int] = []
+    while len(ids) < limit:
+        text = matcher.find_jump_forward_string()
+        if text:
+            new = tokenizer(text, add_special_tokens=False).input_ids
+        elif matcher.is_completed() and not matcher.is_terminated():
+            new = [eos]
+        else:
+            break
+        n = 0
+        while n < len(new) and len(ids) < limit and int(new[n]) in index and matcher.accept_token(int(new[n])):
+            ids.append(int(new[n]))
+            n += 1
+        if n < len(new) or matcher.is_terminated():
+            break
+    if ids:
+        matcher.rollback(len(ids))
+    return [index[t] for t in ids]
 
 
 def step_budget(task: Task, max_output: int) -> int:

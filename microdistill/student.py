@@ -208,6 +208,20 @@ class KVCache:
     def __len__(self) -> int:
         return self.valid.shape[1]
 
+    def truncate(self, lengths: Tensor) -> KVCache:
+        """Keep only the first lengths[b] real tokens of each row b (e.g. to drop rejected drafts).
+
+        Later keys are masked out, columns no row still uses are cut off, and the next rotary
+        position becomes lengths[b] (positions count real tokens only)."""
+        lengths = lengths.to(self.pos)
+        if bool((lengths > self.pos).any()) or bool((lengths < 0).any()):
+            raise ValueError("KVCache.truncate: lengths must be between 0 and each row's current length")
+        valid = self.valid & (self.valid.long().cumsum(1) <= lengths[:, None])
+        used = valid.any(0).nonzero()
+        width = int(used[-1]) + 1 if len(used) else 0
+        kv = [(k[:, :, :width], v[:, :, :width]) for k, v in self.kv]
+        return KVCache(kv, valid[:, :width], lengths.clone())
+
 
 class Student(nn.Module):
     def __init__(self, config: StudentConfig):
@@ -298,10 +312,26 @@ class Student(nn.Module):
 
         Stopping is the caller's job (EOS or max_output); positions past training lengths still work.
         """
-        valid = torch.cat([cache.valid, cache.valid.new_ones(cache.valid.shape[0], 1)], 1)
-        x = self._embed(self.embed_out, tok[:, None])
-        h, kv = self._run(x, cache.pos[:, None], valid[:, None, None, :], cache)
-        return self._logits(h[:, -1]), KVCache(kv, valid, cache.pos + 1)
+        logits, cache = self.decode_tokens(tok[:, None], cache)
+        return logits[:, 0], cache
+
+    @torch.no_grad()
+    def decode_tokens(self, tok: Tensor, cache: KVCache, lengths: Tensor | None = None) -> tuple[Tensor, KVCache]:
+        """tok [B, n] (output tokens following the cache) -> logits [B, n, output_vocab], cache.
+
+        Position j scores the token after tok[:, j], as n calls of decode_step would. lengths [B]
+        (default n) says how many leading tokens of each row are real: the rest is padding, kept
+        out of the cache's keys (its logits are meaningless). `cache.truncate` drops tokens again.
+        """
+        B, n = tok.shape
+        lengths = torch.full((B,), n, dtype=torch.long, device=tok.device) if lengths is None else lengths.to(tok.device)
+        new_valid = torch.arange(n, device=tok.device)[None, :] < lengths[:, None]
+        causal = torch.ones(n, n, dtype=torch.bool, device=tok.device).tril()
+        # Padding follows the real tokens of its row, so the causal part never lets it reach them.
+        mask = torch.cat([cache.valid[:, None, None, :].expand(B, 1, n, len(cache)), causal.expand(B, 1, n, n)], -1)
+        pos = cache.pos[:, None] + torch.arange(n, device=tok.device)
+        h, kv = self._run(self._embed(self.embed_out, tok), pos, mask, cache)
+        return self._logits(h), KVCache(kv, torch.cat([cache.valid, new_valid], 1), cache.pos + lengths)
 
 
 @torch.no_grad()

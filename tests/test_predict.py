@@ -160,3 +160,33 @@ def test_cli_train_then_predict(shards, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "train", "--data", str(shards.dir), "--out", str(out), "--preset", "nano")
     assert code == 2 and "already holds a training run" in err
 
+
+
+VARIED_INPUTS = ODD_INPUTS + ["thanks, that fixed it!", "no", "what a lovely zebra, truly the best day ever",
+                              "bob bob bob", "😀😀", "idiot you are great"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_grammar_drafts_give_exactly_the_step_by_step_outputs(shards, seed, batch_size):
+    student = untrained(shards, seed, tail=seed == 2)
+    if seed == 3:  # a student with strong preferences: larger weights make confident, varied choices
+        with torch.no_grad():
+            for p in student.model.parameters():
+                p.mul_(8.0)
+    calls = {"n": 0}
+    decode = student.model.decode_tokens
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return decode(*args, **kwargs)
+
+    student.model.decode_tokens = counted
+    with_drafts = predict(student, VARIED_INPUTS, batch_size=batch_size)
+    drafted_calls, calls["n"] = calls["n"], 0
+    without = predict(student, VARIED_INPUTS, batch_size=batch_size, drafts=False)
+    assert [r["output"] for r in with_drafts] == [r["output"] for r in without]
+    assert with_drafts == without
+    assert drafted_calls < calls["n"]
+    ids = [student.encoder.encode(t)[: student.config.max_input] for t in VARIED_INPUTS]
+    assert generate(student, ids, batch_size=batch_size) == generate(student, ids, batch_size=batch_size, drafts=False)

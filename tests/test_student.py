@@ -169,3 +169,46 @@ def test_tiny_model_overfits_eight_sequences():
         if acc == 1.0:
             break
     assert acc == 1.0, f"accuracy {acc:.3f} after {step + 1} steps"
+
+
+def test_multi_token_decode_equals_repeated_decode_steps():
+    model = tiny_model(4)
+    inp = padded_batch([[5, 6, 7], [8], [9, 10, 11, 12, 13]])
+    toks = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13, 14]])
+    lengths = torch.tensor([4, 2, 3])
+    _, cache = model.prefill(inp)
+    chunk, chunk_cache = model.decode_tokens(toks, cache, lengths)
+    assert chunk.shape == (3, 4, TINY.output_vocab)
+    assert torch.equal(chunk_cache.pos, cache.pos + lengths)
+    for b in range(3):
+        _, c = model.prefill(inp[b:b + 1])
+        for j in range(int(lengths[b])):
+            step, c = model.decode_step(toks[b, j:j + 1], c)
+            torch.testing.assert_close(chunk[b, j], step[0], atol=1e-5, rtol=1e-5)
+        # the cache after the chunk continues exactly as the step-by-step one
+        nxt = torch.tensor([2])
+        after_chunk, _ = model.decode_step(nxt.expand(3), chunk_cache)
+        after_steps, _ = model.decode_step(nxt, c)
+        torch.testing.assert_close(after_chunk[b], after_steps[0], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_truncate_rolls_rows_back_to_earlier_lengths():
+    model = tiny_model(5)
+    inp = padded_batch([[5, 6], [7, 8, 9, 10]])
+    _, cache = model.prefill(inp)
+    base = cache.pos.clone()
+    _, long = model.decode_tokens(torch.tensor([[3, 4, 5], [6, 7, 8]]), cache)
+    # keep one extra token in row 0 and two in row 1, then continue with a new token each
+    short = long.truncate(base + torch.tensor([1, 2]))
+    assert torch.equal(short.pos, base + torch.tensor([1, 2]))
+    assert len(short) == len(cache) + 2  # the column no row uses any more is cut off
+    got, _ = model.decode_step(torch.tensor([9, 10]), short)
+    _, ref = model.decode_tokens(torch.tensor([[3], [6]]), cache)
+    want0, _ = model.decode_step(torch.tensor([9]), ref.select(torch.tensor([0])))
+    _, ref1 = model.decode_tokens(torch.tensor([[6, 7]]), cache.select(torch.tensor([1])))
+    want1, _ = model.decode_step(torch.tensor([10]), ref1)
+    torch.testing.assert_close(got[0], want0[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want1[0], atol=1e-5, rtol=1e-5)
+    assert len(long.truncate(base)) == len(cache)
+    with pytest.raises(ValueError):
+        long.truncate(long.pos + 1)

@@ -200,7 +200,8 @@ class Decoder:
             pending = [b for b in range(n) if not rows[b].finished and len(rows[b].output_ids) < max_tokens]
             if not pending:
                 break
-            drafts = {b: self._draft(state.matchers[b], max_tokens - len(rows[b].output_ids) - 1) for b in pending}
+            drafts = {b: self.grammar.forced_tokens(state.matchers[b], max_tokens - len(rows[b].output_ids) - 1)
+                      if self.use_drafts else [] for b in pending}
             chunk = 1 + max(len(d) for d in drafts.values())
             ids = torch.full((n, chunk), self.pad_id, dtype=torch.long)
             new_attn = torch.zeros(n, chunk, dtype=torch.long)
@@ -242,27 +243,6 @@ class Decoder:
                 a += 1
             accepted[b] = a
         return accepted
-
-    def _draft(self, matcher, limit: int) -> list[int]:
-        """Tokens the grammar forces next (its jump-forward string, tokenized; EOS once complete)."""
-        tok, ids = self.teacher.tokenizer, []
-        while self.use_drafts and len(ids) < limit:
-            text = matcher.find_jump_forward_string()
-            if text:
-                new = tok(text, add_special_tokens=False).input_ids
-            elif matcher.is_completed() and not matcher.is_terminated():
-                new = [self.teacher.eos_id]
-            else:
-                break
-            n = 0
-            # a token outside the kept set can never be chosen: the draft would only waste compute
-            while n < len(new) and len(ids) < limit and self.grammar.bias[new[n]] == 0 and matcher.accept_token(new[n]):
-                ids.append(new[n])
-                n += 1
-            if n < len(new) or matcher.is_terminated():
-                break
-        matcher.rollback(len(ids))
-        return ids
 
     # ---- decision points ------------------------------------------------------------------
     @torch.inference_mode()

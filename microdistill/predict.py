@@ -191,7 +191,8 @@ def _generate_batch_drafted(student: LoadedStudent, rows: list[list[int]]) -> li
             cache = cache.truncate(keep)
         if all(done):
             break
-        pending = [[] if done[b] else _draft(batch.matchers[b], student.tokenizer, index, eos, budget - chosen[b] - 1) for b in range(B)]
+        pending = [[] if done[b] else [index[t] for t in student.grammar.forced_tokens(batch.matchers[b], budget - chosen[b] - 1)]
+                   for b in range(B)]
         n = 1 + max(len(d) for d in pending)
         tok = torch.zeros(B, n, dtype=torch.long)
         tok[:, 0] = nxt
@@ -201,30 +202,6 @@ def _generate_batch_drafted(student: LoadedStudent, rows: list[list[int]]) -> li
         lengths = torch.tensor([1 + len(d) for d in pending], dtype=torch.long)
         logits, cache = student.model.decode_tokens(tok, cache, lengths)
     return out
-
-
-def _draft(matcher, tokenizer, index: dict[int, int], eos: int, limit: int) -> list[int]:
-    """Output indices of the tokens the grammar forces next: its jump-forward string in the
-    tokenizer's own segmentation (EOS once the object is complete), cut at the first token
-    outside the kept vocabulary. The matcher is left as it was."""
-    ids: list[int] = []
-    while len(ids) < limit:
-        text = matcher.find_jump_forward_string()
-        if text:
-            new = tokenizer(text, add_special_tokens=False).input_ids
-        elif matcher.is_completed() and not matcher.is_terminated():
-            new = [eos]
-        else:
-            break
-        n = 0
-        while n < len(new) and len(ids) < limit and int(new[n]) in index and matcher.accept_token(int(new[n])):
-            ids.append(int(new[n]))
-            n += 1
-        if n < len(new) or matcher.is_terminated():
-            break
-    if ids:
-        matcher.rollback(len(ids))
-    return [index[t] for t in ids]
 
 
 def step_budget(task: Task, max_output: int) -> int:

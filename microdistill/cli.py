@@ -11,14 +11,6 @@ from typing import Optional
 
 import typer
 
-from microdistill.corpus import CorpusError
-from microdistill.cost import CostError
-from microdistill.evaluate import EvalError
-from microdistill.extract import ExtractError
-from microdistill.run import RunError
-from microdistill.store import StoreError
-from microdistill.task import TaskError
-from microdistill.teacher import TeacherError
 
 app = typer.Typer(
     add_completion=False,
@@ -27,8 +19,23 @@ app = typer.Typer(
     help="Distil one narrow LLM call into a tiny, fast student model.",
 )
 
-# Errors a user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (TaskError, StoreError, RunError, CorpusError, CostError, FileNotFoundError, EvalError, TeacherError, ExtractError)
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix; anything else is a bug and keeps its traceback.
+
+    Imported only when something went wrong: several of these modules import torch, which
+    would otherwise cost every `microdistill --help` seconds of start-up.
+    """
+    from microdistill.corpus import CorpusError
+    from microdistill.cost import CostError
+    from microdistill.evaluate import EvalError
+    from microdistill.extract import ExtractError
+    from microdistill.run import RunError
+    from microdistill.store import StoreError
+    from microdistill.task import TaskError
+    from microdistill.teacher import TeacherError
+
+    return (TaskError, StoreError, RunError, CorpusError, CostError, FileNotFoundError, EvalError, TeacherError,
+            ExtractError)
 
 
 def fail(message: str) -> None:
@@ -385,13 +392,15 @@ def compare(
 def main() -> None:
     try:
         app()
-    except USER_ERRORS as e:
-        # Outside the typer app a typer.Exit would not be handled: print and exit directly.
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
     except KeyboardInterrupt:
         typer.secho("interrupted; finished work is saved, re-run the same command to continue", err=True)
         sys.exit(130)
+    except Exception as e:
+        if not isinstance(e, user_errors()):
+            raise
+        # Outside the typer app a typer.Exit would not be handled: print and exit directly.
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

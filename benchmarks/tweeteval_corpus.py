@@ -5,7 +5,7 @@
 Lines: {"text", "toxicity", "sentiment"}: toxicity from `offensive` (offensive -> toxic,
 not-offensive -> respectful), sentiment from `sentiment`; the other label is null. The
 reddit-comment task's own filters (3-25 tokens, no URLs, `@user` stripped) then choose the
-short tweets at extraction time.
+short tweets at extraction time. The two sources alternate, so a `--limit` keeps both labels.
 Usage with the CLI: `--label toxicity=toxicity --label sentiment=sentiment`.
 """
 
@@ -34,10 +34,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--root", type=Path, default=ROOT)
     args = ap.parse_args()
-    out = []
-    for split in ("train", "val"):
-        out += rows(args.root / "offensive", split, "toxicity", OFFENSIVE)
-    out += rows(args.root / "sentiment", "val", "sentiment", SENTIMENT)
+    offensive = [r for split in ("train", "val") for r in rows(args.root / "offensive", split, "toxicity", OFFENSIVE)]
+    sentiment = list(rows(args.root / "sentiment", "val", "sentiment", SENTIMENT))
+    # Alternate the two sources while both last, so that any --limit keeps both kinds of label.
+    out = [r for pair in zip(offensive, sentiment) for r in pair]
+    out += offensive[len(sentiment):] + sentiment[len(offensive):]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         for r in out:

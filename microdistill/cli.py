@@ -356,6 +356,7 @@ def compare(
     seed: int = typer.Option(0, help="Random seed for every run."),
     limit_train: Optional[int] = typer.Option(None, help="Use only the first N training examples."),
     sizes: Optional[str] = typer.Option(None, help="Also train on the first N examples for each N, e.g. 100,200,400 (accuracy vs data)."),
+    sizes_for: Optional[str] = typer.Option(None, help="Only these configurations get the --sizes curve (default: all)."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size for every run (default: train's)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate for every run (default: train's)."),
     eval_limit: Optional[int] = typer.Option(None, help="Evaluate on at most N held-out examples per epoch."),
@@ -378,7 +379,8 @@ def compare(
     entries = load_plan(plan) if plan else [c.strip() for c in configs.split(",") if c.strip()]
     common = {k: v for k, v in (("batch_size", batch_size), ("lr", lr), ("eval_limit", eval_limit)) if v is not None}
     result = run_compare(data, out, entries, preset=preset, max_steps=max_steps, epochs=epochs, seed=seed,
-                         sizes=size_list, progress=not quiet, limit_train=limit_train, common=common)
+                         sizes=size_list, progress=not quiet, limit_train=limit_train, common=common,
+                         sizes_for=[c.strip() for c in sizes_for.split(",") if c.strip()] if sizes_for else None)
     v = result["verdict"]
     for r in result["runs"]:
         typer.echo(f"{r['name']:12s} exact match {r['exact_match']:.2%}  token accuracy {r['token_acc']:.2%}  "

@@ -330,11 +330,13 @@ def markdown(result: dict[str, Any]) -> str:
 # ---- the comparison ------------------------------------------------------------------------------
 def compare(data_dir: Path, out_dir: Path, configs: list[str] | list[dict], preset: str = "micro",
             max_steps: int | None = None, epochs: int | None = None, seed: int = 0, sizes: list[int] | None = None,
-            progress: bool = True, limit_train: int | None = None, common: dict[str, Any] | None = None) -> dict:
+            progress: bool = True, limit_train: int | None = None, common: dict[str, Any] | None = None,
+            sizes_for: list[str] | None = None) -> dict:
     """Train each configuration on the same shards, preset, seed and budget; write the report.
 
     configs: registry names (CONFIGS) or plan entries {name, base?, TrainConfig fields}; `common`
     holds TrainConfig fields for every run (e.g. batch_size, lr, eval_limit), under each run's own.
+    sizes_for: the configurations that get the accuracy-vs-data curve (default: all of them).
     Returns what compare.json holds.
     """
     if max_steps is not None and epochs is not None:
@@ -353,6 +355,10 @@ def compare(data_dir: Path, out_dir: Path, configs: list[str] | list[dict], pres
                                f"{', '.join(needs)} need; compare ce (text) configurations only")
     if sizes and any(not isinstance(n, int) or n < 1 for n in sizes):
         raise CompareError(f"sizes {sizes}: expected positive numbers of training examples")
+    names = [name for name, _, _ in runs]
+    unknown = [name for name in sizes_for or [] if name not in names]
+    if unknown:
+        raise CompareError(f"sizes for {', '.join(unknown)}: not among the configurations compared ({', '.join(names)})")
     used = min(limit_train or n_train, n_train)
     rows = []
     for i, (name, what, cfg) in enumerate(runs):
@@ -366,7 +372,8 @@ def compare(data_dir: Path, out_dir: Path, configs: list[str] | list[dict], pres
               "runs": rows, "verdict": verdict(rows), "efficiency": None,
               "plots": [plot_curves([(r["name"], Path(r["dir"])) for r in rows], out / "curves.png")]}
     if sizes:
-        result["efficiency"] = efficiency(shards.dir, out, runs, sorted(set(sizes)), used, progress)
+        curve = [r for r in runs if sizes_for is None or r[0] in sizes_for]
+        result["efficiency"] = efficiency(shards.dir, out, curve, sorted(set(sizes)), used, progress)
         result["plots"].append(plot_efficiency(result["efficiency"], out / "efficiency.png"))
     atomic_write_json(out / "compare.json", result)
     atomic_write_bytes(out / "compare.md", markdown(result).encode())

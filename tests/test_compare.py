@@ -119,6 +119,12 @@ def test_rerun_reuses_finished_runs_and_refuses_changed_ones(compared, shards, m
     again = compare(shards, out, ["curriculum", "ce", "kd"], preset="nano", max_steps=6, seed=1, sizes=[16, 10_000],
                     progress=False, common=COMMON)
     assert again["runs"] == first["runs"] and again["efficiency"] == first["efficiency"]
+    only_kd = compare(shards, out, ["curriculum", "ce", "kd"], preset="nano", max_steps=6, seed=1, sizes=[16],
+                      progress=False, common=COMMON, sizes_for=["kd"])
+    assert list(only_kd["efficiency"]) == ["kd"] and only_kd["efficiency"]["kd"] == first["efficiency"]["kd"]
+    with pytest.raises(CompareError, match=r"sizes for jsd: not among the configurations compared \(curriculum, ce, kd\)"):
+        compare(shards, out, ["curriculum", "ce", "kd"], preset="nano", max_steps=6, seed=1, sizes=[16],
+                progress=False, common=COMMON, sizes_for=["jsd"])
     with pytest.raises(CompareError, match=r"kd: holds a finished run with other options \(max_steps=6"):
         compare(shards, out, ["kd"], preset="nano", max_steps=5, seed=1, progress=False, common=COMMON)
 

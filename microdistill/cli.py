@@ -70,8 +70,11 @@ def run(
     limit: Optional[int] = typer.Option(None, help="Use at most N inputs."),
     batch_size: int = typer.Option(16, help="Teacher batch size during extraction."),
     vocab_size: int = typer.Option(512, help="Size of the kept output vocabulary."),
+    hidden_layer: str = typer.Option("last", help="Teacher layer whose hidden state of each input is stored for hidden-state "
+                                     "distillation: last, middle, a number, or none."),
     preset: str = typer.Option("micro", help="Student size preset: nano, micro, small."),
     epochs: int = typer.Option(15, help="Training epochs."),
+    hidden_weight: float = typer.Option(4.0, help="Weight of the hidden-state loss (0: off)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop training after this many steps."),
     seed: int = typer.Option(0, help="Random seed."),
     eval_teacher: bool = typer.Option(True, help="Time the teacher beside the student in the report."),
@@ -83,7 +86,8 @@ def run(
     run_pipeline(RunConfig(
         name=name, root=str(root), input=str(input) if input else None, field=field, labels=labels,
         task=task, teacher=teacher, limit=limit, batch_size=batch_size, vocab_size=vocab_size,
-        preset=preset, epochs=epochs, max_steps=max_steps, seed=seed, eval_teacher=eval_teacher,
+        hidden_layer=hidden_layer, preset=preset, epochs=epochs, max_steps=max_steps, seed=seed,
+        eval_teacher=eval_teacher, extra_train={"hidden_weight": hidden_weight} if hidden_weight != 4.0 else {},
     ))
 
 
@@ -194,6 +198,8 @@ def train(
     signal: str = typer.Option("auto", help="Teacher signal: logits, text (CE only), or auto."),
     embed_init: str = typer.Option("teacher", help="Input embeddings: teacher (the teacher's rows, PCA to the "
                                    "student's width, when the shards hold them) or random."),
+    hidden_weight: float = typer.Option(4.0, help="Weight of the hidden-state loss when the shards hold the teacher's "
+                                        "input hidden states (0: off)."),
     max_steps: Optional[int] = typer.Option(None, help="A fixed step budget instead of --epochs."),
     limit_train: Optional[int] = typer.Option(None, help="Use only the first N training examples."),
     eval_limit: Optional[int] = typer.Option(None, help="Evaluate on at most N held-out examples per epoch."),
@@ -209,7 +215,8 @@ def train(
         preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, min_lr_ratio=min_lr_ratio, warmup_frac=warmup_frac,
         weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, divergence=divergence, temperature=temperature,
         beta=beta, alpha=alpha, curriculum=curriculum, kl_start=kl_start, kl_end=kl_end, tail=tail, signal=signal,
-        embed_init=embed_init, max_steps=max_steps, limit_train=limit_train, eval_limit=eval_limit,
+        embed_init=embed_init, hidden_weight=hidden_weight, max_steps=max_steps, limit_train=limit_train,
+        eval_limit=eval_limit,
     )
     try:
         path = run_training(data, out, cfg, resume=resume, progress=not quiet)
@@ -301,6 +308,8 @@ def extract(
     batch_size: int = typer.Option(16, help="Inputs decoded together by the teacher."),
     vocab_size: int = typer.Option(512, help="Size of the kept output vocabulary."),
     calibration: int = typer.Option(64, help="Inputs decoded to choose the kept vocabulary (first run only)."),
+    hidden_layer: str = typer.Option("last", help="Teacher layer whose hidden state of each input is stored for hidden-state "
+                                     "distillation (first run only): last, middle, a number, or none."),
     field: str = typer.Option("text", help="Text field/column of the corpus."),
     label: list[str] = typer.Option([], help="Human label column for a task field, FIELD=COLUMN (repeatable)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
@@ -310,7 +319,7 @@ def extract(
 
     path = run_extract(task, input, teacher, out, limit=limit, batch_size=batch_size, vocab_size=vocab_size,
                        calibration=calibration, field=field, labels=_parse_pairs(label, "--label") or None,
-                       progress=not quiet)
+                       hidden_layer=hidden_layer, progress=not quiet)
     typer.echo(f"shards: {path}")
 
 

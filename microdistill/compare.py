@@ -24,7 +24,9 @@ from microdistill.train import TrainConfig, TrainError, has_run, train
 
 # name -> (what it is, TrainConfig overrides). Everything not overridden is TrainConfig's default.
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "curriculum": ("forward KL, w_kl cosine 0.9 → 0.1 (the default)", {}),
+    "curriculum": ("forward KL, w_kl cosine 0.9 → 0.1 (the default; with the hidden-state loss where the shards "
+                   "hold teacher hidden states, as every logit-based configuration)", {}),
+    "no_hidden": ("the default without the hidden-state loss", {"hidden_weight": 0.0}),
     "ce": ("CE on the teacher's tokens only: sequence-level KD, uses only its text", {"signal": "text"}),
     "kd": ("forward KL only (w_kl = 1)", {"curriculum": "constant", "kl_start": 1.0, "kl_end": 1.0}),
     "mix": ("classic constant mix 0.5·CE + 0.5·KL", {"curriculum": "constant", "kl_start": 0.5, "kl_end": 0.5}),

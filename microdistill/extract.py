@@ -96,13 +96,14 @@ class Calibration:
     answers: list[tuple[Item, Any, str, dict[str, np.ndarray]]]
 
 
-def calibrate(teacher: Teacher, task: Task, items: Sequence[Item], batch_size: int = 16, progress: bool = True) -> Calibration:
+def calibrate(teacher: Teacher, task: Task, items: Sequence[Item], batch_size: int = 16, progress: bool = True,
+              hidden_layer: int | None = None) -> Calibration:
     """Decode `items` under the grammar alone, measuring where the teacher's probability goes."""
     from microdistill.constrain import Grammar
     from microdistill.generation import Decoder
 
     grammar = Grammar(task, teacher.tokenizer, teacher.vocab_size, teacher.eos_id, allowed=None)
-    decoder = Decoder(teacher, task, grammar, keep_hidden=True)
+    decoder = Decoder(teacher, task, grammar, keep_hidden=True, hidden_layer=hidden_layer)
     mass = torch.zeros(teacher.vocab_size, dtype=torch.float64)
     steps, answers = 0, []
     bar, job = _progress(progress, "calibrating", len(items))
@@ -192,6 +193,7 @@ def make_record(task: Task, tokenizer, item: Item, row, text: str, decisions: di
         lse=np.asarray(row.lse, dtype=np.float32),
         decisions=decisions,
         labels=item.labels,
+        hidden=row.input_hidden,
     )
 
 
@@ -252,6 +254,29 @@ def _save_input_embeddings(teacher: Teacher, input_ids: Sequence[int], out_dir: 
     atomic_write_bytes(dest, save({"rows": rows}))
 
 
+def hidden_layer_of(teacher: Teacher, spec: int | str | None) -> int | None:
+    """The teacher layer to store input hidden states from: "middle", "last", a number from 0
+    (the embeddings) to the number of layers, or None / "none" for no hidden states."""
+    if spec is None or spec == "none":
+        return None
+    n = int(teacher.model.config.get_text_config().num_hidden_layers)
+    layer = {"middle": n // 2, "last": n}[spec] if spec in ("middle", "last") else _layer_number(spec)
+    if not 0 <= layer <= n:
+        raise ExtractError(f"--hidden-layer {spec!r}: expected middle, last, none or a layer from 0 to {n} "
+                           f"(teacher {teacher.name} has {n} layers)")
+    return layer
+
+
+def _layer_number(spec: int | str | None) -> int:
+    """A --hidden-layer given as a number (-1 for anything else, which the caller refuses)."""
+    if spec is None or spec in ("none", "middle", "last"):
+        return 0
+    try:
+        return int(spec)
+    except (TypeError, ValueError):
+        return -1
+
+
 def _check_args(limit: int | None, batch_size: int, vocab_size: int, calibration: int) -> None:
     if limit is not None and limit < 1:
         raise ExtractError(f"--limit must be at least 1 (got {limit})")
@@ -275,6 +300,7 @@ def extract(
     calibration: int = 64,
     field: str = "text",
     labels: dict[str, str] | None = None,
+    hidden_layer: int | str | None = "last",
     progress: bool = True,
 ) -> Path:
     """Label the corpus at `input_path` with the teacher and write shards to `out_dir`.
@@ -284,12 +310,17 @@ def extract(
             with a larger limit, or none, continues).
         calibration: inputs decoded to choose the auxiliary kept tokens (first run only).
         labels: task field -> corpus column of human labels, stored with each example.
+        hidden_layer: store each input's averaged hidden state from this teacher layer
+            (see hidden_layer_of; a folder keeps the choice it was created with).
     Returns `out_dir`.
     """
     from microdistill.constrain import Grammar
     from microdistill.generation import Decoder
 
     _check_args(limit, batch_size, vocab_size, calibration)
+    if _layer_number(hidden_layer) < 0:  # before the teacher loads; the range needs the teacher
+        raise ExtractError(f"--hidden-layer {hidden_layer!r}: expected middle, last, none or a layer from 0 to "
+                           "the teacher's number of layers")
     t_start = time.perf_counter()
     task = task if isinstance(task, Task) else load_task(task)
     out_dir = Path(out_dir)
@@ -297,7 +328,9 @@ def extract(
     teacher = teacher_spec if isinstance(teacher_spec, Teacher) else load_teacher(teacher_spec)
     items, report = filter_inputs(raw_items, task, teacher.tokenizer, source=str(input_path))
     _say(progress, f"{input_path}: {report.summary()}")
-    writer, calib = _open_folder(out_dir, task, teacher, items, vocab_size, calibration, batch_size, progress)
+    writer, calib = _open_folder(out_dir, task, teacher, items, vocab_size, calibration, batch_size,
+                                 hidden_layer_of(teacher, hidden_layer), progress)
+    layer = writer.manifest.get("hidden_layer")
     _save_tokenizer(teacher.tokenizer, out_dir)
     wanted = items[:limit]
     if calib is not None:
@@ -309,7 +342,8 @@ def extract(
     if todo:
         kept = writer.manifest["vocab"]["kept"]
         grammar = Grammar(task, teacher.tokenizer, teacher.vocab_size, teacher.eos_id, allowed=kept)
-        stats = decode_into(writer, Decoder(teacher, task, grammar, keep_ids=kept), task, todo, batch_size, progress)
+        decoder = Decoder(teacher, task, grammar, keep_ids=kept, hidden_layer=layer)
+        stats = decode_into(writer, decoder, task, todo, batch_size, progress)
         seconds = max(stats["seconds"], 1e-9)
         timings.update(extract_s=round(time.perf_counter() - t_start, 3),
                        examples_per_s=round(stats["written"] / seconds, 4),
@@ -323,11 +357,11 @@ def extract(
 
 
 def _open_folder(out_dir: Path, task: Task, teacher: Teacher, items: Sequence[Item], vocab_size: int, calibration: int,
-                 batch_size: int, progress: bool) -> tuple[ShardWriter, Calibration | None]:
+                 batch_size: int, hidden_layer: int | None, progress: bool) -> tuple[ShardWriter, Calibration | None]:
     """A writer on `out_dir`; a new folder gets its vocabulary from a calibration run first.
 
-    An existing folder keeps its vocabulary (resuming never recomputes it) and must have been
-    made with the same task, teacher and vocabulary size.
+    An existing folder keeps its vocabulary and hidden layer (resuming never changes what its
+    examples hold) and must have been made with the same task, teacher and vocabulary size.
     """
     header: dict[str, Any] = {"task": task.model_dump(mode="json"), "task_fingerprint": task.fingerprint(),
                               "teacher": teacher.describe(), "signal": "logits", "input_embeddings": INPUT_EMBEDDINGS}
@@ -342,9 +376,12 @@ def _open_folder(out_dir: Path, task: Task, teacher: Teacher, items: Sequence[It
             raise StoreError(f"{out_dir} holds shards made with --vocab-size {existing['vocab'].get('size')}; "
                              "use another --out folder or delete this one")
         _save_input_embeddings(teacher, existing["vocab"]["input"], out_dir, replace=False)  # if missing
-        return ShardWriter(out_dir, {**header, "vocab": existing["vocab"]}), None
+        kept = {k: existing[k] for k in ("vocab", "hidden_layer") if k in existing}
+        return ShardWriter(out_dir, {**header, **kept}), None
+    if hidden_layer is not None:
+        header["hidden_layer"] = hidden_layer
     t0 = time.perf_counter()
-    calib = calibrate(teacher, task, items[:calibration], batch_size, progress) if calibration else None
+    calib = calibrate(teacher, task, items[:calibration], batch_size, progress, hidden_layer) if calibration else None
     header["vocab"] = build_vocab(teacher, task, items, vocab_size, calib, progress)
     _save_input_embeddings(teacher, header["vocab"]["input"], out_dir, replace=True)
     writer = ShardWriter(out_dir, header)

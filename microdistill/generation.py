@@ -88,6 +88,7 @@ class Generation:
     finished: bool = False
     cols: list[int] = field(default_factory=list)  # KV-cache columns of the answer tokens fed so far
     hidden: list[torch.Tensor] = field(default_factory=list)  # output-head inputs [H] per step (keep_hidden)
+    input_hidden: np.ndarray | None = None  # float16 [H]: layer `hidden_layer`, averaged over the prompt's rest
 
 
 @dataclass
@@ -119,12 +120,16 @@ class Decoder:
         keep_ids: teacher ids whose raw logits are stored per step (the kept vocabulary), or None.
         use_drafts: verify grammar-forced drafts in one pass (False: one token per pass; same result).
         keep_hidden: also keep each step's output-head input, to compute logits at ids chosen later.
+        hidden_layer: also keep, per row, the hidden state after this layer (0 = embeddings)
+            averaged over the row's own prompt tokens (the input and the template around it; the
+            shared prefix excluded): a summary of how the teacher reads the input, for
+            hidden-state distillation. It comes from the forward pass decoding needs anyway.
     """
 
     def __init__(self, teacher: Teacher, task: Task, grammar: Grammar, keep_ids: Sequence[int] | None = None,
-                 use_drafts: bool = True, keep_hidden: bool = False):
+                 use_drafts: bool = True, keep_hidden: bool = False, hidden_layer: int | None = None):
         self.teacher, self.task, self.grammar = teacher, task, grammar
-        self.use_drafts, self.keep_hidden = use_drafts, keep_hidden
+        self.use_drafts, self.keep_hidden, self.hidden_layer = use_drafts, keep_hidden, hidden_layer
         self._hidden: torch.Tensor | None = None
         self.model = teacher.model
         self.layout = prompt_layout(teacher, task)
@@ -184,8 +189,14 @@ class Decoder:
         cache = self._cache(n)
         # only each row's last real position needs the (vocabulary-wide, costly) output projection
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=(lens - 1)[:, None])
+                         use_cache=True, logits_to_keep=(lens - 1)[:, None],
+                         output_hidden_states=self.hidden_layer is not None)
         rows = [Generation() for _ in range(n)]
+        if self.hidden_layer is not None:
+            real = attn[:, p:, None].float()  # [n, width, 1]
+            pooled = (out.hidden_states[self.hidden_layer].float() * real).sum(1) / real.sum(1)
+            for b, row in enumerate(rows):
+                row.input_hidden = pooled[b].half().numpy()
         state = self.grammar.batch(n)
         drafts: dict[int, list[int]] = {b: [] for b in range(n)}
         next_pos = p + lens

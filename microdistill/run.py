@@ -46,6 +46,7 @@ class RunConfig:
     batch_size: int = 16
     vocab_size: int = 512
     calibration: int = 64
+    hidden_layer: str = "last"
     preset: str = "micro"
     epochs: int = 15
     max_steps: int | None = None
@@ -99,7 +100,8 @@ def run(cfg: RunConfig) -> Path:
 
     _stage(state, "extract", shards, lambda: extract(
         cfg.task, corpus, cfg.teacher, shards, limit=cfg.limit, batch_size=cfg.batch_size,
-        vocab_size=cfg.vocab_size, calibration=cfg.calibration, field=cfg.field, labels=labels), path)
+        vocab_size=cfg.vocab_size, calibration=cfg.calibration, field=cfg.field, labels=labels,
+        hidden_layer=cfg.hidden_layer), path)
     tcfg = TrainConfig(preset=cfg.preset, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed, **cfg.extra_train)
     _stage(state, "train", student, lambda: train(shards, student, tcfg, resume=(student / "checkpoint").exists()), path)
     _stage(state, "eval", report, lambda: evaluate(

@@ -8,6 +8,8 @@ need no teacher) and `shard-NNNNN.safetensors` files of up to 128 examples each.
     logits       float16 [n_out, K]      raw teacher logits over the kept vocabulary
     lse          float32 [n_out]         log-sum-exp of the logits over the FULL vocabulary
     decisions    float32 [n_values]      per enum field: P(value), normalised over the values
+    hidden       float16 [D_teacher]     the teacher's hidden state at one layer (manifest
+                                         `hidden_layer`), averaged over the input's prompt tokens
     text, output_text, fields, split, labels   (JSON in the safetensors header)
 
 `input_embeddings.safetensors` (manifest key `input_embeddings`), when present, holds one
@@ -59,6 +61,7 @@ class Record:
     lse: np.ndarray | None = None
     decisions: dict[str, np.ndarray] = field(default_factory=dict)
     labels: dict[str, Any] | None = None
+    hidden: np.ndarray | None = None
     id: str = ""
     split: str = ""
 
@@ -72,6 +75,8 @@ class Record:
             self.lse = np.asarray(self.lse, dtype=np.float32)
             if self.logits.shape[0] != len(self.output_ids) or self.lse.shape != (len(self.output_ids),):
                 raise ValueError(f"example {self.id}: logits/lse rows must match the {len(self.output_ids)} output tokens")
+        if self.hidden is not None:
+            self.hidden = np.asarray(self.hidden, dtype=np.float16)
 
 
 def normalise(text: str) -> str:
@@ -142,6 +147,11 @@ def encode_shard(records: list[Record]) -> bytes:
             raise ValueError("a shard holds either logits for every example or for none")
         tensors["logits"] = np.concatenate([r.logits for r in records]).astype(np.float16)
         tensors["lse"] = np.concatenate([r.lse for r in records]).astype(np.float32)
+    with_hidden = [r.hidden is not None for r in records]
+    if any(with_hidden):
+        if not all(with_hidden):
+            raise ValueError("a shard holds either hidden states for every example or for none")
+        tensors["hidden"] = np.stack([r.hidden for r in records]).astype(np.float16)
     for name in records[0].decisions if records else []:
         tensors[f"decisions.{name}"] = np.stack([r.decisions[name] for r in records]).astype(np.float32)
     meta = [
@@ -174,6 +184,7 @@ def decode_shard(data: bytes, path: Path) -> list[Record]:
                 lse=t["lse"][a:b] if "lse" in t else None,
                 decisions={n: t[f"decisions.{n}"][i] for n in dec_names},
                 labels=m.get("labels"),
+                hidden=t["hidden"][i] if "hidden" in t else None,
                 id=m["id"],
                 split=m["split"],
             )
@@ -313,6 +324,11 @@ class ShardSet:
     @property
     def has_logits(self) -> bool:
         return self.manifest.get("signal", "logits") == "logits"
+
+    @property
+    def hidden_layer(self) -> int | None:
+        """The teacher layer whose input-averaged hidden state every example holds, or None."""
+        return self.manifest.get("hidden_layer")
 
     @property
     def kept_vocab(self) -> np.ndarray:

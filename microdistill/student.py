@@ -279,13 +279,15 @@ class Student(nn.Module):
         causal = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
         return causal & valid[:, None, None, :]
 
-    def forward(self, inp: Tensor, out_in: Tensor) -> Tensor:
+    def forward(self, inp: Tensor, out_in: Tensor, pooled: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Teacher-forced logits.
 
         inp [B, Li]: input indices without BOS/SEP, right-padded with PAD.
         out_in [B, Lo]: previous output tokens (output_ids[:-1]); right-padding may hold any valid
         index or a negative fill (read as 0): a causal model never lets it reach earlier positions.
         Returns [B, Lo + 1, output_vocab]; position j predicts output token j (0 = at SEP).
+        pooled: also return the input's representation [B, D], the final (normalised) hidden
+        states averaged over the real input tokens, for hidden-state distillation.
         """
         Lo = out_in.shape[1]
         if Lo + 1 > self.config.max_output:
@@ -296,7 +298,11 @@ class Student(nn.Module):
         # Positions count real tokens only, so padding never shifts a row's rotary phases.
         pos = valid.long().cumsum(1) - 1
         h, _ = self._run(x, pos, self._mask(valid))
-        return self._logits(h[:, inp.shape[1] + 1:])
+        logits = self._logits(h[:, inp.shape[1] + 1:])
+        if not pooled:
+            return logits
+        real = (inp != PAD).unsqueeze(-1).to(h.dtype)
+        return logits, (self.norm(h[:, 1 : inp.shape[1] + 1]) * real).sum(1) / real.sum(1).clamp_min(1)
 
     @torch.no_grad()
     def prefill(self, inp: Tensor) -> tuple[Tensor, KVCache]:

@@ -6,6 +6,10 @@ Per output position the loss is `w_kl(t)·T²·D(p_teacher^T ‖ p_student^T) + 
 with w_kl following a curriculum over all steps (cosine 0.9 -> 0.1 by default); text-only
 shards train with CE alone (sequence-level distillation). The input embeddings start from the
 teacher's rows, projected to the student's width by PCA, when the shards hold them (`embed_init`).
+When the shards also hold the teacher's hidden state of each input (extract's `--hidden-layer`),
+`hidden_weight · MSE` pulls the student's averaged input representation, through a linear probe,
+onto that state (standardised per dimension): hidden-state distillation, a far richer signal per
+example than a few output distributions, which matters most when examples are few.
 AdamW, cosine learning rate after a linear warm-up, gradient clipping. Every epoch: a held-out evaluation and a checkpoint. SIGINT
 or SIGTERM finishes the current batch, saves a checkpoint (with the position inside the epoch)
 and stops; `resume=True` continues to bit-identical weights.
@@ -31,13 +35,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from microdistill.losses import CURRICULA, DIVERGENCES, curriculum_weight, distill_loss, taid_lambda, with_tail
 from microdistill.predict import generate, parse_or_none
 from microdistill.saved import LoadedStudent, save_student
 from microdistill.store import Record, ShardSet, StoreError, atomic_write_bytes, atomic_write_json
-from microdistill.student import (N_SPECIAL, PRESETS, Student, config_for, count_parameters, describe,
-                                  init_input_embeddings_pca)
+from microdistill.student import (INIT_STD, N_SPECIAL, PAD, PRESETS, Student, config_for, count_parameters,
+                                  describe, init_input_embeddings_pca)
 
 EMBED_INITS = ("teacher", "random")
 
@@ -77,6 +83,9 @@ class TrainConfig:
     # "teacher": input embeddings start from the teacher's rows (PCA to d_model) when the shards hold
     # them, else random; "random": N(0, 0.02) like every other weight
     embed_init: str = "teacher"
+    # Weight of the hidden-state loss when the shards hold the teacher's input hidden states and
+    # teacher logits are used (text-only training has no teacher internals); 0 turns it off.
+    hidden_weight: float = 4.0
     max_steps: int | None = None  # a fixed step budget instead of `epochs` (the last epoch may be partial)
     limit_train: int | None = None  # use only the first N training examples
     eval_limit: int | None = None  # evaluate on at most N held-out examples
@@ -104,6 +113,8 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "must not be negative")
         need(self.grad_clip >= 0, "grad_clip", "must not be negative (0 disables clipping)")
         need(0 < self.temperature <= 100, "temperature", "must be in (0, 100]")
+        need(isinstance(self.hidden_weight, (int, float)) and self.hidden_weight >= 0, "hidden_weight",
+             "must not be negative (0 disables the hidden-state loss)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,18 +129,21 @@ class TrainConfig:
 @dataclass
 class Example:
     """One training example in student indices: inp [Li] input indices, out [Lo] output indices
-    ending with EOS; logits float16 [Lo, K] and lse float32 [Lo] when the shards have them."""
+    ending with EOS; logits float16 [Lo, K] and lse float32 [Lo] when the shards have them;
+    hidden float16 [H], the teacher's input hidden state, when hidden-state distillation is on."""
 
     inp: list[int]
     out: list[int]
     logits: np.ndarray | None
     lse: np.ndarray | None
+    hidden: np.ndarray | None = None
 
 
 @dataclass
 class Batch:
     """inp [B, Li] (PAD right), out_in [B, Lo-1] (previous outputs), target [B, Lo], mask [B, Lo]
-    (True at real output positions), teacher [B, Lo, K] float32 and lse [B, Lo] or None."""
+    (True at real output positions), teacher [B, Lo, K] float32 and lse [B, Lo] or None,
+    hidden [B, H] float32 (the teacher's input hidden states) or None."""
 
     inp: torch.Tensor
     out_in: torch.Tensor
@@ -139,10 +153,11 @@ class Batch:
     lse: torch.Tensor | None
     n_kept: int
     n_tokens: int  # sequence positions through the model (BOS, input, SEP, outputs), for tokens/s
+    hidden: torch.Tensor | None = None
 
 
 def load_split(shards: ShardSet, split: str, use_logits: bool, limit: int | None,
-               allow_empty: bool = False) -> tuple[list[Example], list[Record]]:
+               allow_empty: bool = False, use_hidden: bool = False) -> tuple[list[Example], list[Record]]:
     """The first `limit` examples of a split, mapped from teacher ids to student indices."""
     records = list(shards.records(split))[:limit]
     if not records and not allow_empty:
@@ -157,7 +172,11 @@ def load_split(shards: ShardSet, split: str, use_logits: bool, limit: int | None
         except KeyError as e:
             raise TrainError(f"shard folder {shards.dir}: example {r.id} uses teacher token {e.args[0]} outside "
                              "the manifest's vocabulary (mixed or corrupted shards); extract again") from None
-        examples.append(Example(inp, out, r.logits if use_logits else None, r.lse if use_logits else None))
+        if use_hidden and r.hidden is None:
+            raise TrainError(f"shard folder {shards.dir}: example {r.id} has no teacher hidden state although the "
+                             "manifest says every example has one (mixed or corrupted shards); extract again")
+        examples.append(Example(inp, out, r.logits if use_logits else None, r.lse if use_logits else None,
+                                r.hidden if use_hidden else None))
     return examples, records
 
 
@@ -180,7 +199,26 @@ def collate(examples: list[Example], n_kept: int) -> Batch:
             teacher[i, :n] = torch.from_numpy(e.logits.astype(np.float32))
             lse[i, :n] = torch.from_numpy(e.lse)
     n_tokens = sum(len(e.inp) + 1 + len(e.out) for e in examples)
-    return Batch(inp, out_in, target, mask, teacher, lse, n_kept, n_tokens)
+    hidden = torch.from_numpy(np.stack([e.hidden for e in examples]).astype(np.float32)) if examples[0].hidden is not None else None
+    return Batch(inp, out_in, target, mask, teacher, lse, n_kept, n_tokens, hidden)
+
+
+class HiddenProbe(nn.Module):
+    """A linear map from the student's pooled input representation [B, D] to the teacher's input
+    hidden state [B, H], each dimension standardised with the training set's mean and spread (so
+    every dimension counts alike and the loss starts near 1). It is trained beside the student
+    and kept in checkpoints, never in the student folder: predicting needs none of it."""
+
+    def __init__(self, d_model: int, targets: np.ndarray):
+        super().__init__()
+        t = torch.from_numpy(np.asarray(targets, dtype=np.float32))
+        self.register_buffer("mean", t.mean(0))
+        self.register_buffer("std", t.std(0).clamp_min(1e-4))
+        self.proj = nn.Linear(d_model, t.shape[1], bias=False)
+        nn.init.normal_(self.proj.weight, 0.0, INIT_STD)
+
+    def loss(self, pooled: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self.proj(pooled), (hidden - self.mean) / self.std)
 
 
 # ---- schedule and optimiser ----------------------------------------------------------------------
@@ -194,10 +232,11 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def make_optimizer(model: Student, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: Student, cfg: TrainConfig, probe: HiddenProbe | None = None) -> torch.optim.AdamW:
     # Decay matrices and embeddings only: shrinking a norm gain towards 0 fights the (1 + w) form.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    params = list(model.parameters()) + (list(probe.parameters()) if probe is not None else [])
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
@@ -216,9 +255,13 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def batch_loss(model: Student, b: Batch, cfg: TrainConfig, w_kl: float, progress: float) -> tuple[dict, torch.Tensor]:
-    """Forward one batch -> (distill_loss parts, token accuracy as a 0-dim tensor)."""
-    logits = model(b.inp, b.out_in)  # [B, Lo, K(+1)]
+def batch_loss(model: Student, b: Batch, cfg: TrainConfig, w_kl: float, progress: float,
+               probe: HiddenProbe | None = None) -> tuple[dict, torch.Tensor]:
+    """Forward one batch -> (distill_loss parts (+ "hidden" with a probe), token accuracy as a 0-dim tensor)."""
+    with_hidden = probe is not None and b.hidden is not None
+    logits = model(b.inp, b.out_in, pooled=with_hidden)  # [B, Lo, K(+1)]
+    if with_hidden:
+        logits, pooled = logits
     K = logits.shape[-1]
     teacher = b.teacher
     if teacher is not None and cfg.tail:
@@ -226,6 +269,9 @@ def batch_loss(model: Student, b: Batch, cfg: TrainConfig, w_kl: float, progress
     lam = taid_lambda(progress) if cfg.divergence == "taid" else None
     parts = distill_loss(logits, teacher, b.target, b.mask, w_kl, divergence=cfg.divergence, T=cfg.temperature,
                          beta=cfg.beta, alpha=cfg.alpha, lam=lam)
+    if with_hidden:
+        parts["hidden"] = probe.loss(pooled, b.hidden)
+        parts["loss"] = parts["loss"] + cfg.hidden_weight * parts["hidden"]
     # The tail class is never a token to say, so accuracy ignores it.
     pred = logits[..., : b.n_kept].argmax(-1)
     acc = ((pred == b.target) & b.mask).sum() / b.mask.sum().clamp_min(1)
@@ -310,9 +356,10 @@ def set_rng_state(s: dict[str, Any]) -> None:
 
 
 def save_checkpoint(out: Path, model: Student, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                    fingerprint: dict, state: dict[str, Any]) -> None:
+                    fingerprint: dict, state: dict[str, Any], probe: HiddenProbe | None = None) -> None:
     """out/checkpoint/{state.pt, meta.json}, replaced as a whole: written beside it, then renamed."""
     blob = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
+            "probe": probe.state_dict() if probe is not None else None,
             "scheduler": {"kind": "warmup-cosine", "step": state["step"]}, "config": cfg.to_dict(),
             "student": model.config.to_dict(), "fingerprint": fingerprint, **state}
     tmp, final, old = out / ".checkpoint.tmp", out / "checkpoint", out / ".checkpoint.old"
@@ -328,7 +375,7 @@ def save_checkpoint(out: Path, model: Student, opt: torch.optim.Optimizer, cfg: 
 
 
 def load_checkpoint(out: Path, model: Student, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                    fingerprint: dict) -> dict[str, Any]:
+                    fingerprint: dict, probe: HiddenProbe | None = None) -> dict[str, Any]:
     """Restore weights, optimiser and RNG states in place; returns the loop state."""
     path = next((p for p in (out / "checkpoint" / "state.pt", out / ".checkpoint.old" / "state.pt") if p.is_file()), None)
     if path is None:
@@ -341,11 +388,17 @@ def load_checkpoint(out: Path, model: Student, opt: torch.optim.Optimizer, cfg: 
         if blob["fingerprint"].get(key) != value:
             raise TrainError(f"{path}: trained on shards with a different {key}; these shards cannot continue it "
                              "(use another --out)")
-    saved = {"embed_init": "random", **blob["config"]}  # checkpoints from before the option started at random
+    # checkpoints from before these options: random input embeddings, no hidden-state loss
+    saved = {"embed_init": "random", "hidden_weight": 0.0, **blob["config"]}
     diff = [f"{k}={saved.get(k)!r}" for k, v in cfg.to_dict().items() if k != "eval_limit" and saved.get(k) != v]
     if diff:
         raise TrainError(f"{path}: saved with other training options ({', '.join(diff)}); resume with the same options")
+    if (blob.get("probe") is None) != (probe is None):
+        raise TrainError(f"{path}: saved {'without' if probe is not None else 'with'} the hidden-state loss these shards "
+                         "and options give; resume with the same shards and options")
     model.load_state_dict(blob["model"])
+    if probe is not None:
+        probe.load_state_dict(blob["probe"])
     opt.load_state_dict(blob["optimizer"])
     set_rng_state(blob["rng"])
     return {k: blob[k] for k in ("epoch", "batch", "step", "tokens", "train_s", "wall_s")}
@@ -474,7 +527,8 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
         raise TrainError(f"shard folder {shards.dir}: text-only shards have no teacher logits; use --signal text or auto")
     if cfg.tail and not use_logits:
         raise TrainError("training option tail=True needs teacher logits; the shards (or --signal text) have none")
-    train_set, _ = load_split(shards, "train", use_logits, cfg.limit_train)
+    use_hidden = use_logits and cfg.hidden_weight > 0 and shards.hidden_layer is not None
+    train_set, _ = load_split(shards, "train", use_logits, cfg.limit_train, use_hidden=use_hidden)
     val_set, val_records = load_split(shards, "val", use_logits, cfg.eval_limit, allow_empty=True)
     kept = shards.kept_vocab
     scfg = config_for(
@@ -485,13 +539,15 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     seed_everything(cfg.seed)
     model = Student(scfg)
     embed_init = init_embeddings(model, shards, cfg, progress)  # draws no random numbers
-    opt = make_optimizer(model, cfg)
+    probe = HiddenProbe(scfg.d_model, np.stack([e.hidden for e in train_set])) if use_hidden else None
+    opt = make_optimizer(model, cfg, probe)
+    params = [p for group in opt.param_groups for p in group["params"]]
     per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total = cfg.max_steps or cfg.epochs * per_epoch
     fingerprint = shard_fingerprint(shards, len(train_set))
     state = {"epoch": 0, "batch": 0, "step": 0, "tokens": 0, "train_s": 0.0, "wall_s": 0.0}
     if resume:
-        state = load_checkpoint(out, model, opt, cfg, fingerprint)
+        state = load_checkpoint(out, model, opt, cfg, fingerprint, probe)
     elif has_run(out):
         raise TrainError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -502,7 +558,7 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
 
     def checkpoint() -> None:
         state["wall_s"] = wall_before + time.perf_counter() - started
-        save_checkpoint(out, model, opt, cfg, fingerprint, state)
+        save_checkpoint(out, model, opt, cfg, fingerprint, state, probe)
 
     model.train()
     with StopRequest() as stop, bar, log:
@@ -516,11 +572,11 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
                 lr = lr_at(state["step"], total, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                parts, acc = batch_loss(model, b, cfg, w_kl, frac)
+                parts, acc = batch_loss(model, b, cfg, w_kl, frac, probe)
                 opt.zero_grad(set_to_none=True)
                 parts["loss"].backward()
                 if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 ms = (time.perf_counter() - t0) * 1e3
                 state["step"] += 1
@@ -531,6 +587,8 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
                 row = {"step": state["step"], "epoch": state["epoch"], "loss": parts["loss"].item(),
                        "kl": parts["kl_sum"].item() / n, "ce": parts["ce_sum"].item() / n, "acc": acc.item(),
                        "lr": lr, "w_kl": w_kl, "ms": ms}
+                if "hidden" in parts:
+                    row["hidden"] = parts["hidden"].item()
                 log.write(row)
                 bar.step(row)
                 if on_step is not None:
@@ -556,5 +614,6 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
         "epochs": state["epoch"], "tokens": state["tokens"], "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1),
         "examples": len(train_set), "parameters": count_parameters(model), "preset": cfg.preset,
         "signal": "logits" if use_logits else "text", "embed_init": embed_init, "config": cfg.to_dict(),
+        "hidden_layer": shards.hidden_layer if use_hidden else None,
     })
     return out

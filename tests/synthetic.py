@@ -69,12 +69,15 @@ def teacher_embeddings(tokenizer, seed: int = 0, width: int = 24) -> np.ndarray:
 def make_shards(
     path: Path, tokenizer, n: int = 64, with_logits: bool = True, seed: int = 0, task_name: str = "reddit-comment",
     shard_size: int = 32, labels: bool = False, teacher_sha256: str = "0" * 64, input_embeddings: bool = False,
+    hidden: int = 0,
 ) -> Path:
     """Write a complete shard folder of `n` examples to `path` and return `path`.
 
     labels=True also stores the rule's answer as human labels; `teacher_sha256` lets a test
     make shards that look like they came from another teacher. input_embeddings=True also
     writes the teacher's input embedding rows: those of `teacher_embeddings(tokenizer, seed)`.
+    hidden=H > 0 also stores a fake teacher hidden state [H] per input (manifest hidden_layer 1):
+    the mean of fixed random word vectors plus a direction for the input's label.
     """
     path = Path(path)
     task = load_task(task_name)
@@ -116,6 +119,11 @@ def make_shards(
         rows = teacher_embeddings(tokenizer, seed)[input_vocab].astype(np.float16)
         atomic_write_bytes(path / INPUT_EMBEDDINGS, st_save({"rows": rows}))
         header["input_embeddings"] = INPUT_EMBEDDINGS
+    if hidden:
+        header["hidden_layer"] = 1
+        hrng = np.random.default_rng(seed + 3)
+        word_vec = {w: hrng.normal(0.0, 1.0, hidden) for w in INSULTS + PRAISE + COMPLAINTS + FILLER}
+        label_vec = {k: hrng.normal(0.0, 3.0, hidden) for k in ("aggressive", "positive", "negative", "neutral")}
     writer = ShardWriter(path, header, shard_size=shard_size)
     rng = np.random.default_rng(seed + 1)
     for text, out, ii, oi in zip(texts, outputs, input_ids, output_ids):
@@ -135,6 +143,8 @@ def make_shards(
         writer.add(Record(
             text=text, input_ids=ii, output_ids=oi, output_text=out, fields=fields, logits=logits, lse=lse,
             decisions=decisions, labels=dict(fields) if labels else None,
+            hidden=(np.mean([word_vec[w] for w in text.split()], axis=0)
+                    + label_vec[fields["tone"] if fields["tone"] == "aggressive" else fields["sentiment"]]) if hidden else None,
         ))
     writer.close()
     return path

@@ -38,7 +38,8 @@ def rows(path) -> tuple[list[dict], list[dict]]:
 
 
 def test_every_named_configuration_builds_the_training_it_names():
-    required = {"curriculum", "ce", "kd", "mix", "linear", "step", "reverse_kl", "jsd", "skew_kl", "taid", "tail", "t2"}
+    required = {"curriculum", "ce", "kd", "mix", "linear", "step", "reverse_kl", "jsd", "skew_kl", "taid", "tail", "t2",
+                "no_hidden"}
     assert required <= set(CONFIGS)
     runs = {name: cfg for name, _, cfg in build_runs(list(CONFIGS), SHARED, COMMON)}
     for cfg in runs.values():  # the comparison-wide settings reach every run
@@ -58,6 +59,7 @@ def test_every_named_configuration_builds_the_training_it_names():
     assert runs["reverse_kl"].divergence == "reverse_kl" and runs["taid"].divergence == "taid"
     assert (runs["jsd"].divergence, runs["jsd"].beta) == ("jsd", 0.5)
     assert (runs["skew_kl"].divergence, runs["skew_kl"].alpha) == ("skew_kl", 0.1)
+    assert runs["no_hidden"].hidden_weight == 0.0 and runs["curriculum"].hidden_weight > 0
     assert runs["tail"].tail and not runs["curriculum"].tail
     assert runs["t2"].temperature == 2.0 and runs["curriculum"].temperature == 1.0
 
@@ -162,7 +164,7 @@ def test_cli_reports_a_bad_plan_in_one_line(tmp_path, shards):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: plan {plan}, run 'odd': unknown field 'warmup'; expected TrainConfig fields "
-        "(alpha, batch_size, beta, curriculum, divergence, embed_init, epochs, eval_limit, grad_clip, kl_end, "
+        "(alpha, batch_size, beta, curriculum, divergence, embed_init, epochs, eval_limit, grad_clip, hidden_weight, kl_end, "
         "kl_start, limit_train, lr, max_steps, min_lr_ratio, preset, seed, signal, tail, temperature, warmup_frac, weight_decay)"]
     assert not (tmp_path / "cmp").exists()  # nothing trained before the plan was checked
 

@@ -141,6 +141,34 @@ def test_shards_round_trip(shards, teacher):
         assert all(abs(float(v.sum()) - 1) < 1e-5 for v in r.decisions.values())
 
 
+def test_input_hidden_states_equal_a_plain_forward(shards, teacher):
+    """Each stored hidden state is the last layer's output averaged over the input's own prompt
+    tokens (prefix excluded), as a fresh unbatched forward pass over the whole prompt gives it;
+    calibration answers stored without decoding again carry it too."""
+    s = ShardSet(shards)
+    n_layers = teacher.model.config.num_hidden_layers
+    assert s.hidden_layer == n_layers  # the default, "last"
+    n_prefix = len(prompt_layout(teacher, TASK).prefix_ids)
+    tok = teacher.tokenizer
+    for r in s.load():
+        prompt = tok(teacher.prompt_text(TASK, r.text), add_special_tokens=False).input_ids
+        with torch.no_grad():
+            states = teacher.model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states
+        ref = states[n_layers][0, n_prefix:].float().mean(0)
+        assert r.hidden.dtype == np.float16 and r.hidden.shape == (teacher.model.config.hidden_size,)
+        assert torch.allclose(torch.from_numpy(r.hidden.astype(np.float32)), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_hidden_layer_choice_and_none(corpus, teacher, tmp_path):
+    middle = ShardSet(_extract(corpus, teacher, tmp_path / "middle", limit=3, hidden_layer="middle"))
+    assert middle.hidden_layer == teacher.model.config.num_hidden_layers // 2
+    none = ShardSet(_extract(corpus, teacher, tmp_path / "none", limit=3, hidden_layer="none"))
+    assert none.hidden_layer is None and all(r.hidden is None for r in none.load())
+    # a folder keeps what it was made with: continuing it never mixes hidden and no hidden
+    _extract(corpus, teacher, tmp_path / "none", limit=8)
+    assert ShardSet(tmp_path / "none").hidden_layer is None and all(r.hidden is None for r in ShardSet(tmp_path / "none").load())
+
+
 def test_teacher_input_embeddings_are_stored_at_the_input_ids(shards, teacher, tmp_path, corpus):
     s = ShardSet(shards)
     assert s.manifest["input_embeddings"] == "input_embeddings.safetensors"
@@ -276,6 +304,9 @@ def test_bad_arguments(corpus, teacher, tmp_path):
         _extract(corpus, teacher, tmp_path / "x", batch_size=0)
     with pytest.raises(ExtractError, match="--limit"):
         _extract(corpus, teacher, tmp_path / "x", limit=0)
+    for bad in ("deep", "99", -1):
+        with pytest.raises(ExtractError, match=rf"--hidden-layer {bad!r}: expected middle, last, none or a layer from 0 to"):
+            _extract(corpus, teacher, tmp_path / "x", hidden_layer=bad)
 
 
 # ---- command line --------------------------------------------------------------------------
@@ -311,6 +342,7 @@ def test_cli_extract_and_inspect(corpus, tiny_teacher_dir, tmp_path, monkeypatch
         (["--task", "no-such-task"], "unknown task 'no-such-task'"),
         (["--input", "EMPTY"], "empty corpus"),
         (["--field", "nope"], "no field 'nope'"),
+        (["--hidden-layer", "deep"], "--hidden-layer 'deep': expected middle, last, none or a layer"),
     ],
 )
 def test_cli_user_errors(args, message, corpus, tiny_teacher_dir, tmp_path, monkeypatch, capsys):

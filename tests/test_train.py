@@ -122,9 +122,9 @@ def _initial_weights(monkeypatch) -> list:
     seen = []
     real = train_mod.make_optimizer
 
-    def spy(model, cfg):
+    def spy(model, cfg, probe=None):
         seen.append((model.config, {k: v.detach().clone() for k, v in model.state_dict().items()}))
-        return real(model, cfg)
+        return real(model, cfg, probe)
 
     monkeypatch.setattr(train_mod, "make_optimizer", spy)
     return seen
@@ -194,6 +194,48 @@ def test_teacher_init_resumes_bit_for_bit(tmp_path, tiny_tokenizer):
               progress=False)
 
 
+def test_hidden_state_loss_trains_a_probe_that_stays_out_of_the_student(tmp_path, tiny_tokenizer):
+    hid = make_shards(tmp_path / "hid", tiny_tokenizer, n=48, hidden=12)
+    assert ShardSet(hid).hidden_layer == 1 and next(ShardSet(hid).records()).hidden.shape == (12,)
+    cfg = TrainConfig(preset="nano", epochs=8, batch_size=16, lr=5e-3, eval_limit=1)
+    on = train(hid, tmp_path / "on", cfg, progress=False)
+    rows = steps(on)
+    # standardised targets: the loss starts near 1 (an untrained probe predicts ~0) and falls
+    assert 0.8 < rows[0]["hidden"] < 1.2 and rows[-1]["hidden"] < rows[0]["hidden"] / 2
+    assert all(r["loss"] > 4.0 * r["hidden"] for r in rows)  # weighted into the loss (hidden_weight 4)
+    assert json.loads((on / "training.json").read_text())["hidden_layer"] == 1
+    off = train(hid, tmp_path / "off", TrainConfig(**{**cfg.to_dict(), "hidden_weight": 0.0}), progress=False)
+    assert "hidden" not in steps(off)[0]
+    text = train(hid, tmp_path / "text", TrainConfig(**{**cfg.to_dict(), "signal": "text"}), progress=False)
+    assert "hidden" not in steps(text)[0] and json.loads((text / "training.json").read_text())["hidden_layer"] is None
+    # the probe is trained and checkpointed, but the student folder holds the student alone
+    a, b = load_file(str(on / "model.safetensors")), load_file(str(off / "model.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    blob = torch.load(on / "checkpoint" / "state.pt", weights_only=True)
+    assert blob["probe"]["proj.weight"].shape == (12, 96) and blob["probe"]["mean"].shape == (12,)
+    assert load_student(on).model.config.d_model == 96
+
+
+def test_hidden_state_loss_resumes_bit_for_bit_and_refuses_a_changed_weight(tmp_path, tiny_tokenizer):
+    hid = make_shards(tmp_path / "hid", tiny_tokenizer, n=32, hidden=8)
+    cfg = TrainConfig(preset="nano", max_steps=4, batch_size=8, eval_limit=1)
+    whole = train(hid, tmp_path / "whole", cfg, progress=False)
+
+    def interrupt(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        train(hid, tmp_path / "split", cfg, progress=False, on_step=interrupt)
+    train(hid, tmp_path / "split", cfg, resume=True, progress=False)
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(tmp_path / "split" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["hidden"] for r in steps(whole)] == [r["hidden"] for r in steps(tmp_path / "split")]
+    with pytest.raises(TrainError, match=r"other training options \(hidden_weight=4.0\)"):
+        train(hid, tmp_path / "split", TrainConfig(**{**cfg.to_dict(), "hidden_weight": 1.0}), resume=True,
+              progress=False)
+
+
 def test_learning_rate_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(lr=1e-2, warmup_frac=0.1, min_lr_ratio=0.1)
     lrs = [lr_at(s, 100, cfg) for s in range(100)]
@@ -209,6 +251,7 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     ({"curriculum": "sine"}, "curriculum='sine'"),
     ({"max_steps": 0}, "max_steps=0"),
     ({"embed_init": "pca"}, "embed_init='pca': choose teacher or random"),
+    ({"hidden_weight": -1.0}, "hidden_weight=-1.0: must not be negative"),
 ])
 def test_bad_options_are_one_line_errors(kwargs, message):
     with pytest.raises(TrainError, match=message) as e:

@@ -74,7 +74,7 @@ def run(
                                      "distillation: last, middle, a number, or none."),
     preset: str = typer.Option("micro", help="Student size preset: nano, micro, small."),
     epochs: int = typer.Option(15, help="Training epochs."),
-    hidden_weight: float = typer.Option(4.0, help="Weight of the hidden-state loss (0: off)."),
+    hidden_weight: float = typer.Option(1.0, help="Weight of the hidden-state loss (0: off)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop training after this many steps."),
     seed: int = typer.Option(0, help="Random seed."),
     eval_teacher: bool = typer.Option(True, help="Time the teacher beside the student in the report."),
@@ -87,7 +87,7 @@ def run(
         name=name, root=str(root), input=str(input) if input else None, field=field, labels=labels,
         task=task, teacher=teacher, limit=limit, batch_size=batch_size, vocab_size=vocab_size,
         hidden_layer=hidden_layer, preset=preset, epochs=epochs, max_steps=max_steps, seed=seed,
-        eval_teacher=eval_teacher, extra_train={"hidden_weight": hidden_weight} if hidden_weight != 4.0 else {},
+        eval_teacher=eval_teacher, extra_train={"hidden_weight": hidden_weight} if hidden_weight != 1.0 else {},
     ))
 
 
@@ -198,7 +198,7 @@ def train(
     signal: str = typer.Option("auto", help="Teacher signal: logits, text (CE only), or auto."),
     embed_init: str = typer.Option("teacher", help="Input embeddings: teacher (the teacher's rows, PCA to the "
                                    "student's width, when the shards hold them) or random."),
-    hidden_weight: float = typer.Option(4.0, help="Weight of the hidden-state loss when the shards hold the teacher's "
+    hidden_weight: float = typer.Option(1.0, help="Weight of the hidden-state loss when the shards hold the teacher's "
                                         "input hidden states (0: off)."),
     max_steps: Optional[int] = typer.Option(None, help="A fixed step budget instead of --epochs."),
     limit_train: Optional[int] = typer.Option(None, help="Use only the first N training examples."),

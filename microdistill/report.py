@@ -48,10 +48,11 @@ def plot_learning_curves(steps: list[dict], evals: list[dict], path: Path) -> st
     fig = Figure(figsize=(11, 7.5), dpi=110)
     (a_loss, a_acc), (a_sched, a_field) = fig.subplots(2, 2)
     x = np.array([r["step"] for r in steps])
-    for key, label in (("loss", "loss"), ("kl", "KL term"), ("ce", "CE term")):
+    terms = (("loss", "loss"), ("kl", "KL term"), ("ce", "CE term"), ("hidden", "hidden-state MSE"))
+    for key, label in terms:
         if steps and key in steps[0]:
             a_loss.plot(x, [r[key] for r in steps], label=label, lw=1)
-    losses = [r[k] for r in steps for k in ("loss", "kl", "ce") if k in r]
+    losses = [r[k] for r in steps for k, _ in terms if k in r]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 30:
         a_loss.set_yscale("log")  # only when the losses span decades; a short run reads better linear
     a_loss.set(title="training loss per step", xlabel="step")

@@ -85,7 +85,7 @@ class TrainConfig:
     embed_init: str = "teacher"
     # Weight of the hidden-state loss when the shards hold the teacher's input hidden states and
     # teacher logits are used (text-only training has no teacher internals); 0 turns it off.
-    hidden_weight: float = 4.0
+    hidden_weight: float = 1.0
     max_steps: int | None = None  # a fixed step budget instead of `epochs` (the last epoch may be partial)
     limit_train: int | None = None  # use only the first N training examples
     eval_limit: int | None = None  # evaluate on at most N held-out examples

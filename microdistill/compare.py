@@ -156,7 +156,9 @@ def train_once(data_dir: Path, run_dir: Path, cfg: TrainConfig, progress: bool) 
     """Train into run_dir unless a finished run with this exact config is already there."""
     done = run_dir / "training.json"
     if done.is_file():
-        saved = json.loads(done.read_text()).get("config", {})
+        # through TrainConfig, so that options newer than the run read as their defaults (an older
+        # run could not have used them: e.g. hidden states exist only in shards that newer code wrote)
+        saved = TrainConfig.from_dict(json.loads(done.read_text()).get("config", {})).to_dict()
         diff = [f"{k}={saved.get(k)!r}" for k, v in cfg.to_dict().items() if saved.get(k) != v]
         if diff:
             raise CompareError(f"{run_dir}: holds a finished run with other options ({', '.join(diff)}); "

@@ -121,6 +121,12 @@ def test_rerun_reuses_finished_runs_and_refuses_changed_ones(compared, shards, m
     again = compare(shards, out, ["curriculum", "ce", "kd"], preset="nano", max_steps=6, seed=1, sizes=[16, 10_000],
                     progress=False, common=COMMON)
     assert again["runs"] == first["runs"] and again["efficiency"] == first["efficiency"]
+    # a run finished before an option existed reads it as its default, and is reused
+    stats = json.loads((out / "kd" / "training.json").read_text())
+    del stats["config"]["hidden_weight"]
+    (out / "kd" / "training.json").write_text(json.dumps(stats))
+    assert compare(shards, out, ["kd"], preset="nano", max_steps=6, seed=1, progress=False,
+                   common=COMMON)["runs"][0]["exact_match"] == again["runs"][2]["exact_match"]
     only_kd = compare(shards, out, ["curriculum", "ce", "kd"], preset="nano", max_steps=6, seed=1, sizes=[16],
                       progress=False, common=COMMON, sizes_for=["kd"])
     assert list(only_kd["efficiency"]) == ["kd"] and only_kd["efficiency"]["kd"] == first["efficiency"]["kd"]

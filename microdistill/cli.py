@@ -86,8 +86,8 @@ def run(
     run_pipeline(RunConfig(
         name=name, root=str(root), input=str(input) if input else None, field=field, labels=labels,
         task=task, teacher=teacher, limit=limit, batch_size=batch_size, vocab_size=vocab_size,
-        hidden_layer=hidden_layer, preset=preset, epochs=epochs, max_steps=max_steps, seed=seed,
-        eval_teacher=eval_teacher, extra_train={"hidden_weight": hidden_weight} if hidden_weight != 1.0 else {},
+        hidden_layer=hidden_layer, preset=preset, epochs=epochs, hidden_weight=hidden_weight, max_steps=max_steps,
+        seed=seed, eval_teacher=eval_teacher,
     ))
 
 

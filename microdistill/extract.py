@@ -254,27 +254,32 @@ def _save_input_embeddings(teacher: Teacher, input_ids: Sequence[int], out_dir: 
     atomic_write_bytes(dest, save({"rows": rows}))
 
 
+def _hidden_layer_spec(spec: int | str | None) -> int | str | None:
+    """A --hidden-layer as given, checked before the teacher loads: None ("none"), "middle",
+    "last" or a layer number (its range needs the teacher: hidden_layer_of)."""
+    if spec is None or spec == "none":
+        return None
+    if spec in ("middle", "last"):
+        return spec
+    try:
+        return int(spec)
+    except (TypeError, ValueError):
+        raise ExtractError(f"--hidden-layer {spec!r}: expected middle, last, none or a layer from 0 to the "
+                           "teacher's number of layers") from None
+
+
 def hidden_layer_of(teacher: Teacher, spec: int | str | None) -> int | None:
     """The teacher layer to store input hidden states from: "middle", "last", a number from 0
     (the embeddings) to the number of layers, or None / "none" for no hidden states."""
-    if spec is None or spec == "none":
+    given = _hidden_layer_spec(spec)
+    if given is None:
         return None
     n = int(teacher.model.config.get_text_config().num_hidden_layers)
-    layer = {"middle": n // 2, "last": n}[spec] if spec in ("middle", "last") else _layer_number(spec)
+    layer = {"middle": n // 2, "last": n}.get(given, given)
     if not 0 <= layer <= n:
         raise ExtractError(f"--hidden-layer {spec!r}: expected middle, last, none or a layer from 0 to {n} "
                            f"(teacher {teacher.name} has {n} layers)")
     return layer
-
-
-def _layer_number(spec: int | str | None) -> int:
-    """A --hidden-layer given as a number (-1 for anything else, which the caller refuses)."""
-    if spec is None or spec in ("none", "middle", "last"):
-        return 0
-    try:
-        return int(spec)
-    except (TypeError, ValueError):
-        return -1
 
 
 def _check_args(limit: int | None, batch_size: int, vocab_size: int, calibration: int) -> None:
@@ -318,9 +323,7 @@ def extract(
     from microdistill.generation import Decoder
 
     _check_args(limit, batch_size, vocab_size, calibration)
-    if _layer_number(hidden_layer) < 0:  # before the teacher loads; the range needs the teacher
-        raise ExtractError(f"--hidden-layer {hidden_layer!r}: expected middle, last, none or a layer from 0 to "
-                           "the teacher's number of layers")
+    _hidden_layer_spec(hidden_layer)  # a typo fails before the teacher loads
     t_start = time.perf_counter()
     task = task if isinstance(task, Task) else load_task(task)
     out_dir = Path(out_dir)

@@ -49,6 +49,7 @@ class RunConfig:
     hidden_layer: str = "last"
     preset: str = "micro"
     epochs: int = 15
+    hidden_weight: float = 1.0
     max_steps: int | None = None
     seed: int = 0
     eval_teacher: bool = True
@@ -85,8 +86,10 @@ def run(cfg: RunConfig) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "run.json"
     state = json.loads(path.read_text()) if path.exists() else {}
-    if state and state.get("config") != cfg.identity():
-        changed = sorted(k for k, v in cfg.identity().items() if state.get("config", {}).get(k) != v)
+    # arguments newer than a run folder read as their defaults: it was made before they existed
+    saved = {**RunConfig().identity(), **state.get("config", {})}
+    if state and saved != cfg.identity():
+        changed = sorted(k for k, v in cfg.identity().items() if saved.get(k) != v)
         raise RunError(f"{folder} holds a run with other arguments ({', '.join(changed)}); use --name to start another")
     if cfg.input is not None and not Path(cfg.input).exists():
         raise RunError(f"input {cfg.input}: not found")
@@ -102,7 +105,8 @@ def run(cfg: RunConfig) -> Path:
         cfg.task, corpus, cfg.teacher, shards, limit=cfg.limit, batch_size=cfg.batch_size,
         vocab_size=cfg.vocab_size, calibration=cfg.calibration, field=cfg.field, labels=labels,
         hidden_layer=cfg.hidden_layer), path)
-    tcfg = TrainConfig(preset=cfg.preset, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed, **cfg.extra_train)
+    tcfg = TrainConfig(preset=cfg.preset, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed,
+                       hidden_weight=cfg.hidden_weight, **cfg.extra_train)
     _stage(state, "train", student, lambda: train(shards, student, tcfg, resume=(student / "checkpoint").exists()), path)
     _stage(state, "eval", report, lambda: evaluate(
         student, shards, report, teacher=cfg.teacher if cfg.eval_teacher else None), path)

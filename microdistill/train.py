@@ -42,8 +42,8 @@ from microdistill.losses import CURRICULA, DIVERGENCES, curriculum_weight, disti
 from microdistill.predict import generate, parse_or_none
 from microdistill.saved import LoadedStudent, save_student
 from microdistill.store import Record, ShardSet, StoreError, atomic_write_bytes, atomic_write_json
-from microdistill.student import (INIT_STD, N_SPECIAL, PAD, PRESETS, Student, config_for, count_parameters,
-                                  describe, init_input_embeddings_pca)
+from microdistill.student import (INIT_STD, N_SPECIAL, PRESETS, Student, config_for, count_parameters, describe,
+                                  init_input_embeddings_pca)
 
 EMBED_INITS = ("teacher", "random")
 
@@ -335,7 +335,7 @@ def shard_fingerprint(shards: ShardSet, n_train: int) -> dict[str, Any]:
     kept = json.dumps([int(i) for i in shards.kept_vocab]).encode()
     return {"task": m.get("task_fingerprint") or shards.task().fingerprint(),
             "teacher": (m.get("teacher") or {}).get("sha256"), "kept vocabulary": hashlib.sha256(kept).hexdigest()[:16],
-            "number of training examples": n_train}
+            "number of training examples": n_train, "hidden layer": m.get("hidden_layer")}
 
 
 def has_run(out: Path) -> bool:
@@ -393,9 +393,6 @@ def load_checkpoint(out: Path, model: Student, opt: torch.optim.Optimizer, cfg: 
     diff = [f"{k}={saved.get(k)!r}" for k, v in cfg.to_dict().items() if k != "eval_limit" and saved.get(k) != v]
     if diff:
         raise TrainError(f"{path}: saved with other training options ({', '.join(diff)}); resume with the same options")
-    if (blob.get("probe") is None) != (probe is None):
-        raise TrainError(f"{path}: saved {'without' if probe is not None else 'with'} the hidden-state loss these shards "
-                         "and options give; resume with the same shards and options")
     model.load_state_dict(blob["model"])
     if probe is not None:
         probe.load_state_dict(blob["probe"])

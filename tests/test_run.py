@@ -77,6 +77,14 @@ def test_run_refuses_a_folder_holding_another_run(tmp_path, corpus, tiny_teacher
     run(cfg)
     with pytest.raises(RunError, match=r"other arguments \(preset\)"):
         run(_cfg(tmp_path, corpus, tiny_teacher_dir, epochs=1, preset="micro"))
+    # a folder made before an argument existed reads it as its default, and is not refused
+    path = tmp_path / "runs" / "t" / "run.json"
+    state = json.loads(path.read_text())
+    del state["config"]["hidden_weight"]
+    path.write_text(json.dumps(state))
+    run(cfg)
+    with pytest.raises(RunError, match=r"other arguments \(hidden_weight\)"):
+        run(_cfg(tmp_path, corpus, tiny_teacher_dir, epochs=1, eval_teacher=False, hidden_weight=0.0))
 
 
 def test_run_cli_missing_input_is_a_one_line_error(tmp_path):

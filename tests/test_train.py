@@ -229,6 +229,10 @@ def test_hidden_state_loss_resumes_bit_for_bit_and_refuses_a_changed_weight(tmp_
     cfg = TrainConfig(preset="nano", max_steps=4, batch_size=8, eval_limit=1)
     whole, split = _whole_and_resumed(hid, tmp_path, cfg)
     assert [r["hidden"] for r in steps(whole)] == [r["hidden"] for r in steps(split)]
+    # the same examples without hidden states cannot continue a run that learned from them
+    plain = make_shards(tmp_path / "plain", tiny_tokenizer, n=32)
+    with pytest.raises(TrainError, match="trained on shards with a different hidden layer"):
+        train(plain, split, cfg, resume=True, progress=False)
     with pytest.raises(TrainError, match=r"other training options \(hidden_weight=1.0\)"):
         train(hid, tmp_path / "split", TrainConfig(**{**cfg.to_dict(), "hidden_weight": 2.0}), resume=True,
               progress=False)

@@ -6,8 +6,8 @@
 Stages: read and filter the corpus; load the teacher; calibrate the kept output vocabulary on
 a sample (grammar-only decoding, mean teacher probability per token); decode every input
 greedily under the grammar limited to the kept vocabulary, keeping the raw logits at the kept
-ids, the full-vocabulary log-sum-exp and the enum decision points; write shards, and the
-teacher's input embedding rows of the input vocabulary (a student's starting point). Re-running
+ids, the full-vocabulary log-sum-exp and the enum decision points; write shards, and one
+teacher vector per input token (its middle-layer state in context; a student's starting point). Re-running
 the same command continues where it stopped; the kept vocabulary of an existing folder is
 reused, never recomputed.
 """
@@ -237,21 +237,56 @@ def _save_tokenizer(tokenizer, out_dir: Path) -> None:
     os.replace(tmp, dest)
 
 
-def _save_input_embeddings(teacher: Teacher, input_ids: Sequence[int], out_dir: Path, replace: bool) -> None:
-    """out_dir/input_embeddings.safetensors: the teacher's input embedding rows at the input
-    vocabulary's ids (float16), so a student can start from them; written atomically, and when
-    the file is already there only if `replace` (a new vocabulary: the file may be a leftover)."""
+def _save_input_embeddings(teacher: Teacher, input_ids: Sequence[int], texts: Sequence[str], out_dir: Path,
+                           replace: bool, progress: bool = False) -> None:
+    """out_dir/input_embeddings.safetensors: one teacher vector per input-vocabulary id (float16),
+    a student's starting point; written atomically, and when the file is already there only if
+    `replace` (a new vocabulary: the file may be a leftover).
+
+    A token the corpus uses gets its meaning in context: the teacher's hidden state after its
+    middle layer, averaged over the token's occurrences in `texts` (each text read alone). A
+    static embedding row knows little more than spelling (a student started from it learned no
+    faster than from random rows); the middle layer knows that "crashes" or "peeling" is a
+    complaint. Other ids (byte fallbacks, specials) keep their static rows, and the contextual
+    rows are rescaled per dimension to the static rows' mean and spread so both mix.
+    """
     from safetensors.torch import save
 
     dest = out_dir / INPUT_EMBEDDINGS
     if dest.is_file() and not replace:
         return
+    ids = [int(i) for i in input_ids]
     weight = teacher.model.get_input_embeddings().weight
     with torch.no_grad():
-        rows = weight[torch.as_tensor(list(input_ids), dtype=torch.long, device=weight.device)]
-        rows = rows.float().cpu().half().contiguous()
+        rows = weight[torch.as_tensor(ids, dtype=torch.long, device=weight.device)].double().cpu()
+    row_of = {t: k for k, t in enumerate(ids)}
+    total = torch.zeros_like(rows)
+    count = torch.zeros(len(ids), dtype=torch.float64)
+    layer = hidden_layer_of(teacher, "middle")
+    seqs = sorted((s for s in teacher.tokenizer(list(texts), add_special_tokens=False).input_ids if s), key=len)
+    pad = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else teacher.eos_id
+    bar, job = _progress(progress, "reading inputs in context", len(seqs))
+    with bar, torch.inference_mode():
+        for k in range(0, len(seqs), 32):
+            chunk = seqs[k:k + 32]
+            width = max(len(q) for q in chunk)
+            batch = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for b, q in enumerate(chunk):  # right padding: causal attention keeps real tokens exact
+                batch[b, :len(q)], mask[b, :len(q)] = torch.tensor(q), 1
+            states = teacher.model(input_ids=batch, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
+            for b, q in enumerate(chunk):
+                at = torch.tensor([row_of[t] for t in q])
+                total.index_add_(0, at, states[b, :len(q)].double().cpu())
+                count.index_add_(0, at, torch.ones(len(q), dtype=torch.float64))
+            bar.advance(job, len(chunk))
+    seen = count > 0
+    if seen.sum() > 1:
+        ctx = total[seen] / count[seen, None]
+        ctx = (ctx - ctx.mean(0)) / ctx.std(0).clamp_min(1e-6)
+        rows[seen] = ctx * rows[seen].std(0) + rows[seen].mean(0)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(dest, save({"rows": rows}))
+    atomic_write_bytes(dest, save({"rows": rows.half().contiguous()}))
 
 
 def _hidden_layer_spec(spec: int | str | None) -> int | str | None:
@@ -378,7 +413,8 @@ def _open_folder(out_dir: Path, task: Task, teacher: Teacher, items: Sequence[It
         if existing["vocab"].get("size") != vocab_size:
             raise StoreError(f"{out_dir} holds shards made with --vocab-size {existing['vocab'].get('size')}; "
                              "use another --out folder or delete this one")
-        _save_input_embeddings(teacher, existing["vocab"]["input"], out_dir, replace=False)  # if missing
+        _save_input_embeddings(teacher, existing["vocab"]["input"], [it.text for it in items], out_dir,
+                               replace=False, progress=progress)  # if missing
         kept = {k: existing[k] for k in ("vocab", "hidden_layer") if k in existing}
         return ShardWriter(out_dir, {**header, **kept}), None
     if hidden_layer is not None:
@@ -386,7 +422,8 @@ def _open_folder(out_dir: Path, task: Task, teacher: Teacher, items: Sequence[It
     t0 = time.perf_counter()
     calib = calibrate(teacher, task, items[:calibration], batch_size, progress, hidden_layer) if calibration else None
     header["vocab"] = build_vocab(teacher, task, items, vocab_size, calib, progress)
-    _save_input_embeddings(teacher, header["vocab"]["input"], out_dir, replace=True)
+    _save_input_embeddings(teacher, header["vocab"]["input"], [it.text for it in items], out_dir, replace=True,
+                           progress=progress)
     writer = ShardWriter(out_dir, header)
     writer.update(timings={"calibrate_s": round(time.perf_counter() - t0, 3)})
     return writer, calib

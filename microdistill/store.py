@@ -13,8 +13,10 @@ need no teacher) and `shard-NNNNN.safetensors` files of up to 128 examples each.
     text, output_text, fields, split, labels   (JSON in the safetensors header)
 
 `input_embeddings.safetensors` (manifest key `input_embeddings`), when present, holds one
-float16 tensor `rows` [n_input, D_teacher]: the teacher's input embedding row of each id in
-`manifest.vocab.input`, in that order, from which a student can start its own input table.
+float16 tensor `rows` [n_input, D_teacher], one teacher vector per id of `manifest.vocab.input`,
+in that order, from which a student can start its own input table: for the ids the corpus uses,
+the teacher's middle-layer state averaged over the id's occurrences; for the others, the
+teacher's input embedding row.
 
 Ragged arrays are stored concatenated with offsets. Text-only shards (sequence-level KD from a
 black-box teacher) omit `logits` and `lse`. Every file is written to a temporary name and
@@ -345,7 +347,7 @@ class ShardSet:
         return int(self.manifest["vocab"]["eos"])
 
     def input_embeddings(self):
-        """The teacher's input embedding rows at `input_vocab`, float32 torch [n_input, D_teacher],
+        """The teacher's vectors of the ids of `input_vocab`, float32 torch [n_input, D_teacher],
         or None when the folder has none (text-only shards, or written before they were stored)."""
         path = self.dir / self.manifest.get("input_embeddings", INPUT_EMBEDDINGS)
         if not path.is_file():

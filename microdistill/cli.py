@@ -73,7 +73,8 @@ def run(
     hidden_layer: str = typer.Option("last", help="Teacher layer whose hidden state of each input is stored for hidden-state "
                                      "distillation: last, middle, a number, or none."),
     preset: str = typer.Option("micro", help="Student size preset: nano, micro, small."),
-    epochs: int = typer.Option(15, help="Training epochs."),
+    epochs: int = typer.Option(20, help="Training epochs."),
+    dropout: float = typer.Option(0.1, help="Dropout on the student's residual branches while training."),
     hidden_weight: float = typer.Option(1.0, help="Weight of the hidden-state loss (0: off)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop training after this many steps."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -86,8 +87,8 @@ def run(
     run_pipeline(RunConfig(
         name=name, root=str(root), input=str(input) if input else None, field=field, labels=labels,
         task=task, teacher=teacher, limit=limit, batch_size=batch_size, vocab_size=vocab_size,
-        hidden_layer=hidden_layer, preset=preset, epochs=epochs, hidden_weight=hidden_weight, max_steps=max_steps,
-        seed=seed, eval_teacher=eval_teacher,
+        hidden_layer=hidden_layer, preset=preset, epochs=epochs, dropout=dropout, hidden_weight=hidden_weight,
+        max_steps=max_steps, seed=seed, eval_teacher=eval_teacher,
     ))
 
 
@@ -186,6 +187,7 @@ def train(
     warmup_frac: float = typer.Option(0.05, help="Fraction of the steps spent warming up."),
     weight_decay: float = typer.Option(0.1, help="AdamW weight decay on matrices and embeddings."),
     grad_clip: float = typer.Option(1.0, help="Max global gradient norm (0: no clipping)."),
+    dropout: float = typer.Option(0.0, help="Dropout on the student's residual branches while training."),
     seed: int = typer.Option(0, help="Random seed (initialisation and data order)."),
     divergence: str = typer.Option("forward_kl", help="forward_kl, reverse_kl, jsd, skew_kl or taid."),
     temperature: float = typer.Option(1.0, help="Distillation temperature T."),
@@ -213,10 +215,10 @@ def train(
 
     cfg = TrainConfig(
         preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, min_lr_ratio=min_lr_ratio, warmup_frac=warmup_frac,
-        weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, divergence=divergence, temperature=temperature,
-        beta=beta, alpha=alpha, curriculum=curriculum, kl_start=kl_start, kl_end=kl_end, tail=tail, signal=signal,
-        embed_init=embed_init, hidden_weight=hidden_weight, max_steps=max_steps, limit_train=limit_train,
-        eval_limit=eval_limit,
+        weight_decay=weight_decay, grad_clip=grad_clip, dropout=dropout, seed=seed, divergence=divergence,
+        temperature=temperature, beta=beta, alpha=alpha, curriculum=curriculum, kl_start=kl_start, kl_end=kl_end,
+        tail=tail, signal=signal, embed_init=embed_init, hidden_weight=hidden_weight, max_steps=max_steps,
+        limit_train=limit_train, eval_limit=eval_limit,
     )
     try:
         path = run_training(data, out, cfg, resume=resume, progress=not quiet)

@@ -48,7 +48,8 @@ class RunConfig:
     calibration: int = 64
     hidden_layer: str = "last"
     preset: str = "micro"
-    epochs: int = 15
+    epochs: int = 20
+    dropout: float = 0.1
     hidden_weight: float = 1.0
     max_steps: int | None = None
     seed: int = 0
@@ -106,7 +107,7 @@ def run(cfg: RunConfig) -> Path:
         vocab_size=cfg.vocab_size, calibration=cfg.calibration, field=cfg.field, labels=labels,
         hidden_layer=cfg.hidden_layer), path)
     tcfg = TrainConfig(preset=cfg.preset, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed,
-                       hidden_weight=cfg.hidden_weight, **cfg.extra_train)
+                       dropout=cfg.dropout, hidden_weight=cfg.hidden_weight, **cfg.extra_train)
     _stage(state, "train", student, lambda: train(shards, student, tcfg, resume=(student / "checkpoint").exists()), path)
     _stage(state, "eval", report, lambda: evaluate(
         student, shards, report, teacher=cfg.teacher if cfg.eval_teacher else None), path)

@@ -85,7 +85,8 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def config_for(preset: str, input_vocab: int, output_vocab: int, max_input: int, max_output: int) -> StudentConfig:
+def config_for(preset: str, input_vocab: int, output_vocab: int, max_input: int, max_output: int,
+               dropout: float = 0.0) -> StudentConfig:
     """The config of a size preset for a given vocabulary and context."""
     if preset not in PRESETS:
         raise ValueError(f"unknown student preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -93,7 +94,7 @@ def config_for(preset: str, input_vocab: int, output_vocab: int, max_input: int,
         # The seed kept the teacher's whole input embedding table; never shrink below a caller's need.
         input_vocab = max(input_vocab, SEED_INPUT_VOCAB)
     return StudentConfig(input_vocab=input_vocab, output_vocab=output_vocab, max_input=max_input,
-                         max_output=max_output, **PRESETS[preset])
+                         max_output=max_output, dropout=dropout, **PRESETS[preset])
 
 
 def parameter_count(config: StudentConfig) -> int:

@@ -5,7 +5,7 @@
 Per output position the loss is `w_kl(t)·T²·D(p_teacher^T ‖ p_student^T) + (1 - w_kl(t))·CE`,
 with w_kl following a curriculum over all steps (cosine 0.9 -> 0.1 by default); text-only
 shards train with CE alone (sequence-level distillation). The input embeddings start from the
-teacher's rows, projected to the student's width by PCA, when the shards hold them (`embed_init`).
+teacher's vectors of the input tokens (see store.py), projected to the student's width by PCA, when the shards hold them (`embed_init`).
 When the shards also hold the teacher's hidden state of each input (extract's `--hidden-layer`),
 `hidden_weight · MSE` pulls the student's averaged input representation, through a linear probe,
 onto that state (standardised per dimension): hidden-state distillation, a far richer signal per
@@ -70,6 +70,7 @@ class TrainConfig:
     warmup_frac: float = 0.05  # fraction of all steps with a linear warm-up
     weight_decay: float = 0.1  # on matrices and embeddings, not on norm gains
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    dropout: float = 0.0  # on the student's residual branches while training (its `dropout`)
     seed: int = 0
     divergence: str = "forward_kl"  # see losses.DIVERGENCES
     temperature: float = 1.0
@@ -80,7 +81,7 @@ class TrainConfig:
     kl_end: float = 0.1
     tail: bool = False  # one extra output class for the teacher's mass outside the kept set
     signal: str = "auto"  # "logits", "text" (CE only), or "auto": logits when the shards have them
-    # "teacher": input embeddings start from the teacher's rows (PCA to d_model) when the shards hold
+    # "teacher": input embeddings start from the teacher's vectors (PCA to d_model) when the shards hold
     # them, else random; "random": N(0, 0.02) like every other weight
     embed_init: str = "teacher"
     # Weight of the hidden-state loss when the shards hold the teacher's input hidden states and
@@ -111,6 +112,7 @@ class TrainConfig:
         need(0.0 <= self.warmup_frac < 1.0, "warmup_frac", "must be in [0, 1)")
         need(0.0 <= self.alpha < 1.0, "alpha", "must be in [0, 1)")
         need(self.weight_decay >= 0, "weight_decay", "must not be negative")
+        need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(self.grad_clip >= 0, "grad_clip", "must not be negative (0 disables clipping)")
         need(0 < self.temperature <= 100, "temperature", "must be in (0, 100]")
         need(isinstance(self.hidden_weight, (int, float)) and self.hidden_weight >= 0, "hidden_weight",
@@ -389,7 +391,7 @@ def load_checkpoint(out: Path, model: Student, opt: torch.optim.Optimizer, cfg: 
             raise TrainError(f"{path}: trained on shards with a different {key}; these shards cannot continue it "
                              "(use another --out)")
     # checkpoints from before these options: random input embeddings, no hidden-state loss
-    saved = {"embed_init": "random", "hidden_weight": 0.0, **blob["config"]}
+    saved = {"embed_init": "random", "hidden_weight": 0.0, "dropout": 0.0, **blob["config"]}
     diff = [f"{k}={saved.get(k)!r}" for k, v in cfg.to_dict().items() if k != "eval_limit" and saved.get(k) != v]
     if diff:
         raise TrainError(f"{path}: saved with other training options ({', '.join(diff)}); resume with the same options")
@@ -531,7 +533,7 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     scfg = config_for(
         cfg.preset, N_SPECIAL + len(shards.input_vocab), len(kept) + int(cfg.tail),
         max([task.inputs.max_tokens] + [len(e.inp) for e in train_set + val_set]),
-        max([task.output.max_tokens] + [len(e.out) for e in train_set + val_set]),
+        max([task.output.max_tokens] + [len(e.out) for e in train_set + val_set]), dropout=cfg.dropout,
     )
     seed_everything(cfg.seed)
     model = Student(scfg)

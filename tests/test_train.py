@@ -201,6 +201,22 @@ def test_teacher_init_resumes_bit_for_bit(tmp_path, tiny_tokenizer):
               progress=False)
 
 
+def test_dropout_regularises_training_only_and_resumes_bit_for_bit(tmp_path, tiny_tokenizer):
+    data = make_shards(tmp_path / "data", tiny_tokenizer, n=32)
+    cfg = TrainConfig(preset="nano", max_steps=4, batch_size=8, eval_limit=1, dropout=0.3)
+    whole, _ = _whole_and_resumed(data, tmp_path, cfg)  # dropout's random masks come back on resume
+    assert json.loads((whole / "config.json").read_text())["student"]["dropout"] == 0.3
+    plain = train(data, tmp_path / "plain", TrainConfig(**{**cfg.to_dict(), "dropout": 0.0}), progress=False)
+    assert [r["loss"] for r in steps(whole)][1:] != [r["loss"] for r in steps(plain)][1:]
+    # a loaded student predicts deterministically: dropout is off outside training
+    model = load_student(whole).model
+    b = train_mod.collate(load_split(ShardSet(data), "train", False, 4)[0], len(ShardSet(data).kept_vocab))
+    assert torch.equal(model(b.inp, b.out_in), model(b.inp, b.out_in))
+    assert not torch.equal(model.train()(b.inp, b.out_in), model(b.inp, b.out_in))
+    with pytest.raises(TrainError, match=r"dropout=1.0: must be in \[0, 1\)"):
+        TrainConfig(dropout=1.0)
+
+
 def test_hidden_state_loss_trains_a_probe_that_stays_out_of_the_student(tmp_path, tiny_tokenizer):
     hid = make_shards(tmp_path / "hid", tiny_tokenizer, n=48, hidden=12)
     assert ShardSet(hid).hidden_layer == 1 and next(ShardSet(hid).records()).hidden.shape == (12,)

@@ -274,7 +274,7 @@ def _save_input_embeddings(teacher: Teacher, input_ids: Sequence[int], texts: Se
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for b, q in enumerate(chunk):  # right padding: causal attention keeps real tokens exact
                 batch[b, :len(q)], mask[b, :len(q)] = torch.tensor(q), 1
-            states = teacher.model(input_ids=batch, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
+            states = _states_after(teacher.model, layer, input_ids=batch, attention_mask=mask)
             for b, q in enumerate(chunk):
                 at = torch.tensor([row_of[t] for t in q])
                 total.index_add_(0, at, states[b, :len(q)].double().cpu())
@@ -287,6 +287,32 @@ def _save_input_embeddings(teacher: Teacher, input_ids: Sequence[int], texts: Se
         rows[seen] = ctx * rows[seen].std(0) + rows[seen].mean(0)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(dest, save({"rows": rows.half().contiguous()}))
+
+
+class _Stop(Exception):
+    def __init__(self, states: torch.Tensor):
+        self.states = states
+
+
+def _states_after(model, layer: int, **inputs) -> torch.Tensor:
+    """The hidden states after decoder layer `layer` (1-based; as `hidden_states[layer]`), without
+    running the layers above it: half the compute for the middle layer."""
+    n = int(model.config.get_text_config().num_hidden_layers)
+    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n), None)
+    if blocks is None or not 1 <= layer < n:  # no layer list to stop at: run the whole model
+        return model(**inputs, output_hidden_states=True).hidden_states[layer]
+
+    def stop(module, args, out):
+        raise _Stop(out[0] if isinstance(out, tuple) else out)
+
+    hook = blocks[layer - 1].register_forward_hook(stop)
+    try:
+        model(**inputs)
+    except _Stop as s:
+        return s.states
+    finally:
+        hook.remove()
+    raise RuntimeError(f"layer {layer} of the teacher never ran")
 
 
 def _hidden_layer_spec(spec: int | str | None) -> int | str | None:

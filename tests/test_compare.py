@@ -170,8 +170,9 @@ def test_cli_reports_a_bad_plan_in_one_line(tmp_path, shards):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: plan {plan}, run 'odd': unknown field 'warmup'; expected TrainConfig fields "
-        "(alpha, batch_size, beta, curriculum, divergence, embed_init, epochs, eval_limit, grad_clip, hidden_weight, kl_end, "
-        "kl_start, limit_train, lr, max_steps, min_lr_ratio, preset, seed, signal, tail, temperature, warmup_frac, weight_decay)"]
+        "(alpha, batch_size, beta, curriculum, divergence, dropout, embed_init, epochs, eval_limit, grad_clip, hidden_weight, "
+        "kl_end, kl_start, limit_train, lr, max_steps, min_lr_ratio, preset, seed, signal, tail, temperature, warmup_frac, "
+        "weight_decay)"]
     assert not (tmp_path / "cmp").exists()  # nothing trained before the plan was checked
 
 

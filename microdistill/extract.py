@@ -7,9 +7,9 @@ Stages: read and filter the corpus; load the teacher; calibrate the kept output 
 a sample (grammar-only decoding, mean teacher probability per token); decode every input
 greedily under the grammar limited to the kept vocabulary, keeping the raw logits at the kept
 ids, the full-vocabulary log-sum-exp and the enum decision points; write shards, and one
-teacher vector per input token (its middle-layer state in context; a student's starting point). Re-running
-the same command continues where it stopped; the kept vocabulary of an existing folder is
-reused, never recomputed.
+teacher vector per input token (its middle-layer state in context; a student's starting
+point). Re-running the same command continues where it stopped; the kept vocabulary of an
+existing folder is reused, never recomputed.
 """
 
 from __future__ import annotations
@@ -264,13 +264,12 @@ def _save_input_embeddings(teacher: Teacher, input_ids: Sequence[int], texts: Se
     count = torch.zeros(len(ids), dtype=torch.float64)
     layer = hidden_layer_of(teacher, "middle")
     seqs = sorted((s for s in teacher.tokenizer(list(texts), add_special_tokens=False).input_ids if s), key=len)
-    pad = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else teacher.eos_id
     bar, job = _progress(progress, "reading inputs in context", len(seqs))
     with bar, torch.inference_mode():
         for k in range(0, len(seqs), 32):
             chunk = seqs[k:k + 32]
             width = max(len(q) for q in chunk)
-            batch = torch.full((len(chunk), width), pad, dtype=torch.long)
+            batch = torch.full((len(chunk), width), teacher.pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for b, q in enumerate(chunk):  # right padding: causal attention keeps real tokens exact
                 batch[b, :len(q)], mask[b, :len(q)] = torch.tensor(q), 1

@@ -134,7 +134,7 @@ class Decoder:
         self.model = teacher.model
         self.layout = prompt_layout(teacher, task)
         self.keep = None if keep_ids is None else torch.as_tensor(list(keep_ids), dtype=torch.long)
-        self.pad_id = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else teacher.eos_id
+        self.pad_id = teacher.pad_id
         self.prefix_cache = None
         if self.layout.prefix_ids:
             with torch.inference_mode():

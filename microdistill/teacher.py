@@ -97,6 +97,12 @@ class Teacher:
     source: str = ""
 
     @property
+    def pad_id(self) -> int:
+        """The id that fills padded positions: the tokenizer's pad token, else EOS."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.eos_id
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 

@@ -5,7 +5,8 @@
 Per output position the loss is `w_kl(t)·T²·D(p_teacher^T ‖ p_student^T) + (1 - w_kl(t))·CE`,
 with w_kl following a curriculum over all steps (cosine 0.9 -> 0.1 by default); text-only
 shards train with CE alone (sequence-level distillation). The input embeddings start from the
-teacher's vectors of the input tokens (see store.py), projected to the student's width by PCA, when the shards hold them (`embed_init`).
+teacher's vectors of the input tokens (see store.py), projected to the student's width by PCA,
+when the shards hold them (`embed_init`).
 When the shards also hold the teacher's hidden state of each input (extract's `--hidden-layer`),
 `hidden_weight · MSE` pulls the student's averaged input representation, through a linear probe,
 onto that state (standardised per dimension): hidden-state distillation, a far richer signal per

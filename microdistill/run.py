@@ -83,6 +83,9 @@ def run(cfg: RunConfig) -> Path:
     from microdistill.extract import extract
     from microdistill.train import TrainConfig, train
 
+    # a bad training option fails now, not after the extraction it would have waited for
+    tcfg = TrainConfig(preset=cfg.preset, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed,
+                       dropout=cfg.dropout, hidden_weight=cfg.hidden_weight, **cfg.extra_train)
     folder = Path(cfg.root) / cfg.name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "run.json"
@@ -106,8 +109,6 @@ def run(cfg: RunConfig) -> Path:
         cfg.task, corpus, cfg.teacher, shards, limit=cfg.limit, batch_size=cfg.batch_size,
         vocab_size=cfg.vocab_size, calibration=cfg.calibration, field=cfg.field, labels=labels,
         hidden_layer=cfg.hidden_layer), path)
-    tcfg = TrainConfig(preset=cfg.preset, epochs=cfg.epochs, max_steps=cfg.max_steps, seed=cfg.seed,
-                       dropout=cfg.dropout, hidden_weight=cfg.hidden_weight, **cfg.extra_train)
     _stage(state, "train", student, lambda: train(shards, student, tcfg, resume=(student / "checkpoint").exists()), path)
     _stage(state, "eval", report, lambda: evaluate(
         student, shards, report, teacher=cfg.teacher if cfg.eval_teacher else None), path)

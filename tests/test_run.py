@@ -87,6 +87,14 @@ def test_run_refuses_a_folder_holding_another_run(tmp_path, corpus, tiny_teacher
         run(_cfg(tmp_path, corpus, tiny_teacher_dir, epochs=1, eval_teacher=False, hidden_weight=0.0))
 
 
+def test_run_refuses_a_bad_training_option_before_any_work(tmp_path, corpus, tiny_teacher_dir):
+    from microdistill.train import TrainError
+
+    with pytest.raises(TrainError, match=r"dropout=1.5: must be in \[0, 1\)"):
+        run(_cfg(tmp_path, corpus, tiny_teacher_dir, dropout=1.5))
+    assert not (tmp_path / "runs").exists()  # no folder, no extraction
+
+
 def test_run_cli_missing_input_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(app, ["run", "--input", str(tmp_path / "nope.txt"), "--root", str(tmp_path)])
     assert result.exit_code != 0

@@ -291,7 +291,9 @@ def eval_(
         typer.echo(json.dumps(report, indent=1))
         return
     speed = report["speed"]
-    typer.echo(f"{report['n_eval']} {report['split']} examples: exact match {report['student_only_exact']:.2%}, "
+    lo, hi = report["student_only_exact_ci95"]
+    typer.echo(f"{report['n_eval']} {report['split']} examples: exact match {report['student_only_exact']:.2%} "
+               f"(95% interval {lo:.1%}–{hi:.1%}), "
                f"token accuracy {report['teacher_forced_token_acc']:.2%}, "
                f"valid JSON without the grammar {report['valid_json_unconstrained']:.2%}")
     if speed["speedup_p50"]:

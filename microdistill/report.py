@@ -140,16 +140,26 @@ def times(x: float | None) -> str:
 
 
 def _quality_md(r: dict) -> list[str]:
+    lo_hi = r.get("student_only_exact_ci95")
+    ci = f" (95% interval {pct(lo_hi[0])}–{pct(lo_hi[1])})" if lo_hi else ""
     lines = [
         "## Agreement with the teacher", "",
         "| metric | value |", "|---|---|",
-        f"| student-only exact match of the whole object (greedy, constrained) | {pct(r['student_only_exact'])} |",
+        f"| student-only exact match of the whole object (greedy, constrained) | {pct(r['student_only_exact'])}{ci} |",
         f"| teacher-forced token accuracy | {pct(r['teacher_forced_token_acc'])} |",
         f"| valid JSON with the grammar | {pct(r['valid_json_constrained'])} |",
         f"| valid JSON without the grammar | {pct(r['valid_json_unconstrained'])} |",
         "", "### Per field", "", "| field | agreement |", "|---|---|",
         *(f"| {name} | {pct(f['agreement'])} |" for name, f in r["fields"].items()),
     ]
+    groups = r.get("exact_by_teacher_certainty")
+    if groups:
+        lines += ["", "### Where the teacher hesitates", "",
+                  "Exact match by how sure the teacher was of its own answer (its probability of its least sure "
+                  "value, from the shards' decision points). Where it hesitates, small differences between inputs "
+                  "decide its answer, and that is where a student disagrees most.", "",
+                  "| held-out examples | n | student-only exact match |", "|---|---|---|"]
+        lines += [f"| {g['group']} | {g['n']} | {pct(g['exact']) if g['exact'] is not None else '—'} |" for g in groups]
     plots = r["plots"].get("confusion", {})
     if plots:
         lines += ["", "Confusion matrices: rows are the teacher's value, columns the student's.", ""]

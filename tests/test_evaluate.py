@@ -15,7 +15,8 @@ import torch
 from synthetic import make_shards
 
 from microdistill.evaluate import (
-    INVALID, EvalError, PeakMemory, agreement, confusion, evaluate, eval_split, field_agreement, human_accuracy, timing,
+    INVALID, EvalError, PeakMemory, agreement, confusion, evaluate, eval_split, exact_by_certainty, field_agreement,
+    human_accuracy, teacher_certainty, timing, wilson_interval,
 )
 from microdistill.store import Record, ShardSet, ShardWriter
 from microdistill.task import load_task
@@ -90,6 +91,42 @@ def test_human_accuracy_per_labelled_field():
         "sentiment": {"teacher_acc": 1.0, "student_acc": 0.5, "n": 2},
         "tone": {"teacher_acc": 0.0, "student_acc": 1.0, "n": 1},
     }
+
+
+def test_wilson_interval_against_known_values():
+    # 77 of 93 (the default run's held-out size): 82.8%, interval 73.9%..89.1%
+    lo, hi = wilson_interval(77, 93)
+    assert lo == pytest.approx(0.7387, abs=1e-4) and hi == pytest.approx(0.8912, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(10, 10)[1] == 1.0
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    narrow, wide = wilson_interval(800, 1000), wilson_interval(8, 10)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
+
+
+def test_exact_match_split_by_how_sure_the_teacher_was():
+    task = load_task("reddit-comment")
+    answer = {"tone": "neutral", "sentiment": "positive", "safety": "safe", "toxicity": "respectful"}
+
+    def record(sentiment_probs):
+        r = _record("x", dict(answer), None)
+        r.decisions = {"tone": np.array([0.05, 0.95]), "sentiment": np.array(sentiment_probs),
+                       "safety": np.array([0.0, 1.0]), "toxicity": np.array([0.1, 0.9])}
+        return r
+
+    records = [record([0.0, 0.1, 0.9]), record([0.0, 0.05, 0.95]), record([0.3, 0.1, 0.6]), record([0.4, 0.2, 0.4])]
+    # certainty: the teacher's probability of its own value, least sure field
+    assert [teacher_certainty(task, r) for r in records] == pytest.approx([0.9, 0.9, 0.6, 0.4])
+    wrong = {**answer, "sentiment": "negative"}
+    groups = exact_by_certainty(task, records, [answer, wrong, answer, None])
+    assert [(g["n"], g["exact"]) for g in groups] == [(2, 0.5), (2, 0.5)]
+    assert "sure" in groups[0]["group"] and "unsure" in groups[1]["group"]
+    assert exact_by_certainty(task, records, [answer, answer, wrong, wrong], threshold=0.5) == [
+        {"group": "teacher sure (every field ≥ 50%)", "n": 3, "exact": 2 / 3},
+        {"group": "teacher unsure (some field < 50%)", "n": 1, "exact": 0.0}]
+    records[0].decisions = {}  # shards without decision points: no split
+    assert teacher_certainty(task, records[0]) is None
+    assert exact_by_certainty(task, records, [answer] * 4) is None
 
 
 def test_timing_measures_per_input_latency_and_batched_throughput():
@@ -170,6 +207,11 @@ def test_report_numbers_match_a_hand_computation(trained, evaluated):
         m = np.array(f["confusion"]["matrix"])
         assert m.sum() == len(records)
         assert np.trace(m) / len(records) == pytest.approx(by_hand)
+    lo, hi = report["student_only_exact_ci95"]
+    assert lo <= report["student_only_exact"] <= hi and (lo, hi) == pytest.approx(wilson_interval(exact * len(records), len(records)))
+    groups = report["exact_by_teacher_certainty"]
+    assert sum(g["n"] for g in groups) == len(records)
+    assert sum(g["n"] * (g["exact"] or 0) for g in groups) == pytest.approx(exact * len(records))
     # The synthetic shards' labels are the teacher's own answers.
     assert set(report["human"]) == {"tone", "sentiment", "safety", "toxicity"}
     for name, h in report["human"].items():
@@ -202,8 +244,10 @@ def test_report_files(evaluated):
         assert key in report
     md = (out / "report.md").read_text()
     for section in ("## Agreement with the teacher", "### Per field", "## Against human labels",
-                    "## Teacher vs student", "## Learning curves", "## Notes"):
+                    "### Where the teacher hesitates", "## Teacher vs student", "## Learning curves", "## Notes"):
         assert section in md
+    lo, hi = report["student_only_exact_ci95"]
+    assert f"(95% interval {100 * lo:.2f}%–{100 * hi:.2f}%)" in md
     # Synthetic shards record no extraction time: no cost section, and the report says why.
     assert "## Cost" not in md and any("no cost section" in n and "extract_s" in n for n in report["notes"])
     pngs = ["learning_curves.png"] + [f"confusion_{n}.png" for n in ("tone", "sentiment", "safety", "toxicity")]

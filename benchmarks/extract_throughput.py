@@ -20,10 +20,10 @@ from microdistill.constrain import Grammar
 from microdistill.corpus import filter_inputs, read_corpus
 from microdistill.extract import build_vocab, calibrate, decode_into
 from microdistill.generation import Decoder
-from microdistill.run import sample_corpus
+from microdistill.pipeline import sample_corpus
 from microdistill.store import ShardWriter
 from microdistill.task import load_task
-from microdistill.teacher import DEFAULT_TEACHER, load_teacher
+from microdistill.teachers import DEFAULT_TEACHER, load_teacher
 
 
 def main() -> None:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from microdistill.store import ShardSet
-from microdistill.teacher import DEFAULT_TEACHER, Teacher, load_teacher
+from microdistill.teachers import DEFAULT_TEACHER, load_teacher
+from microdistill.teachers.hf import HFTeacher
 
 
 def json_line(r, logits: np.ndarray) -> str:
@@ -30,7 +31,7 @@ def json_line(r, logits: np.ndarray) -> str:
 
 
 @torch.inference_mode()
-def float32_logits(teacher: Teacher, task, r, kept: np.ndarray) -> np.ndarray:
+def float32_logits(teacher: HFTeacher, task, r, kept: np.ndarray) -> np.ndarray:
     """The teacher's float32 logits at the kept ids for each answer step: [n_out, K]."""
     prompt = teacher.tokenizer(teacher.prompt_text(task, r.text), add_special_tokens=False).input_ids
     ids = torch.tensor([prompt + r.output_ids[:-1].tolist()])
@@ -49,12 +50,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.shards
         if path is None:
-            from microdistill.extract import extract
-            from microdistill.run import sample_corpus
+            from microdistill.extract import ExtractConfig, extract
+            from microdistill.pipeline import sample_corpus
 
             teacher = load_teacher(args.teacher)
-            path = extract("reddit-comment", sample_corpus(), teacher, Path(tmp) / "shards", limit=args.n,
-                           calibration=min(args.n, 64), progress=False)
+            path = extract(sample_corpus(), Path(tmp) / "shards", ExtractConfig(limit=args.n, calibration=min(args.n, 64)),
+                           teacher=teacher, progress=False)
         shards = ShardSet(path, verify=True)
         records = shards.load()[: args.n]
         m = shards.manifest

@@ -2,8 +2,8 @@
 
     python benchmarks/train_throughput.py [--steps 8] [--batch-size 32] [--threads N]
 
-Each preset runs the real training step (train.collate -> train.batch_loss -> backward ->
-clip -> AdamW) on random examples shaped like the reddit-comment task with a real teacher's
+Each preset runs the real training step (students.data.collate, then train.train_step: the
+schedule, forward, loss, backward, clipping and AdamW) on random examples shaped like the reddit-comment task with a real teacher's
 vocabulary: 512 kept output classes, 5,000 input rows, inputs of 8-25 tokens, outputs of 18
 tokens, float16 teacher logits. Two warm-up steps are not timed. Tokens are the positions
 through the model (BOS, input, SEP, outputs), as training.json counts them.
@@ -17,8 +17,10 @@ import time
 import numpy as np
 import torch
 
-from microdistill.student import N_SPECIAL, Student, config_for, count_parameters
-from microdistill.train import Example, TrainConfig, batch_loss, collate, make_optimizer
+from microdistill.students.data import Example, collate
+from microdistill.students.decoder import N_SPECIAL, Student, config_for, count_parameters
+from microdistill.train import TrainConfig, train_step
+from microdistill.train.loop import make_optimizer
 
 KEPT, INPUT_ROWS, OUT_LEN, MAX_IN, MAX_OUT = 512, 5000, 18, 25, 50
 
@@ -42,11 +44,7 @@ def measure(preset: str, steps: int, batch_size: int, rng: np.random.Generator) 
     tokens, elapsed = 0, 0.0
     for i, b in enumerate(batches):
         t0 = time.perf_counter()
-        parts, _ = batch_loss(model, b, cfg, w_kl=0.5, progress=i / len(batches))
-        opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        train_step(model, opt, b, cfg, step=i, total=len(batches), use_logits=True)
         if i >= 2:
             elapsed += time.perf_counter() - t0
             tokens += b.n_tokens

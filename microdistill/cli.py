@@ -1,6 +1,10 @@
-"""The `microdistill` command: a thin layer over the library; each verb calls one function.
+"""The `microdistill` command: a thin layer over the library; each verb builds a config and calls one function.
 
     microdistill --help
+
+Library modules are imported inside each verb, so `--help` never imports torch. Every option's
+default is the default of its config class (TrainConfig, ExtractConfig, EvalConfig, CostConfig,
+RunConfig); tests/test_cli.py holds the two to each other.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from typing import Optional
 
 import typer
 
+from microdistill.errors import UserError
+
 
 app = typer.Typer(
     add_completion=False,
@@ -18,25 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Distil one narrow LLM call into a tiny, fast student model.",
 )
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user can fix; anything else is a bug and keeps its traceback.
-
-    Imported only when something went wrong: several of these modules import torch, which
-    would otherwise cost every `microdistill --help` seconds of start-up.
-    """
-    from microdistill.corpus import CorpusError
-    from microdistill.cost import CostError
-    from microdistill.evaluate import EvalError
-    from microdistill.extract import ExtractError
-    from microdistill.run import RunError
-    from microdistill.store import StoreError
-    from microdistill.task import TaskError
-    from microdistill.teacher import TeacherError
-
-    return (TaskError, StoreError, RunError, CorpusError, CostError, FileNotFoundError, EvalError, TeacherError,
-            ExtractError)
-
 
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -72,7 +59,7 @@ def run(
     vocab_size: int = typer.Option(512, help="Size of the kept output vocabulary."),
     hidden_layer: str = typer.Option("last", help="Teacher layer whose hidden state of each input is stored for hidden-state "
                                      "distillation: last, middle, a number, or none."),
-    preset: str = typer.Option("micro", help="Student size preset: nano, micro, small."),
+    preset: str = typer.Option("micro", help="Student size preset: nano, micro, small, large."),
     epochs: int = typer.Option(20, help="Training epochs."),
     dropout: float = typer.Option(0.1, help="Dropout on the student's residual branches while training."),
     hidden_weight: float = typer.Option(1.0, help="Weight of the hidden-state loss (0: off)."),
@@ -81,14 +68,19 @@ def run(
     eval_teacher: bool = typer.Option(True, help="Time the teacher beside the student in the report."),
 ) -> None:
     """Extract, train and evaluate in one go, under runs/NAME/ (re-run to resume)."""
-    from microdistill.run import RunConfig, run as run_pipeline
+    from microdistill.evaluate import EvalConfig
+    from microdistill.extract import ExtractConfig
+    from microdistill.pipeline import RunConfig, run as run_pipeline
+    from microdistill.train import TrainConfig
 
     labels = _parse_pairs(label, "--label") or None
     run_pipeline(RunConfig(
-        name=name, root=str(root), input=str(input) if input else None, field=field, labels=labels,
-        task=task, teacher=teacher, limit=limit, batch_size=batch_size, vocab_size=vocab_size,
-        hidden_layer=hidden_layer, preset=preset, epochs=epochs, dropout=dropout, hidden_weight=hidden_weight,
-        max_steps=max_steps, seed=seed, eval_teacher=eval_teacher,
+        name=name, root=str(root), input=str(input) if input else None,
+        extract=ExtractConfig(task=task, teacher=teacher, field=field, labels=labels, limit=limit,
+                              batch_size=batch_size, vocab_size=vocab_size, hidden_layer=hidden_layer),
+        train=TrainConfig(preset=preset, epochs=epochs, dropout=dropout, hidden_weight=hidden_weight,
+                          max_steps=max_steps, seed=seed),
+        eval=EvalConfig(time_teacher=eval_teacher),
     ))
 
 
@@ -136,8 +128,11 @@ def cost(
     """Break-even of the student against the teacher: cost per day, one-off cost, days to pay back."""
     import json
 
-    from microdistill.cost import CostConfig, RunFiles, analyse, summary_rows, write_outputs
-    from microdistill.forecast import learning_forecast, measure_throughput, parse_points, plan_from_forecast
+    from microdistill.cost import CostConfig
+    from microdistill.extract import ExtractConfig
+    from microdistill.forecast import cost_analysis, parse_points
+    from microdistill.pipeline import sample_corpus
+    from microdistill.report import summary_rows
 
     cfg = CostConfig(
         calls_per_day=calls_per_day, machine_usd_per_hour=machine_usd_per_hour,
@@ -146,20 +141,11 @@ def cost(
         input_tokens=input_tokens, output_tokens=output_tokens, teacher_usd_per_call=teacher_usd_per_call,
         student_usd_per_call=student_usd_per_call, basis=basis, corpus_size=corpus_size, epochs=epochs,
     )
-    out = out or (run_dir / "cost" if run_dir else Path("cost"))
-    throughput = None
-    if measure:
-        from microdistill.run import sample_corpus
-
-        throughput = measure_throughput(task, input or sample_corpus(), teacher, out / "measure", preset=preset,
-                                        sample=sample, train_steps=train_steps)
-        shards = shards or out / "measure" / "shards"
-    files = RunFiles.resolve(run_dir, shards=shards, student=student, report=report)
-    fc = None
-    if target_agreement is not None:
-        fc = learning_forecast(files.shards, out, target_agreement, parse_points(points) if points else None, preset=preset)
-        cfg = plan_from_forecast(cfg, fc)
-    analysis = write_outputs(analyse(files, cfg, throughput=throughput, forecast=fc), out)
+    analysis = cost_analysis(
+        run_dir, cfg, out or (run_dir / "cost" if run_dir else Path("cost")), shards=shards, student=student,
+        report=report, measure=ExtractConfig(task=task, teacher=teacher) if measure else None,
+        corpus=input or sample_corpus(), preset=preset, sample=sample, train_steps=train_steps,
+        target_agreement=target_agreement, points=parse_points(points) if points else None)
     if json_out:
         typer.echo(json.dumps(analysis.to_dict(), indent=1))
         return
@@ -179,7 +165,7 @@ def cost(
 def train(
     data: Path = typer.Option(..., help="Shard folder written by extract."),
     out: Path = typer.Option(..., help="Student folder to write (model, config, tokenizer, metrics, checkpoint)."),
-    preset: str = typer.Option("micro", help="Student size preset: nano, micro, small, seed."),
+    preset: str = typer.Option("micro", help="Student size preset: nano, micro, small, large."),
     epochs: int = typer.Option(10, help="Passes over the training split."),
     batch_size: int = typer.Option(32, help="Examples per optimiser step."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (linear warm-up, then cosine)."),
@@ -193,9 +179,9 @@ def train(
     temperature: float = typer.Option(1.0, help="Distillation temperature T."),
     beta: float = typer.Option(0.5, help="JSD mixing weight (--divergence jsd)."),
     alpha: float = typer.Option(0.1, help="Skew (--divergence skew_kl)."),
-    curriculum: str = typer.Option("cosine", help="Schedule of the KL weight: cosine, linear, constant or step."),
-    kl_start: float = typer.Option(0.9, help="KL weight at the start (CE gets 1 - it)."),
-    kl_end: float = typer.Option(0.1, help="KL weight at the end."),
+    curriculum: str = typer.Option("cosine", help="Schedule of the divergence's weight: cosine, linear, constant or step."),
+    divergence_start: float = typer.Option(0.9, help="The divergence's weight at the start (CE gets 1 - it)."),
+    divergence_end: float = typer.Option(0.1, help="The divergence's weight at the end."),
     tail: bool = typer.Option(False, help="Add an output class for the teacher's mass outside the kept vocabulary."),
     signal: str = typer.Option("auto", help="Teacher signal: logits, text (CE only), or auto."),
     embed_init: str = typer.Option("teacher", help="Input embeddings: teacher (the teacher's rows, PCA to the "
@@ -216,7 +202,8 @@ def train(
     cfg = TrainConfig(
         preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, min_lr_ratio=min_lr_ratio, warmup_frac=warmup_frac,
         weight_decay=weight_decay, grad_clip=grad_clip, dropout=dropout, seed=seed, divergence=divergence,
-        temperature=temperature, beta=beta, alpha=alpha, curriculum=curriculum, kl_start=kl_start, kl_end=kl_end,
+        temperature=temperature, beta=beta, alpha=alpha, curriculum=curriculum, divergence_start=divergence_start,
+        divergence_end=divergence_end,
         tail=tail, signal=signal, embed_init=embed_init, hidden_weight=hidden_weight, max_steps=max_steps,
         limit_train=limit_train, eval_limit=eval_limit,
     )
@@ -242,7 +229,7 @@ def predict(
     import json
 
     from microdistill.predict import predict as run_predict
-    from microdistill.saved import load_student
+    from microdistill.students.saved import load_student
 
     items = list(texts or [])
     if input is not None:
@@ -275,18 +262,13 @@ def eval_(
     """Agreement with the teacher, speed, size and memory -> report.md, PNG plots and report.json."""
     import json
 
-    from microdistill.evaluate import evaluate
-    from microdistill.saved import StudentFolderError
-    from microdistill.teacher import TeacherError
+    from microdistill.evaluate import EvalConfig
+    from microdistill.report import make_report
 
-    if teacher is not None and no_teacher:
-        fail("--teacher and --no-teacher contradict each other; give one")
+    cfg = EvalConfig(teacher=teacher, time_teacher=not no_teacher, limit=limit, timing_inputs=timing_inputs,
+                     batch_size=batch_size)
     out = out or student.parent / "eval"
-    try:
-        report = evaluate(student, data, out, teacher=teacher, limit=limit, teacher_from_manifest=not no_teacher,
-                          timing_n=timing_inputs, batch_size=batch_size, progress=not quiet)
-    except (StudentFolderError, TeacherError) as e:
-        fail(str(e))
+    report = make_report(student, data, out, cfg, progress=not quiet)
     if json_out:
         typer.echo(json.dumps(report, indent=1))
         return
@@ -319,11 +301,12 @@ def extract(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Label a corpus with the teacher under the task's schema and store its logits as shards."""
-    from microdistill.extract import extract as run_extract
+    from microdistill.extract import ExtractConfig, extract as run_extract
 
-    path = run_extract(task, input, teacher, out, limit=limit, batch_size=batch_size, vocab_size=vocab_size,
-                       calibration=calibration, field=field, labels=_parse_pairs(label, "--label") or None,
-                       hidden_layer=hidden_layer, progress=not quiet)
+    cfg = ExtractConfig(task=task, teacher=teacher, field=field, labels=_parse_pairs(label, "--label") or None,
+                        limit=limit, batch_size=batch_size, vocab_size=vocab_size, calibration=calibration,
+                        hidden_layer=hidden_layer)
+    path = run_extract(input, out, cfg, progress=not quiet)
     typer.echo(f"shards: {path}")
 
 
@@ -335,7 +318,7 @@ def inspect(
     """Check a shard folder and summarise it: counts, labels, vocabulary, size, teacher, timings."""
     import json
 
-    from microdistill.extract import inspect as run_inspect
+    from microdistill.store import inspect as run_inspect
 
     info = run_inspect(data)
     if json_out:
@@ -410,9 +393,7 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.secho("interrupted; finished work is saved, re-run the same command to continue", err=True)
         sys.exit(130)
-    except Exception as e:
-        if not isinstance(e, user_errors()):
-            raise
+    except UserError as e:
         # Outside the typer app a typer.Exit would not be handled: print and exit directly.
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(2)

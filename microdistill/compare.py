@@ -14,24 +14,27 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from microdistill.report import _save, _smooth, pct, read_metrics
-from microdistill.store import ShardSet, StoreError, atomic_write_bytes, atomic_write_json
-from microdistill.train import TrainConfig, TrainError, has_run, train
+from microdistill.console import say
+from microdistill.errors import UserError
+from microdistill.files import atomic_write_bytes, atomic_write_json
+from microdistill.report import pct, read_metrics, save_plot, smooth
+from microdistill.store import ShardSet
+from microdistill.train import TrainConfig, TrainError, train_once, train_sizes
 
 # name -> (what it is, TrainConfig overrides). Everything not overridden is TrainConfig's default.
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "curriculum": ("forward KL, w_kl cosine 0.9 → 0.1 (the default; with the hidden-state loss where the shards "
+    "curriculum": ("forward KL, w_div cosine 0.9 → 0.1 (the default; with the hidden-state loss where the shards "
                    "hold teacher hidden states, as every logit-based configuration)", {}),
     "no_hidden": ("the default without the hidden-state loss", {"hidden_weight": 0.0}),
     "ce": ("CE on the teacher's tokens only: sequence-level KD, uses only its text", {"signal": "text"}),
-    "kd": ("forward KL only (w_kl = 1)", {"curriculum": "constant", "kl_start": 1.0, "kl_end": 1.0}),
-    "mix": ("classic constant mix 0.5·CE + 0.5·KL", {"curriculum": "constant", "kl_start": 0.5, "kl_end": 0.5}),
-    "linear": ("forward KL, w_kl linear 0.9 → 0.1", {"curriculum": "linear"}),
-    "step": ("forward KL, w_kl in 4 steps 0.9 → 0.1", {"curriculum": "step"}),
+    "kd": ("forward KL only (w_div = 1)", {"curriculum": "constant", "divergence_start": 1.0, "divergence_end": 1.0}),
+    "mix": ("classic constant mix 0.5·CE + 0.5·KL", {"curriculum": "constant", "divergence_start": 0.5, "divergence_end": 0.5}),
+    "linear": ("forward KL, w_div linear 0.9 → 0.1", {"curriculum": "linear"}),
+    "step": ("forward KL, w_div in 4 steps 0.9 → 0.1", {"curriculum": "step"}),
     "reverse_kl": ("reverse KL (mode-seeking), cosine curriculum", {"divergence": "reverse_kl"}),
     "jsd": ("generalised JSD, β = 0.5, cosine curriculum", {"divergence": "jsd", "beta": 0.5}),
     "skew_kl": ("skew forward KL, α = 0.1, cosine curriculum", {"divergence": "skew_kl", "alpha": 0.1}),
@@ -46,7 +49,7 @@ NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 RESERVED = {"sizes"}  # out/sizes/ holds the data-efficiency runs
 
 
-class CompareError(StoreError):
+class CompareError(UserError):
     """A comparison that cannot run as asked (unknown configuration, bad plan file); one line."""
 
 
@@ -100,6 +103,7 @@ def resolve(entry: str | dict[str, Any], where: str) -> tuple[str, str, dict[str
     for key, value in entry.items():
         if key in ("name", "base"):
             continue
+        key = TrainConfig.renamed.get(key, key)
         if key not in known:
             raise CompareError(f"{where}: unknown field {key!r}; expected TrainConfig fields ({', '.join(sorted(known))})")
         if key in SHARED:
@@ -152,21 +156,6 @@ def build_runs(configs: list[str | dict], shared: dict[str, Any], common: dict[s
 
 
 # ---- training and reading back ----------------------------------------------------------------
-def train_once(data_dir: Path, run_dir: Path, cfg: TrainConfig, progress: bool) -> None:
-    """Train into run_dir unless a finished run with this exact config is already there."""
-    done = run_dir / "training.json"
-    if done.is_file():
-        # through TrainConfig, so that options newer than the run read as their defaults (an older
-        # run could not have used them: e.g. hidden states exist only in shards that newer code wrote)
-        saved = TrainConfig.from_dict(json.loads(done.read_text()).get("config", {})).to_dict()
-        diff = [f"{k}={saved.get(k)!r}" for k, v in cfg.to_dict().items() if saved.get(k) != v]
-        if diff:
-            raise CompareError(f"{run_dir}: holds a finished run with other options ({', '.join(diff)}); "
-                               "delete it or choose another --out")
-        return
-    train(data_dir, run_dir, cfg, resume=has_run(run_dir), progress=progress)
-
-
 def summarise(run_dir: Path) -> dict[str, Any]:
     """A finished run's numbers: the last held-out evaluation and the last training step."""
     steps, evals = read_metrics(run_dir / "metrics.jsonl")
@@ -179,7 +168,7 @@ def summarise(run_dir: Path) -> dict[str, Any]:
         "field_agreement": final["val_field_agreement"], "val_examples": final["val_examples"],
         "train_loss": last["loss"], "train_ce": last["ce"],
         # Text-only training has no KL term: 0 there would read as a perfect match.
-        "train_kl": last["kl"] if stats["signal"] == "logits" else None,
+        "train_divergence": last["divergence"] if stats["signal"] == "logits" else None,
         "steps": stats["steps"], "epochs": stats["epochs"], "wall_s": stats["wall_s"],
         "examples": stats["examples"], "signal": stats["signal"],
     }
@@ -229,7 +218,7 @@ def plot_curves(runs: list[tuple[str, Path]], path: Path) -> str:
         x = [r["step"] for r in steps]
         window = max(len(steps) // 25, 1)
         for ax, key in ((a_loss, "loss"), (a_ce, "ce")):
-            y = _smooth([r[key] for r in steps], window) if steps else []
+            y = smooth([r[key] for r in steps], window) if steps else []
             ax.plot(x, y, lw=1.2, label=name, **_style(i))
     a_exact.set(title="held-out exact match (each epoch end)", xlabel="step", ylim=(-0.02, 1.02))
     a_tok.set(title="held-out token accuracy, teacher-forced (each epoch end)", xlabel="step", ylim=(-0.02, 1.02))
@@ -242,7 +231,7 @@ def plot_curves(runs: list[tuple[str, Path]], path: Path) -> str:
     for ax in (a_exact, a_tok, a_loss, a_ce):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2 if len(runs) > 6 else 1)
-    return _save(fig, Path(path))
+    return save_plot(fig, Path(path))
 
 
 def plot_efficiency(eff: dict[str, list[dict]], path: Path) -> str:
@@ -265,7 +254,7 @@ def plot_efficiency(eff: dict[str, list[dict]], path: Path) -> str:
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, Path(path))
+    return save_plot(fig, Path(path))
 
 
 def _efficiency_md(eff: dict[str, list[dict]], reference: str = "ce") -> list[str]:
@@ -308,13 +297,13 @@ def markdown(result: dict[str, Any]) -> str:
              f"Shards `{result['data']}` ({result['n_train']} training examples, {rows[0]['val_examples']} held-out scored); "
              f"student preset `{result['preset']}`, seed {result['seed']}, {budget} each.", "",
              "| configuration | held-out exact match | token accuracy | " + " | ".join(field_names)
-             + " | train loss | train KL | train CE | steps | wall time |",
+             + " | train loss | train divergence | train CE | steps | wall time |",
              "|---|" + "---:|" * (len(field_names) + 7)]
     for r in rows:
-        kl = "—" if r["train_kl"] is None else f"{r['train_kl']:.4f}"
+        div = "—" if r["train_divergence"] is None else f"{r['train_divergence']:.4f}"
         lines.append(f"| {r['name']} | {pct(r['exact_match'])} | {pct(r['token_acc'])} | "
                      + " | ".join(pct(r["field_agreement"][f]) for f in field_names)
-                     + f" | {r['train_loss']:.4f} | {kl} | {r['train_ce']:.4f} | {r['steps']} | {r['wall_s']:.1f} s |")
+                     + f" | {r['train_loss']:.4f} | {div} | {r['train_ce']:.4f} | {r['steps']} | {r['wall_s']:.1f} s |")
     v = result["verdict"]
     lines.append("")
     if v["runner_up"] is None:
@@ -322,7 +311,7 @@ def markdown(result: dict[str, Any]) -> str:
     else:
         lines.append(_verdict_md(v, rows[0]["val_examples"]))
     lines += ["", "Held-out numbers are from each run's last evaluation, training numbers from its last step. "
-              "Train loss is each configuration's own objective (w_kl·D + (1 − w_kl)·CE) and is not comparable "
+              "Train loss is each configuration's own objective (w_div·D + (1 − w_div)·CE) and is not comparable "
               "across rows; train CE (on the teacher's token) is.", "", "| configuration | what it is |", "|---|---|"]
     lines += [f"| {r['name']} | {r['description']} |" for r in rows]
     lines += ["", "![learning curves](curves.png)", ""]
@@ -366,8 +355,7 @@ def compare(data_dir: Path, out_dir: Path, configs: list[str] | list[dict], pres
     used = min(limit_train or n_train, n_train)
     rows = []
     for i, (name, what, cfg) in enumerate(runs):
-        if progress:
-            print(f"[{i + 1}/{len(runs)}] {name}: {what}")
+        say(f"[{i + 1}/{len(runs)}] {name}: {what}", progress)
         train_once(shards.dir, out / name, cfg, progress)
         rows.append({"name": name, "description": what, "dir": str(out / name), "config": cfg.to_dict(),
                      **summarise(out / name)})
@@ -389,18 +377,15 @@ def efficiency(data_dir: Path, out: Path, runs: list[tuple[str, str, TrainConfig
     """Each configuration trained on the first n training examples for each size, then the full
     run as the last point: a size at or above the examples available would be the same examples,
     so the same weights."""
-    sizes = [n for n in sizes if n < used] + [used]
+    sizes = [n for n in sizes if n < used]
     eff: dict[str, list[dict]] = {}
     for name, _, cfg in runs:
-        points = []
-        for n in sizes:
-            run_dir = out / name if n >= used else out / "sizes" / name / f"n{n}"
-            if n < used:
-                if progress:
-                    print(f"{name} on {n} training examples")
-                train_once(data_dir, run_dir, replace(cfg, limit_train=n), progress)
-            s = summarise(run_dir)
-            points.append({"examples": s["examples"], "exact_match": s["exact_match"], "token_acc": s["token_acc"],
-                           "steps": s["steps"], "dir": str(run_dir)})
-        eff[name] = points
+        points = train_sizes(data_dir, cfg, sizes, lambda n: out / "sizes" / name / f"n{n}", progress)
+        points.append({"examples": used, "dir": str(out / name)})
+        eff[name] = [{**summary_point(Path(p["dir"])), "dir": p["dir"]} for p in points]
     return eff
+
+
+def summary_point(run_dir: Path) -> dict[str, Any]:
+    s = summarise(run_dir)
+    return {"examples": s["examples"], "exact_match": s["exact_match"], "token_acc": s["token_acc"], "steps": s["steps"]}

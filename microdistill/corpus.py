@@ -14,21 +14,33 @@ rule dropped, so a run can say why 10,000 lines became 6,000 examples.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from microdistill.store import normalise
+from microdistill.errors import UserError
 from microdistill.task import Task
 
 FORMATS = ".txt, .jsonl, .csv, .parquet or a Hugging Face datasets folder"
 _DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """A corpus that cannot be read or yields no usable input; one line for the user."""
+
+
+def normalise(text: str) -> str:
+    """The form two inputs must share to count as duplicates (and to share a split)."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().casefold()
+
+
+def example_id(text: str) -> str:
+    """An input's identity: duplicates share it, and the held-out split is drawn from it."""
+    return hashlib.sha256(normalise(text).encode()).hexdigest()[:16]
 
 
 @dataclass

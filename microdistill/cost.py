@@ -17,24 +17,24 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from microdistill.store import atomic_write_json, save_figure
-
-if TYPE_CHECKING:
-    from microdistill.forecast import Estimate, Throughput
+from microdistill.config import Options
+from microdistill.errors import UserError
+from microdistill.files import read_json as _read_json
+from microdistill.store import VAL_FRACTION
 
 DAYS_PER_YEAR = 365
 TOKEN_SAMPLE = 200  # examples whose prompts are tokenised to measure tokens per call
 
 
-class CostError(ValueError):
+class CostError(UserError):
     """A price, rate or run log that cannot be used; the message is one line for the user."""
 
 
 # ---- inputs -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class CostConfig:
+class CostConfig(Options):
     """Every price and rate of the analysis; field names are the CLI flags (`_` -> `-`).
 
     Default prices are examples (a small cloud CPU VM; a small hosted model's API price),
@@ -71,15 +71,9 @@ class CostConfig:
 
 
 def read_json(path: Path, what: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CostError(f"{path}: not found ({what})")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CostError(f"{path}: not valid JSON ({e})") from None
+    data = _read_json(path, what, CostError)
     if not isinstance(data, dict):
-        raise CostError(f"{path}: expected a JSON object")
+        raise CostError(f"{path}: expected a JSON object ({what})")
     return data
 
 
@@ -226,6 +220,85 @@ def student_per_call(cfg: CostConfig, speed: tuple[dict, Path] | None) -> PerCal
     return speed_usd_per_call(speed[0], "student", cfg.machine_usd_per_hour, cfg.basis, speed[1])
 
 
+# ---- time: measured throughput scaled to a corpus ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Throughput:
+    """Measured speeds that scale with corpus size."""
+
+    extract_examples_per_s: float  # teacher-labelled examples per second
+    train_examples_per_s: float  # training examples x epochs per second
+    epochs: float  # epochs of the measured training
+
+    def __post_init__(self) -> None:
+        for name in ("extract_examples_per_s", "train_examples_per_s", "epochs"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise CostError(f"throughput {name} must be a positive number, got {v}")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    corpus_size: int
+    epochs: float
+    extract_s: float
+    train_s: float
+
+
+def estimate_time(corpus_size: int, throughput: Throughput, epochs: float | None = None,
+                  val_fraction: float = VAL_FRACTION) -> Estimate:
+    """Extraction and training seconds for `corpus_size` inputs that reach the teacher.
+
+    Extraction labels all of them; training passes over the train split (`1 - val_fraction`
+    of them) once per epoch.
+    """
+    if isinstance(corpus_size, bool) or not isinstance(corpus_size, int) or corpus_size <= 0:
+        raise CostError(f"--corpus-size must be a positive integer, got {corpus_size}")
+    epochs = throughput.epochs if epochs is None else epochs
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise CostError(f"--epochs must be a positive number, got {epochs}")
+    extract_s = corpus_size / throughput.extract_examples_per_s
+    train_s = corpus_size * (1 - val_fraction) * epochs / throughput.train_examples_per_s
+    return Estimate(corpus_size, epochs, extract_s, train_s)
+
+
+def example_epochs(training: dict, tpath: Path, manifest: dict, mpath: Path) -> float:
+    """Training examples processed, repeats counted: full epochs plus a partial last one.
+
+    A run cut short by a step budget still logs its last epoch as a whole one, so the steps
+    and batch size (when logged) say how far it really got.
+    """
+    # Training may have used a subset of the train split (limit_train); its log says so.
+    n = need(training, "examples", tpath) if "examples" in training else need(manifest, "counts.train", mpath)
+    batch, steps = training.get("config", {}).get("batch_size"), training.get("steps")
+    if batch and steps:
+        full, rest = divmod(int(steps), math.ceil(n / batch))
+        return full * n + min(rest * batch, n)
+    return n * need(training, "epochs", tpath)
+
+
+def throughput_from_logs(shards: Path, student: Path) -> Throughput:
+    """Steady-state throughput of a finished extraction and training, from their own logs.
+
+    Extraction: the manifest's examples/s (no model loading or calibration). Training: the
+    optimiser steps' own time (`train_s`; `wall_s` when absent), so the held-out evaluation
+    after each epoch, which a short measurement over-weights, is left out.
+    """
+    files = RunFiles(shards=Path(shards), student=Path(student))
+    manifest, mpath = files.manifest()
+    training, tpath = files.training()
+    extract_per_s = need(manifest, "timings.examples_per_s", mpath)
+    seconds = need(training, "train_s" if "train_s" in training else "wall_s", tpath)
+    # The configured epochs, not the logged count: a step-budget measurement runs part of one.
+    epochs = training.get("config", {}).get("epochs") or need(training, "epochs", tpath)
+    return Throughput(extract_per_s, example_epochs(training, tpath, manifest, mpath) / seconds, float(epochs))
+
+
+def estimated_one_off(cfg: CostConfig, throughput: Throughput) -> OneOff:
+    est = estimate_time(cfg.corpus_size, throughput, cfg.epochs)
+    usd = machine_usd(cfg.teacher_usd_per_hour, est.extract_s) + machine_usd(cfg.machine_usd_per_hour, est.train_s)
+    return OneOff(usd, est.extract_s, est.train_s, f"estimate for {cfg.corpus_size:,} examples", est)
+
+
 # ---- one-off cost: measured, or estimated from throughput ------------------------------------
 @dataclass(frozen=True)
 class OneOff:
@@ -327,11 +400,7 @@ def analyse(files: RunFiles, cfg: CostConfig = CostConfig(), speed: dict | None 
         if throughput is None:
             if files.shards is None or files.student is None:
                 raise CostError("no throughput to estimate from: pass a run folder, --shards and --student, or --measure")
-            from microdistill.forecast import throughput_from_logs
-
             throughput = throughput_from_logs(files.shards, files.student)
-        from microdistill.forecast import estimated_one_off
-
         one_off = estimated_one_off(cfg, throughput)
     else:
         one_off = measured_one_off(cfg, files)
@@ -339,98 +408,3 @@ def analyse(files: RunFiles, cfg: CostConfig = CostConfig(), speed: dict | None 
     if student.usd >= teacher.usd:
         notes.append("the student costs at least as much per call as the teacher: it never pays back")
     return Analysis(cfg, teacher, student, one_off, forecast=forecast, notes=notes)
-
-
-# ---- rendering --------------------------------------------------------------------------------
-def usd(x: float) -> str:
-    """Money for people: cents for sums, three significant digits for per-call fractions."""
-    if abs(x) >= 0.01 or x == 0:
-        return f"-${-x:,.2f}" if x < 0 else f"${x:,.2f}"
-    return f"${x:.3g}"
-
-
-def duration(seconds: float) -> str:
-    hours = seconds / 3600
-    return f"{hours:,.1f} h" if hours >= 1 else f"{seconds / 60:,.1f} min"
-
-
-def summary_rows(a: Analysis) -> list[tuple[str, str, str]]:
-    """(figure, value, how it was obtained): one source for the CLI table and the report."""
-    c, o = a.config, a.one_off
-    days, calls = a.break_even_days, a.break_even_calls
-    rows = [
-        ("calls per day", f"{c.calls_per_day:,.0f}", "assumed"),
-        ("teacher cost per call", usd(a.teacher.usd), a.teacher.basis),
-        ("student cost per call", usd(a.student.usd), a.student.basis),
-        ("teacher cost per day", usd(a.teacher_per_day), ""),
-        ("student cost per day", usd(a.student_per_day), ""),
-        ("saving per day", usd(a.saving_per_day), ""),
-        ("one-off cost of distilling", usd(o.usd),
-         f"{o.basis}: extraction {duration(o.extract_s)} x ${c.teacher_usd_per_hour:g}/h"
-         f" + training {duration(o.train_s)} x ${c.machine_usd_per_hour:g}/h"),
-        ("break-even", "never" if days is None else f"{days:,.1f} days" if days >= 1 else f"{days * 24:.1f} hours", ""),
-        ("break-even calls", "never" if calls is None else f"{math.ceil(calls):,}", ""),
-        ("first-year saving", usd(a.first_year_saving), "net of the one-off cost"),
-    ]
-    if a.forecast is not None:
-        fc = a.forecast
-        need_n = f"{fc['n_needed']:,}" if fc["reachable"] else "not reachable"
-        rows.append((f"training examples for {fc['target']:.1%} agreement", need_n,
-                     f"learning curve error = {fc['a']:.3g} n^-{fc['b']:.3g}"))
-    return rows
-
-
-def cost_section_markdown(a: Analysis) -> str:
-    """The cost section of an evaluation report (Markdown, starting with a level-2 heading)."""
-    lines = [
-        "## Cost",
-        "",
-        "| figure | value | basis |",
-        "|---|---|---|",
-        *(f"| {name} | {value} | {basis} |" for name, value, basis in summary_rows(a)),
-        "",
-        *(f"- {note}\n" for note in a.notes),
-        f"Assumed prices: machine ${a.config.machine_usd_per_hour:g}/h (training, student), "
-        f"${a.config.teacher_usd_per_hour:g}/h (extraction, local teacher); API ${a.config.api_usd_per_m_input:g} / "
-        f"${a.config.api_usd_per_m_output:g} per million input / output tokens. The defaults are examples, not quotes; "
-        "re-run with yours: `microdistill cost RUN --calls-per-day N --machine-usd-per-hour P "
-        "--api-usd-per-m-input P --api-usd-per-m-output P`.",
-    ]
-    if a.plot:
-        lines += ["", f"![cumulative cost]({Path(a.plot).name})"]
-    return "\n".join(lines) + "\n"
-
-
-def horizon_days(a: Analysis) -> float:
-    """A year, or long enough to show the break-even point."""
-    days = a.break_even_days
-    return max(DAYS_PER_YEAR, 1.25 * days) if days is not None and days < 50 * DAYS_PER_YEAR else DAYS_PER_YEAR
-
-
-def plot_cumulative(a: Analysis, path: Path) -> Path:
-    """PNG of the cumulative cost of calling the teacher vs distilling once then the student."""
-    import numpy as np
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in servers and tests
-
-    days = np.linspace(0, horizon_days(a), 400)
-    fig = Figure(figsize=(7, 4), dpi=120)
-    ax = fig.add_subplot()
-    ax.plot(days, a.teacher_per_day * days, label=f"teacher ({usd(a.teacher_per_day)}/day)")
-    ax.plot(days, a.one_off.usd + a.student_per_day * days, label=f"distil once + student ({usd(a.student_per_day)}/day)")
-    if a.break_even_days is not None:
-        ax.axvline(a.break_even_days, color="grey", linestyle=":", label=f"break-even: {a.break_even_days:,.1f} days")
-    ax.set_xlabel("days")
-    ax.set_ylabel("cumulative cost (USD)")
-    ax.set_title(f"{a.config.calls_per_day:,.0f} calls per day")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return save_figure(fig, path)
-
-
-def write_outputs(a: Analysis, out_dir: Path) -> Analysis:
-    """`cost.png` and `cost.json` in `out_dir`; returns the analysis with its plot path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    a = replace(a, plot=str(plot_cumulative(a, out_dir / "cost.png")))
-    atomic_write_json(out_dir / "cost.json", a.to_dict())
-    return a

@@ -23,124 +23,75 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+import torch
+
+from microdistill.agreement import (agreement, exact_by_certainty, field_agreement, human_accuracy, valid_rate,
+                                    wilson_interval)
+from microdistill.config import Options
+from microdistill.console import say
+from microdistill.errors import UserError
+from microdistill.predict import generate, parse_or_none, predict
 from microdistill.store import Record, ShardSet, StoreError
+from microdistill.students.data import Example, collate, load_split
+from microdistill.students.decoder import count_parameters
+from microdistill.students.saved import LoadedStudent, load_student
+from microdistill.teachers import TeacherError, load_teacher, preset_of
+from microdistill.teachers.presets import PRESETS, cache_root
 
-INVALID = "(invalid)"  # the confusion-matrix column of outputs that are not a valid object
 TIMING_SAMPLE = 16  # the teacher is slow on a CPU; a few inputs give a stable median
-SURE = 0.8  # the teacher's probability of its least sure value above which it counts as sure
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """An evaluation input that cannot be used; the message is one line for the user."""
 
 
-# ---- agreement --------------------------------------------------------------------------------
-def confusion(reference: Sequence[Any], predicted: Sequence[Any], labels: Sequence[str] | None = None) -> dict:
-    """Counts of (reference, predicted) pairs: matrix[i][j] = #(reference == labels[i], predicted == labels[j]).
+@dataclass(frozen=True)
+class EvalConfig(Options):
+    """What an evaluation scores and times."""
 
-    Rows are the teacher's values, columns the student's. A predicted value outside `labels`
-    (None for an invalid output) is counted in an extra INVALID column, added only when needed.
-    """
-    labels = list(labels) if labels is not None else sorted({str(v) for v in reference})
-    index = {v: i for i, v in enumerate(labels)}
-    cols = labels + ([INVALID] if any(p not in index for p in predicted) else [])
-    matrix = np.zeros((len(labels), len(cols)), dtype=np.int64)
-    for r, p in zip(reference, predicted, strict=True):
-        if r not in index:
-            raise ValueError(f"reference value {r!r} is not one of the labels {labels}")
-        matrix[index[r], index.get(p, len(labels))] += 1
-    return {"labels": labels, "columns": cols, "matrix": matrix.tolist()}
+    teacher: str | None = None  # a teacher spec to time beside the student (None: the shards' own)
+    time_teacher: bool = True  # False: load and time no teacher
+    limit: int | None = None  # score at most N held-out examples
+    timing_inputs: int = TIMING_SAMPLE  # inputs both models are timed on
+    batch_size: int = 64  # student batch size while scoring
 
-
-def agreement(reference: Sequence[Any], predicted: Sequence[Any]) -> float:
-    """Fraction of positions where the two sequences hold the same value."""
-    if len(reference) != len(predicted):
-        raise ValueError(f"{len(reference)} references but {len(predicted)} predictions")
-    return sum(r == p for r, p in zip(reference, predicted)) / max(len(reference), 1)
+    def __post_init__(self) -> None:
+        for name in ("limit", "timing_inputs", "batch_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise EvalError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.teacher is not None and not self.time_teacher:
+            raise EvalError("--teacher and --no-teacher contradict each other; give one")
 
 
-def field_agreement(task, teacher: Sequence[dict], student: Sequence[dict | None]) -> dict[str, dict]:
-    """Per output field: agreement with the teacher, and its confusion matrix for enum fields.
-
-    `student` holds the parsed fields of each output, or None where the output is invalid
-    (which then disagrees on every field).
-    """
-    from microdistill.task import EnumField
-
-    out: dict[str, dict] = {}
-    for f in task.output.fields:
-        ref = [t[f.name] for t in teacher]
-        pred = [s.get(f.name) if s is not None else None for s in student]
-        entry: dict[str, Any] = {"agreement": agreement(ref, pred), "confusion": None}
-        if isinstance(f, EnumField):
-            entry["confusion"] = confusion(ref, pred, f.values)
-        out[f.name] = entry
-    return out
-
-
-def _same_label(value: Any, label: Any) -> bool:
-    # Human labels come from spreadsheets: "Positive " and "positive" are the same answer.
-    return str(value).strip().casefold() == str(label).strip().casefold()
-
-
-def human_accuracy(records: Sequence[Record], student: Sequence[dict | None]) -> dict[str, dict]:
-    """Accuracy of the teacher (the shards' fields) and the student against human labels,
-    per labelled field, over the records that carry a label for it."""
-    out: dict[str, dict] = {}
-    for r, s in zip(records, student, strict=True):
-        for name, label in (r.labels or {}).items():
-            if label is None or str(label).strip() == "" or name not in r.fields:
-                continue
-            acc = out.setdefault(name, {"teacher": 0, "student": 0, "n": 0})
-            acc["n"] += 1
-            acc["teacher"] += _same_label(r.fields[name], label)
-            acc["student"] += s is not None and name in s and _same_label(s[name], label)
-    return {k: {"teacher_acc": v["teacher"] / v["n"], "student_acc": v["student"] / v["n"], "n": v["n"]}
-            for k, v in out.items()}
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n: how far a held-out accuracy may be from
-    the one on unseen inputs (on 93 examples, 83% means anything from 74% to 89%)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def teacher_certainty(task, record: Record) -> float | None:
-    """The teacher's probability of its own least sure enum value (from the shards' decision
-    points), or None when the record has none."""
-    probs = []
-    for f in task.enum_fields:
-        d = record.decisions.get(f.name)
-        value = record.fields.get(f.name)
-        if d is None or value not in f.values:
-            continue
-        probs.append(float(d[f.values.index(value)]))
-    return min(probs) if probs else None
-
-
-def exact_by_certainty(task, records: Sequence[Record], student: Sequence[dict | None],
-                       threshold: float = SURE) -> list[dict] | None:
-    """Student-only exact match where the teacher was sure of every field (its least sure value
-    >= threshold) and where it was not. Disagreements cluster where the teacher hesitates: there
-    its own choice is close to a coin toss. None when the shards hold no decision points."""
-    sure = [teacher_certainty(task, r) for r in records]
-    if any(c is None for c in sure) or not records:
-        return None
-    rows = []
-    for name, keep in ((f"teacher sure (every field ≥ {threshold:.0%})", lambda c: c >= threshold),
-                       (f"teacher unsure (some field < {threshold:.0%})", lambda c: c < threshold)):
-        hits = [s == r.fields for r, s, c in zip(records, student, sure, strict=True) if keep(c)]
-        rows.append({"group": name, "n": len(hits), "exact": sum(hits) / len(hits) if hits else None})
-    return rows
-
-
-def valid_rate(predictions: Sequence[dict]) -> float:
-    return sum(bool(p["valid"]) for p in predictions) / max(len(predictions), 1)
+# ---- during training ------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_epoch(loaded: LoadedStudent, examples: list[Example], records: list, batch_size: int) -> dict[str, Any]:
+    """Held-out metrics against the teacher: teacher-forced token accuracy, and free-running
+    (greedy, constrained) exact match of the whole output and agreement per field."""
+    if not examples:
+        return {"val_examples": 0}
+    model, was_training = loaded.model, loaded.model.training
+    model.eval()
+    right = total = 0
+    for i in range(0, len(examples), batch_size):
+        b = collate(examples[i:i + batch_size], len(loaded.kept))
+        pred = model(b.inp, b.out_in)[..., : b.n_kept].argmax(-1)
+        right += int(((pred == b.target) & b.mask).sum())
+        total += int(b.mask.sum())
+    model.train(was_training)
+    outs = generate(loaded, [r.input_ids for r in records], constrain=True, batch_size=max(batch_size, 64))
+    tok, task = loaded.tokenizer, loaded.task
+    exact, agree = 0, {name: 0 for name in task.field_names}
+    for r, out in zip(records, outs):
+        text = tok.decode(out)
+        exact += text == tok.decode(r.output_ids[:-1])
+        fields_ = parse_or_none(task, text) or {}
+        for name in agree:
+            agree[name] += fields_.get(name, object()) == r.fields.get(name)
+    n = len(records)
+    return {"val_examples": n, "val_token_acc": right / max(total, 1), "val_exact_match": exact / n,
+            "val_field_agreement": {k: v / n for k, v in agree.items()}}
 
 
 # ---- speed and memory ---------------------------------------------------------------------------
@@ -214,13 +165,8 @@ def weights_bytes(model) -> int:
 
 def teacher_file_bytes(teacher) -> int | None:
     """Size on disk of what the teacher ships as: its GGUF file, or its folder's weight files."""
-    from microdistill.teacher import PRESETS, cache_root
-
-    src = teacher.source or ""
-    if src.startswith("preset:"):
-        path = cache_root() / PRESETS[src.split(":", 1)[1]].file
-    else:
-        path = Path(src)
+    preset = preset_of(teacher.source or "")
+    path = cache_root() / PRESETS[preset].file if preset else Path(teacher.source or "")
     if path.is_file():
         return path.stat().st_size
     if path.is_dir():
@@ -229,8 +175,6 @@ def teacher_file_bytes(teacher) -> int | None:
 
 
 def student_runner(student) -> Callable[[list[str]], list[dict]]:
-    from microdistill.predict import predict
-
     return lambda texts: predict(student, texts, constrain=True, batch_size=max(len(texts), 1))
 
 
@@ -254,9 +198,7 @@ def manifest_teacher(data_dir: Path) -> str | None:
     """The teacher spec that made the shards (a preset name or a path), if one is recorded."""
     teacher = ShardSet(data_dir).manifest.get("teacher") or {}
     source = str(teacher.get("source") or "")
-    if source.startswith("preset:"):
-        return source.split(":", 1)[1]
-    return source or teacher.get("name") or None
+    return preset_of(source) or source or teacher.get("name") or None
 
 
 def eval_split(shards: ShardSet) -> tuple[str, list[str]]:
@@ -282,9 +224,6 @@ def check_pair(student, shards: ShardSet) -> None:
 
 def quality(student, shards: ShardSet, split: str, limit: int | None, batch_size: int) -> tuple[dict, list[Record]]:
     """Agreement with the teacher on the first `limit` examples of `split`, and those examples."""
-    from microdistill.predict import predict
-    from microdistill.train import evaluate_epoch, load_split
-
     # Token accuracy and exact match come from the trainer's own held-out evaluation, so the
     # report and the training log measure the same thing the same way.
     examples, records = load_split(shards, split, False, limit)
@@ -322,9 +261,6 @@ class Timed:
 
 def time_student(student_dir: Path, shards: ShardSet, texts: list[str]):
     """Load, check and time the student under one memory measurement; returns (student, Timed)."""
-    from microdistill.saved import load_student
-    from microdistill.student import count_parameters
-
     with PeakMemory() as mem:
         student = load_student(student_dir)
         check_pair(student, shards)
@@ -336,8 +272,6 @@ def time_student(student_dir: Path, shards: ShardSet, texts: list[str]):
 
 def time_teacher(spec: str, shards: ShardSet, texts: list[str], notes: list[str]) -> Timed:
     """Load and time a teacher under one memory measurement, on the kept vocabulary if it is the shards' teacher."""
-    from microdistill.teacher import load_teacher
-
     with PeakMemory() as mem:
         teacher = load_teacher(spec)
         same_tokenizer = teacher.tokenizer_sha256 == (shards.manifest.get("teacher") or {}).get("tokenizer_sha256")
@@ -380,41 +314,21 @@ def speed_size_memory(student: Timed, teacher: Timed | None) -> dict:
     }
 
 
-def cost_section(student_dir: Path, data_dir: Path, out_dir: Path, speed: dict) -> tuple[str | None, str | None]:
-    """(Markdown of the break-even analysis at example prices, None) or (None, why it is missing)."""
-    from dataclasses import replace
-
-    from microdistill.cost import CostConfig, CostError, RunFiles, analyse, cost_section_markdown, plot_cumulative
-
-    parent = Path(student_dir).parent
-    run = parent if (parent / "run.json").is_file() else None
-    try:
-        analysis = analyse(RunFiles.resolve(run, shards=data_dir, student=student_dir), CostConfig(), speed=speed)
-    except CostError as e:
-        return None, f"no cost section: {e}"
-    analysis = replace(analysis, plot=str(plot_cumulative(analysis, Path(out_dir) / "cost.png")))
-    return cost_section_markdown(analysis), None
-
-
 def _preload() -> None:
     """Import what loading either model imports, so neither model's memory counts the libraries."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     import microdistill.generation  # noqa: F401
-    import microdistill.predict  # noqa: F401
-    import microdistill.train  # noqa: F401
 
 
 def teacher_timing(teacher: str | None, from_manifest: bool, shards: ShardSet, texts: list[str],
-                   notes: list[str], say: Callable[[str], None]) -> tuple[str | None, Timed | None]:
+                   notes: list[str], progress: bool) -> tuple[str | None, Timed | None]:
     """Time the given teacher (errors propagate), or the shards' own one (skipped with a note if it fails)."""
-    from microdistill.teacher import TeacherError
-
     spec = teacher if teacher is not None else (manifest_teacher(shards.dir) if from_manifest else None)
     if spec is None:
         notes.append("teacher not timed (no teacher given)")
         return None, None
-    say(f"timing the teacher {spec} on {len(texts)} inputs")
+    say(f"[eval] timing the teacher {spec} on {len(texts)} inputs", progress)
     try:
         return str(spec), time_teacher(str(spec), shards, texts, notes)
     except TeacherError as e:
@@ -424,35 +338,27 @@ def teacher_timing(teacher: str | None, from_manifest: bool, shards: ShardSet, t
         return str(spec), None
 
 
-def evaluate(student_dir: Path, data_dir: Path, out_dir: Path, teacher: str | None = None, limit: int | None = None,
-             *, teacher_from_manifest: bool = False, timing_n: int = TIMING_SAMPLE, batch_size: int = 64,
-             progress: bool = True) -> dict:
-    """Evaluate the student in `student_dir` on the shards in `data_dir`; write the report to `out_dir`.
+def evaluate(student_dir: Path, data_dir: Path, config: EvalConfig | None = None, progress: bool = True) -> dict:
+    """Score and time the student in `student_dir` on the shards in `data_dir`; returns the
+    content of report.json (report.py turns it into files).
 
-    teacher: a teacher spec to time beside the student, or None for no teacher. With
-    teacher_from_manifest=True (and teacher=None) the shards' own teacher is used when it can
-    be loaded, and skipped with a note otherwise. Returns the content of report.json.
+    With `config.teacher` None and `time_teacher`, the shards' own teacher is timed when it can
+    be loaded, and skipped with a note otherwise; a teacher given by name must load.
     """
-    from microdistill.report import write_report
-
-    for name, v in (("limit", limit), ("timing_n", timing_n), ("batch_size", batch_size)):
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise EvalError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-    say = (lambda m: print(f"[eval] {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
-    student_dir, out_dir, shards = Path(student_dir), Path(out_dir), ShardSet(data_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = config or EvalConfig()
+    student_dir, shards = Path(student_dir), ShardSet(data_dir)
     split, warnings = eval_split(shards)
     for w in warnings:
-        say(f"warning: {w}")
+        say(f"[eval] warning: {w}", progress)
     notes: list[str] = []
     _preload()
-    timed_records = list(shards.records(split))[: min(timing_n, limit or timing_n)]
+    timed_records = list(shards.records(split))[: min(cfg.timing_inputs, cfg.limit or cfg.timing_inputs)]
     texts = [r.text for r in timed_records]
-    say(f"timing the student on {len(texts)} inputs")
+    say(f"[eval] timing the student on {len(texts)} inputs", progress)
     student, s_timed = time_student(student_dir, shards, texts)
-    say(f"scoring the student on the {split} split")
-    scores, records = quality(student, shards, split, limit, batch_size)
-    spec, t_timed = teacher_timing(teacher, teacher_from_manifest, shards, texts, notes, say)
+    say(f"[eval] scoring the student on the {split} split", progress)
+    scores, records = quality(student, shards, split, cfg.limit, cfg.batch_size)
+    spec, t_timed = teacher_timing(cfg.teacher, cfg.time_teacher, shards, texts, notes, progress)
     report: dict[str, Any] = {
         "task": student.task.name, "split": split, "n_eval": len(records), **scores, **speed_size_memory(s_timed, t_timed),
         "student": {"path": str(student_dir), "preset": student.meta.get("preset"), "config": student.config.to_dict()},
@@ -462,7 +368,4 @@ def evaluate(student_dir: Path, data_dir: Path, out_dir: Path, teacher: str | No
     if t_timed is not None:
         # The timed teacher should be the one that labelled the shards: say how often it agrees.
         report["speed"]["teacher"]["same_output_as_shards"] = agreement([r.output_text for r in timed_records], t_timed.outputs)
-    cost_md, why = cost_section(student_dir, shards.dir, out_dir, report["speed"])
-    notes += [why] if why else []
-    say(f"writing the report to {out_dir}")
-    return write_report(report, out_dir, student_dir / "metrics.jsonl", cost_md)
+    return report

@@ -14,10 +14,7 @@ existing folder is reused, never recomputed.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -25,52 +22,32 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from microdistill.corpus import Item, filter_inputs, read_corpus
-from microdistill.store import INPUT_EMBEDDINGS, Record, ShardSet, ShardWriter, StoreError, atomic_write_bytes, example_id
-from microdistill.task import EnumField, Task, load_task
-from microdistill.teacher import Teacher, load_teacher
+from microdistill.config import Options
+from microdistill.console import progress as progress_bar
+from microdistill.console import say
+from microdistill.corpus import Item, example_id, filter_inputs, read_corpus
+from microdistill.errors import UserError
+from microdistill.files import atomic_dir, atomic_write_bytes
+from microdistill.store import INPUT_EMBEDDINGS, Record, ShardSet, ShardWriter, StoreError
+from microdistill.task import Task, load_task
+from microdistill.teachers import DEFAULT_TEACHER, TeacherError, load_teacher
+from microdistill.teachers.hf import HFTeacher, hidden_layer_of, hidden_layer_spec, states_after
 from microdistill.vocab import build_input_vocab, coverage, kept_token_strings, required_tokens, select_kept
 
 
 if TYPE_CHECKING:
     from microdistill.generation import Decoder
 
-# constrain (xgrammar) and generation are imported where used: the CLI imports this module
-# for its error class, and should start in a blink.
+# constrain (xgrammar) and generation are imported where used: importing this module for its
+# options should stay cheap.
 
 
-class ExtractError(ValueError):
+class ExtractError(UserError):
     """An extraction argument that cannot be used; the message is one line for the user."""
 
 
 class RoundTripError(RuntimeError):
     """A stored example would not read back as what the teacher said (a bug, never expected)."""
-
-
-def _say(progress: bool, message: str) -> None:
-    if progress:
-        from rich.console import Console
-
-        Console(stderr=True, highlight=False).print(message)
-
-
-def _progress(enabled: bool, what: str, total: int):
-    """A rich progress bar with examples/s and ETA (a disabled one when `enabled` is False)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn(f"[bold]{what}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-    return bar, bar.add_task(what, total=total, rate="")
 
 
 def _batches(decoder: "Decoder", items: Sequence[Item], size: int) -> Iterator[tuple[list[Item], list[list[int]]]]:
@@ -96,7 +73,7 @@ class Calibration:
     answers: list[tuple[Item, Any, str, dict[str, np.ndarray]]]
 
 
-def calibrate(teacher: Teacher, task: Task, items: Sequence[Item], batch_size: int = 16, progress: bool = True,
+def calibrate(teacher: HFTeacher, task: Task, items: Sequence[Item], batch_size: int = 16, progress: bool = True,
               hidden_layer: int | None = None) -> Calibration:
     """Decode `items` under the grammar alone, measuring where the teacher's probability goes."""
     from microdistill.constrain import Grammar
@@ -106,7 +83,7 @@ def calibrate(teacher: Teacher, task: Task, items: Sequence[Item], batch_size: i
     decoder = Decoder(teacher, task, grammar, keep_hidden=True, hidden_layer=hidden_layer)
     mass = torch.zeros(teacher.vocab_size, dtype=torch.float64)
     steps, answers = 0, []
-    bar, job = _progress(progress, "calibrating", len(items))
+    bar, job = progress_bar(progress, "calibrating", len(items))
     with bar:
         for chunk, rests in _batches(decoder, items, batch_size):
             batch = decoder.generate(rests, task.output.max_tokens, mass=mass)
@@ -118,7 +95,7 @@ def calibrate(teacher: Teacher, task: Task, items: Sequence[Item], batch_size: i
     return Calibration((mass / max(steps, 1)).numpy(), answers)
 
 
-def build_vocab(teacher: Teacher, task: Task, items: Sequence[Item], vocab_size: int, calib: Calibration | None,
+def build_vocab(teacher: HFTeacher, task: Task, items: Sequence[Item], vocab_size: int, calib: Calibration | None,
                 progress: bool) -> dict[str, Any]:
     """The manifest's `vocab` entry: kept output ids (required + highest mass) and input ids."""
     tok = teacher.tokenizer
@@ -128,9 +105,9 @@ def build_vocab(teacher: Teacher, task: Task, items: Sequence[Item], vocab_size:
     input_vocab = build_input_vocab(tok, tok([it.text for it in items], add_special_tokens=False).input_ids)
     cov = coverage(kept, mass)
     if len(required) > vocab_size:
-        _say(progress, f"note: the task needs {len(required)} required tokens, more than --vocab-size {vocab_size}; kept all of them")
-    _say(progress, f"kept vocabulary: {len(kept)} tokens ({len(required)} required), {cov:.2%} of the teacher's "
-                   f"output mass on {len(calib.answers) if calib else 0} calibration answers")
+        say(f"note: the task needs {len(required)} required tokens, more than --vocab-size {vocab_size}; kept all of them", progress)
+    say(f"kept vocabulary: {len(kept)} tokens ({len(required)} required), {cov:.2%} of the teacher's "
+                   f"output mass on {len(calib.answers) if calib else 0} calibration answers", progress)
     return {
         "kept": kept,
         "kept_tokens": kept_token_strings(tok, kept),
@@ -142,7 +119,7 @@ def build_vocab(teacher: Teacher, task: Task, items: Sequence[Item], vocab_size:
     }
 
 
-def reuse_calibration(teacher: Teacher, task: Task, calib: Calibration, wanted: set[str], writer: ShardWriter) -> int:
+def reuse_calibration(teacher: HFTeacher, task: Task, calib: Calibration, wanted: set[str], writer: ShardWriter) -> int:
     """Add the calibration answers that only use kept tokens as examples; returns how many.
 
     Greedy decoding limited to the kept set takes the same path whenever the unlimited argmax
@@ -208,7 +185,7 @@ def decode_into(writer: ShardWriter, decoder: "Decoder", task: Task, items: Sequ
     eos = decoder.teacher.eos_id
     stats = {"written": 0, "tokens": 0, "cut": 0}
     t0 = time.perf_counter()
-    bar, job = _progress(progress, "extracting", len(items))
+    bar, job = progress_bar(progress, "extracting", len(items))
     with bar:
         for chunk, rests in _batches(decoder, items, batch_size):
             batch = decoder.generate(rests, task.output.max_tokens)
@@ -232,12 +209,11 @@ def _save_tokenizer(tokenizer, out_dir: Path) -> None:
     dest = out_dir / "tokenizer"
     if dest.is_dir():
         return
-    tmp = tempfile.mkdtemp(prefix=".tokenizer.", dir=out_dir)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, dest)
+    with atomic_dir(dest) as tmp:
+        tokenizer.save_pretrained(str(tmp))
 
 
-def _save_input_embeddings(teacher: Teacher, input_ids: Sequence[int], texts: Sequence[str], out_dir: Path,
+def _save_input_embeddings(teacher: HFTeacher, input_ids: Sequence[int], texts: Sequence[str], out_dir: Path,
                            replace: bool, progress: bool = False) -> None:
     """out_dir/input_embeddings.safetensors: one teacher vector per input-vocabulary id (float16),
     a student's starting point; written atomically, and when the file is already there only if
@@ -264,7 +240,7 @@ def _save_input_embeddings(teacher: Teacher, input_ids: Sequence[int], texts: Se
     count = torch.zeros(len(ids), dtype=torch.float64)
     layer = hidden_layer_of(teacher, "middle")
     seqs = sorted((s for s in teacher.tokenizer(list(texts), add_special_tokens=False).input_ids if s), key=len)
-    bar, job = _progress(progress, "reading inputs in context", len(seqs))
+    bar, job = progress_bar(progress, "reading inputs in context", len(seqs))
     with bar, torch.inference_mode():
         for k in range(0, len(seqs), 32):
             chunk = seqs[k:k + 32]
@@ -273,7 +249,7 @@ def _save_input_embeddings(teacher: Teacher, input_ids: Sequence[int], texts: Se
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for b, q in enumerate(chunk):  # right padding: causal attention keeps real tokens exact
                 batch[b, :len(q)], mask[b, :len(q)] = torch.tensor(q), 1
-            states = _states_after(teacher.model, layer, input_ids=batch, attention_mask=mask)
+            states = states_after(teacher.model, layer, input_ids=batch, attention_mask=mask)
             for b, q in enumerate(chunk):
                 at = torch.tensor([row_of[t] for t in q])
                 total.index_add_(0, at, states[b, :len(q)].double().cpu())
@@ -288,117 +264,66 @@ def _save_input_embeddings(teacher: Teacher, input_ids: Sequence[int], texts: Se
     atomic_write_bytes(dest, save({"rows": rows.half().contiguous()}))
 
 
-class _Stop(Exception):
-    def __init__(self, states: torch.Tensor):
-        self.states = states
+@dataclass(frozen=True)
+class ExtractConfig(Options):
+    """What an extraction asks of which teacher; recorded in the run that made the shards."""
+
+    task: str = "reddit-comment"  # a preset name or a task YAML file
+    teacher: str = DEFAULT_TEACHER  # a preset, a Hugging Face model folder or a .gguf file
+    field: str = "text"  # the corpus' text field or column
+    labels: dict[str, str] | None = None  # task field -> corpus column of human labels
+    limit: int | None = None  # only the first N inputs that pass the filters (a later run continues)
+    batch_size: int = 16  # inputs the teacher decodes together
+    vocab_size: int = 512  # size of the kept output vocabulary
+    calibration: int = 64  # inputs decoded to choose the kept vocabulary (first run only)
+    # the teacher layer whose hidden state of each input is stored (first run only): last,
+    # middle, a layer number, or none
+    hidden_layer: str | int | None = "last"
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ExtractError(f"--limit must be at least 1 (got {self.limit})")
+        if self.batch_size < 1:
+            raise ExtractError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.vocab_size < 2:
+            raise ExtractError(f"--vocab-size must be at least 2 (got {self.vocab_size})")
+        if self.calibration < 0:
+            raise ExtractError(f"--calibration must not be negative (got {self.calibration})")
+        try:
+            hidden_layer_spec(self.hidden_layer)  # a typo fails before the teacher loads
+        except TeacherError as e:
+            raise ExtractError(str(e)) from None
 
 
-def _states_after(model, layer: int, **inputs) -> torch.Tensor:
-    """The hidden states after decoder layer `layer` (1-based; as `hidden_states[layer]`), without
-    running the layers above it: half the compute for the middle layer."""
-    n = int(model.config.get_text_config().num_hidden_layers)
-    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n), None)
-    if blocks is None or not 1 <= layer < n:  # no layer list to stop at: run the whole model
-        return model(**inputs, output_hidden_states=True).hidden_states[layer]
-
-    def stop(module, args, out):
-        raise _Stop(out[0] if isinstance(out, tuple) else out)
-
-    hook = blocks[layer - 1].register_forward_hook(stop)
-    try:
-        model(**inputs)
-    except _Stop as s:
-        return s.states
-    finally:
-        hook.remove()
-    raise RuntimeError(f"layer {layer} of the teacher never ran")
-
-
-def _hidden_layer_spec(spec: int | str | None) -> int | str | None:
-    """A --hidden-layer as given, checked before the teacher loads: None ("none"), "middle",
-    "last" or a layer number (its range needs the teacher: hidden_layer_of)."""
-    if spec is None or spec == "none":
-        return None
-    if spec in ("middle", "last"):
-        return spec
-    try:
-        return int(spec)
-    except (TypeError, ValueError):
-        raise ExtractError(f"--hidden-layer {spec!r}: expected middle, last, none or a layer from 0 to the "
-                           "teacher's number of layers") from None
-
-
-def hidden_layer_of(teacher: Teacher, spec: int | str | None) -> int | None:
-    """The teacher layer to store input hidden states from: "middle", "last", a number from 0
-    (the embeddings) to the number of layers, or None / "none" for no hidden states."""
-    given = _hidden_layer_spec(spec)
-    if given is None:
-        return None
-    n = int(teacher.model.config.get_text_config().num_hidden_layers)
-    layer = {"middle": n // 2, "last": n}.get(given, given)
-    if not 0 <= layer <= n:
-        raise ExtractError(f"--hidden-layer {spec!r}: expected middle, last, none or a layer from 0 to {n} "
-                           f"(teacher {teacher.name} has {n} layers)")
-    return layer
-
-
-def _check_args(limit: int | None, batch_size: int, vocab_size: int, calibration: int) -> None:
-    if limit is not None and limit < 1:
-        raise ExtractError(f"--limit must be at least 1 (got {limit})")
-    if batch_size < 1:
-        raise ExtractError(f"--batch-size must be at least 1 (got {batch_size})")
-    if vocab_size < 2:
-        raise ExtractError(f"--vocab-size must be at least 2 (got {vocab_size})")
-    if calibration < 0:
-        raise ExtractError(f"--calibration must not be negative (got {calibration})")
-
-
-def extract(
-    task: Task | str | Path,
-    input_path: str | Path,
-    teacher_spec: Teacher | str | Path,
-    out_dir: str | Path,
-    *,
-    limit: int | None = None,
-    batch_size: int = 16,
-    vocab_size: int = 512,
-    calibration: int = 64,
-    field: str = "text",
-    labels: dict[str, str] | None = None,
-    hidden_layer: int | str | None = "last",
-    progress: bool = True,
-) -> Path:
+def extract(input_path: str | Path, out_dir: str | Path, config: ExtractConfig | None = None, *,
+            task: Task | None = None, teacher: HFTeacher | None = None, progress: bool = True) -> Path:
     """Label the corpus at `input_path` with the teacher and write shards to `out_dir`.
 
-    Args:
-        limit: extract only the first `limit` inputs that pass the filters (a later run
-            with a larger limit, or none, continues).
-        calibration: inputs decoded to choose the auxiliary kept tokens (first run only).
-        labels: task field -> corpus column of human labels, stored with each example.
-        hidden_layer: store each input's averaged hidden state from this teacher layer
-            (see hidden_layer_of; a folder keeps the choice it was created with).
-    Returns `out_dir`.
+    `task` and `teacher`, when given, are used instead of loading `config.task` / `config.teacher`
+    (a caller that already holds them). Returns `out_dir`.
     """
     from microdistill.constrain import Grammar
     from microdistill.generation import Decoder
 
-    _check_args(limit, batch_size, vocab_size, calibration)
-    _hidden_layer_spec(hidden_layer)  # a typo fails before the teacher loads
+    cfg = config or ExtractConfig()
     t_start = time.perf_counter()
-    task = task if isinstance(task, Task) else load_task(task)
+    task = task or load_task(cfg.task)
     out_dir = Path(out_dir)
-    raw_items = read_corpus(input_path, field=field, labels=labels)
-    teacher = teacher_spec if isinstance(teacher_spec, Teacher) else load_teacher(teacher_spec)
+    raw_items = read_corpus(input_path, field=cfg.field, labels=cfg.labels)
+    teacher = teacher or load_teacher(cfg.teacher)
     items, report = filter_inputs(raw_items, task, teacher.tokenizer, source=str(input_path))
-    _say(progress, f"{input_path}: {report.summary()}")
-    writer, calib = _open_folder(out_dir, task, teacher, items, vocab_size, calibration, batch_size,
-                                 hidden_layer_of(teacher, hidden_layer), progress)
+    say(f"{input_path}: {report.summary()}", progress)
+    try:
+        layer = hidden_layer_of(teacher, cfg.hidden_layer)
+    except TeacherError as e:  # a layer the teacher does not have: an extraction option
+        raise ExtractError(str(e)) from None
+    writer, calib = _open_folder(out_dir, task, teacher, items, cfg, layer, progress)
     layer = writer.manifest.get("hidden_layer")
     _save_tokenizer(teacher.tokenizer, out_dir)
-    wanted = items[:limit]
+    wanted = items[:cfg.limit]
     if calib is not None:
         reused = reuse_calibration(teacher, task, calib, {example_id(it.text) for it in wanted}, writer)
-        _say(progress, f"{reused} calibration answers used only kept tokens: stored without decoding again")
+        say(f"{reused} calibration answers used only kept tokens: stored without decoding again", progress)
     todo = [it for it in wanted if example_id(it.text) not in writer.done_ids]
     timings = dict(writer.manifest.get("timings", {}))
     filters = {**report.as_dict(), "corpus": str(input_path)}
@@ -406,21 +331,21 @@ def extract(
         kept = writer.manifest["vocab"]["kept"]
         grammar = Grammar(task, teacher.tokenizer, teacher.vocab_size, teacher.eos_id, allowed=kept)
         decoder = Decoder(teacher, task, grammar, keep_ids=kept, hidden_layer=layer)
-        stats = decode_into(writer, decoder, task, todo, batch_size, progress)
+        stats = decode_into(writer, decoder, task, todo, cfg.batch_size, progress)
         seconds = max(stats["seconds"], 1e-9)
         timings.update(extract_s=round(time.perf_counter() - t_start, 3),
                        examples_per_s=round(stats["written"] / seconds, 4),
                        tokens_per_s=round(stats["tokens"] / seconds, 2))
         filters["cut_at_max_tokens"] = int(stats["cut"])
-        _say(progress, f"{stats['written']} new examples ({stats['cut']} cut at {task.output.max_tokens} tokens), "
-                       f"{timings['examples_per_s']:.2f} examples/s")
+        say(f"{stats['written']} new examples ({stats['cut']} cut at {task.output.max_tokens} tokens), "
+            f"{timings['examples_per_s']:.2f} examples/s", progress)
     writer.close(timings=timings, filters=filters)
-    _say(progress, f"{out_dir}: {writer.n_done} examples")
+    say(f"{out_dir}: {writer.n_done} examples", progress)
     return out_dir
 
 
-def _open_folder(out_dir: Path, task: Task, teacher: Teacher, items: Sequence[Item], vocab_size: int, calibration: int,
-                 batch_size: int, hidden_layer: int | None, progress: bool) -> tuple[ShardWriter, Calibration | None]:
+def _open_folder(out_dir: Path, task: Task, teacher: HFTeacher, items: Sequence[Item], cfg: ExtractConfig,
+                 hidden_layer: int | None, progress: bool) -> tuple[ShardWriter, Calibration | None]:
     """A writer on `out_dir`; a new folder gets its vocabulary from a calibration run first.
 
     An existing folder keeps its vocabulary and hidden layer (resuming never changes what its
@@ -435,7 +360,7 @@ def _open_folder(out_dir: Path, task: Task, teacher: Teacher, items: Sequence[It
                 raise StoreError(f"{out_dir} holds shards made with a different {key.replace('_', ' ')}; "
                                  "use another --out folder or delete this one")
     if existing and "vocab" in existing:
-        if existing["vocab"].get("size") != vocab_size:
+        if existing["vocab"].get("size") != cfg.vocab_size:
             raise StoreError(f"{out_dir} holds shards made with --vocab-size {existing['vocab'].get('size')}; "
                              "use another --out folder or delete this one")
         _save_input_embeddings(teacher, existing["vocab"]["input"], [it.text for it in items], out_dir,
@@ -445,50 +370,10 @@ def _open_folder(out_dir: Path, task: Task, teacher: Teacher, items: Sequence[It
     if hidden_layer is not None:
         header["hidden_layer"] = hidden_layer
     t0 = time.perf_counter()
-    calib = calibrate(teacher, task, items[:calibration], batch_size, progress, hidden_layer) if calibration else None
-    header["vocab"] = build_vocab(teacher, task, items, vocab_size, calib, progress)
+    calib = calibrate(teacher, task, items[:cfg.calibration], cfg.batch_size, progress, hidden_layer) if cfg.calibration else None
+    header["vocab"] = build_vocab(teacher, task, items, cfg.vocab_size, calib, progress)
     _save_input_embeddings(teacher, header["vocab"]["input"], [it.text for it in items], out_dir, replace=True,
                            progress=progress)
     writer = ShardWriter(out_dir, header)
     writer.update(timings={"calibrate_s": round(time.perf_counter() - t0, 3)})
     return writer, calib
-
-
-# ---- inspection ----------------------------------------------------------------------------
-def inspect(path: str | Path) -> dict[str, Any]:
-    """Summary of a shard folder, after checking every shard against its manifest checksum."""
-    shards = ShardSet(Path(path), verify=True)
-    m = shards.manifest
-    for key in ("task", "teacher", "vocab"):
-        if key not in m:
-            raise StoreError(f"{shards.dir / 'manifest.json'}: no {key!r} entry (not written by microdistill extract)")
-    task = shards.task()
-    records = list(shards.records())
-    per_field: dict[str, Counter] = {f.name: Counter() for f in task.output.fields if isinstance(f, EnumField)}
-    agree: Counter = Counter()
-    for r in records:
-        for name, counts in per_field.items():
-            counts[r.fields[name]] += 1
-        for name, value in (r.labels or {}).items():
-            if name in r.fields:
-                agree[name, str(r.fields[name]) == value] += 1
-    n = len(records)
-    total_bytes = sum(s["bytes"] for s in m["shards"])
-    return {
-        "path": str(shards.dir),
-        "task": task.name,
-        "teacher": m["teacher"],
-        "complete": bool(m.get("complete")),
-        "counts": {"examples": n, "train": sum(r.split == "train" for r in records),
-                   "val": sum(r.split == "val" for r in records), "shards": len(m["shards"])},
-        "labels": {name: dict(c.most_common()) for name, c in per_field.items()},
-        "human_agreement": {name: agree[name, True] / (agree[name, True] + agree[name, False])
-                            for name in sorted({k for k, _ in agree})},
-        "vocab": {"kept": len(m["vocab"]["kept"]), "required": m["vocab"]["n_required"],
-                  "input": len(m["vocab"]["input"]), "coverage": m["vocab"]["coverage"]},
-        "output_tokens_mean": float(np.mean([len(r.output_ids) for r in records])) if n else 0.0,
-        "bytes_per_example": total_bytes / n if n else 0.0,
-        "bytes": total_bytes,
-        "timings": m.get("timings", {}),
-        "filters": m.get("filters", {}),
-    }

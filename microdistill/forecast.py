@@ -14,100 +14,24 @@ examples reach a target agreement.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from microdistill.cost import CostConfig, CostError, OneOff, RunFiles, machine_usd, need
-from microdistill.store import VAL_FRACTION, save_figure
+from microdistill.cost import Analysis, CostConfig, CostError, RunFiles, analyse, throughput_from_logs
+from microdistill.extract import ExtractConfig, extract
+from microdistill.files import save_figure
+from microdistill.report import write_cost
+from microdistill.store import VAL_FRACTION, ShardSet
+from microdistill.train import TrainConfig, held_out_exact, train_once, train_sizes
 
 # A perfect score on a small held-out set only says the error is below that set's resolution;
 # flooring it keeps log(error) finite without letting one point dominate the fit.
 ERROR_FLOOR = 1e-3
 # Beyond this many examples a forecast says nothing useful about a teacher budget.
 MAX_FORECAST_N = 1e12
-
-
-# ---- time ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Throughput:
-    """Measured speeds that scale with corpus size."""
-
-    extract_examples_per_s: float  # teacher-labelled examples per second
-    train_examples_per_s: float  # training examples x epochs per second
-    epochs: float  # epochs of the measured training
-
-    def __post_init__(self) -> None:
-        for name in ("extract_examples_per_s", "train_examples_per_s", "epochs"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                raise CostError(f"throughput {name} must be a positive number, got {v}")
-
-
-@dataclass(frozen=True)
-class Estimate:
-    corpus_size: int
-    epochs: float
-    extract_s: float
-    train_s: float
-
-
-def estimate_time(corpus_size: int, throughput: Throughput, epochs: float | None = None,
-                  val_fraction: float = VAL_FRACTION) -> Estimate:
-    """Extraction and training seconds for `corpus_size` inputs that reach the teacher.
-
-    Extraction labels all of them; training passes over the train split (`1 - val_fraction`
-    of them) once per epoch.
-    """
-    if isinstance(corpus_size, bool) or not isinstance(corpus_size, int) or corpus_size <= 0:
-        raise CostError(f"--corpus-size must be a positive integer, got {corpus_size}")
-    epochs = throughput.epochs if epochs is None else epochs
-    if not (math.isfinite(epochs) and epochs > 0):
-        raise CostError(f"--epochs must be a positive number, got {epochs}")
-    extract_s = corpus_size / throughput.extract_examples_per_s
-    train_s = corpus_size * (1 - val_fraction) * epochs / throughput.train_examples_per_s
-    return Estimate(corpus_size, epochs, extract_s, train_s)
-
-
-def example_epochs(training: dict, tpath: Path, manifest: dict, mpath: Path) -> float:
-    """Training examples processed, repeats counted: full epochs plus a partial last one.
-
-    A run cut short by a step budget still logs its last epoch as a whole one, so the steps
-    and batch size (when logged) say how far it really got.
-    """
-    # Training may have used a subset of the train split (limit_train); its log says so.
-    n = need(training, "examples", tpath) if "examples" in training else need(manifest, "counts.train", mpath)
-    batch, steps = training.get("config", {}).get("batch_size"), training.get("steps")
-    if batch and steps:
-        full, rest = divmod(int(steps), math.ceil(n / batch))
-        return full * n + min(rest * batch, n)
-    return n * need(training, "epochs", tpath)
-
-
-def throughput_from_logs(shards: Path, student: Path) -> Throughput:
-    """Steady-state throughput of a finished extraction and training, from their own logs.
-
-    Extraction: the manifest's examples/s (no model loading or calibration). Training: the
-    optimiser steps' own time (`train_s`; `wall_s` when absent), so the held-out evaluation
-    after each epoch, which a short measurement over-weights, is left out.
-    """
-    files = RunFiles(shards=Path(shards), student=Path(student))
-    manifest, mpath = files.manifest()
-    training, tpath = files.training()
-    extract_per_s = need(manifest, "timings.examples_per_s", mpath)
-    seconds = need(training, "train_s" if "train_s" in training else "wall_s", tpath)
-    # The configured epochs, not the logged count: a step-budget measurement runs part of one.
-    epochs = training.get("config", {}).get("epochs") or need(training, "epochs", tpath)
-    return Throughput(extract_per_s, example_epochs(training, tpath, manifest, mpath) / seconds, float(epochs))
-
-
-def estimated_one_off(cfg: CostConfig, throughput: Throughput) -> OneOff:
-    est = estimate_time(cfg.corpus_size, throughput, cfg.epochs)
-    usd = machine_usd(cfg.teacher_usd_per_hour, est.extract_s) + machine_usd(cfg.machine_usd_per_hour, est.train_s)
-    return OneOff(usd, est.extract_s, est.train_s, f"estimate for {cfg.corpus_size:,} examples", est)
 
 
 def plan_from_forecast(cfg: CostConfig, fc: dict) -> CostConfig:
@@ -120,25 +44,20 @@ def plan_from_forecast(cfg: CostConfig, fc: dict) -> CostConfig:
     return replace(cfg, corpus_size=math.ceil(fc["n_needed"] / (1 - VAL_FRACTION)))
 
 
-def measure_throughput(task: str, corpus: Path, teacher: str, out_dir: Path, *, preset: str = "micro",
-                       sample: int = 128, train_steps: int = 20, batch_size: int = 16, vocab_size: int = 512,
-                       field: str = "text") -> Throughput:
+def measure_throughput(corpus: Path, out_dir: Path, extract_config: ExtractConfig, *, preset: str = "micro",
+                       sample: int = 128, train_steps: int = 20) -> Throughput:
     """Time a short extraction of `sample` inputs and `train_steps` training steps.
 
     The sample's shards and student stay in `out_dir` (`shards/`, `student/`), so a second
     call reuses them instead of paying the teacher again.
     """
-    from microdistill.extract import extract
-    from microdistill.train import TrainConfig, train
-
     for name, v in (("--sample", sample), ("--train-steps", train_steps)):
         if v <= 0:
             raise CostError(f"{name} must be a positive integer, got {v}")
     out_dir = Path(out_dir)
     shards, student = out_dir / "shards", out_dir / "student"
-    extract(task, Path(corpus), teacher, shards, limit=sample, batch_size=batch_size, vocab_size=vocab_size, field=field)
-    if not (student / "training.json").is_file():
-        train(shards, student, TrainConfig(preset=preset, max_steps=train_steps), resume=(student / "checkpoint").exists())
+    extract(Path(corpus), shards, replace(extract_config, limit=sample))
+    train_once(shards, student, TrainConfig(preset=preset, max_steps=train_steps))
     return throughput_from_logs(shards, student)
 
 
@@ -209,55 +128,27 @@ def plot_forecast(fc: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-EXACT_KEY = "val_exact_match"  # train.py's free-running exact match on the val split
-
-
-def held_out_exact(student: Path, key: str = EXACT_KEY) -> float:
-    """The last epoch evaluation's held-out exact match in a student's metrics.jsonl."""
-    path = Path(student) / "metrics.jsonl"
-    if not path.is_file():
-        raise CostError(f"{path}: not found (the student's training metrics)")
-    value = None
-    for line in path.read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
-        if key in record:
-            value = record[key]
-    if value is None:
-        raise CostError(f"{path}: no evaluation record with key '{key}'")
-    return float(value)
-
-
-def pilot(data_dir: Path, out_dir: Path, fractions: tuple[float, ...] = (0.25, 0.5, 1.0), config=None) -> list[tuple[int, float]]:
+def pilot(data_dir: Path, out_dir: Path, fractions: tuple[float, ...] = (0.25, 0.5, 1.0), config=None,
+          progress: bool = True) -> list[tuple[int, float]]:
     """Train one student per fraction of the train split; (examples, held-out exact match) each.
 
     Students land in `out_dir/n<examples>/`; a finished one is reused, so an interrupted pilot
-    continues. `config` is a `train.TrainConfig` (its `limit_train` is set per fraction).
+    continues. `config` is a `TrainConfig` (its `limit_train` is set per fraction).
     """
-    from microdistill.store import ShardSet
-    from microdistill.train import TrainConfig, train
-
     if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
         raise CostError(f"pilot fractions must be in (0, 1], got {list(fractions)}")
     n_train = int(ShardSet(data_dir).manifest.get("counts", {}).get("train", 0))
     if n_train < 2 * len(fractions):
         raise CostError(f"shard folder {data_dir}: {n_train} training examples are too few for a pilot")
-    base = config or TrainConfig()
-    points = []
-    for f in sorted(set(fractions)):
-        limit = max(1, round(f * n_train))
-        student = Path(out_dir) / f"n{limit}"
-        if not (student / "training.json").is_file():
-            train(data_dir, student, replace(base, limit_train=limit), resume=(student / "checkpoint").exists())
-        points.append((limit, held_out_exact(student)))
-    return points
+    sizes = [max(1, round(f * n_train)) for f in fractions]
+    points = train_sizes(data_dir, config or TrainConfig(), sizes, lambda n: Path(out_dir) / f"n{n}", progress)
+    return [(p["examples"], held_out_exact(Path(p["dir"]))) for p in points]
 
 
 def learning_forecast(shards: Path, out_dir: Path, target: float, points: list[tuple[int, float]] | None = None,
                       preset: str = "micro") -> dict:
     """Forecast from given pilot points, or from a pilot trained on `shards`; writes forecast.png."""
     if points is None:
-        from microdistill.train import TrainConfig
-
         if shards is None:
             raise CostError("a forecast needs pilot results: pass a run folder or --shards to train a pilot, or --points")
 
@@ -274,3 +165,23 @@ def parse_points(text: str) -> list[tuple[int, float]]:
         return [(int(n), float(acc)) for n, acc in (item.split(":") for item in text.split(",") if item.strip())]
     except ValueError:
         raise CostError(f"--points {text!r}: expected examples:agreement pairs, e.g. 250:0.61,500:0.72") from None
+
+
+def cost_analysis(run_dir: Path | None, cfg: CostConfig, out: Path, *, shards: Path | None = None,
+                  student: Path | None = None, report: Path | None = None, measure: ExtractConfig | None = None,
+                  corpus: Path | None = None, preset: str = "micro", sample: int = 128, train_steps: int = 20,
+                  target_agreement: float | None = None, points: list[tuple[int, float]] | None = None) -> Analysis:
+    """The whole `cost` verb: measure throughput on a sample if asked (`measure`: what to
+    extract; `corpus`: from where), forecast the corpus a target agreement needs if asked,
+    then the break-even analysis, written to `out` (cost.json, cost.png, forecast.png)."""
+    throughput = None
+    if measure is not None:
+        throughput = measure_throughput(corpus, out / "measure", measure, preset=preset, sample=sample,
+                                        train_steps=train_steps)
+        shards = shards or out / "measure" / "shards"
+    files = RunFiles.resolve(run_dir, shards=shards, student=student, report=report)
+    fc = None
+    if target_agreement is not None:
+        fc = learning_forecast(files.shards, out, target_agreement, points, preset=preset)
+        cfg = plan_from_forecast(cfg, fc)
+    return write_cost(analyse(files, cfg, throughput=throughput, forecast=fc), out)

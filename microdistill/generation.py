@@ -26,7 +26,7 @@ import torch
 
 from microdistill.constrain import Grammar
 from microdistill.task import EnumField, Task
-from microdistill.teacher import Teacher
+from microdistill.teachers.hf import HFTeacher
 
 SENTINEL = "MICRODISTILLINPUTSENTINEL"
 # inputs the prefix/rest split is checked on: leading space, punctuation, digits, non-ASCII
@@ -55,7 +55,7 @@ def _split_points(before: str, tokenizer) -> list[int]:
     return sorted(points, reverse=True) + [0]
 
 
-def prompt_layout(teacher: Teacher, task: Task) -> PromptLayout:
+def prompt_layout(teacher: HFTeacher, task: Task) -> PromptLayout:
     """Find the longest prefix shared by every prompt whose tokens never depend on the input."""
     tok = teacher.tokenizer
     rendered = teacher.prompt_text(task, SENTINEL)
@@ -92,7 +92,7 @@ class Generation:
 
 
 @dataclass
-class Batch:
+class DecodedBatch:
     """A decoded batch and the KV cache it leaves, for scoring alternatives afterwards."""
 
     rests: list[list[int]]
@@ -126,7 +126,7 @@ class Decoder:
             hidden-state distillation. It comes from the forward pass decoding needs anyway.
     """
 
-    def __init__(self, teacher: Teacher, task: Task, grammar: Grammar, keep_ids: Sequence[int] | None = None,
+    def __init__(self, teacher: HFTeacher, task: Task, grammar: Grammar, keep_ids: Sequence[int] | None = None,
                  use_drafts: bool = True, keep_hidden: bool = False, hidden_layer: int | None = None):
         self.teacher, self.task, self.grammar = teacher, task, grammar
         self.use_drafts, self.keep_hidden, self.hidden_layer = use_drafts, keep_hidden, hidden_layer
@@ -156,7 +156,7 @@ class Decoder:
         return cache
 
     @torch.inference_mode()
-    def generate(self, rests: list[list[int]], max_tokens: int, mass: torch.Tensor | None = None) -> Batch:
+    def generate(self, rests: list[list[int]], max_tokens: int, mass: torch.Tensor | None = None) -> DecodedBatch:
         """Decode a batch of prompts (rest ids, prefix excluded) greedily under the grammar.
 
         Each step feeds every row's pending token plus a draft of the tokens the grammar forces
@@ -176,7 +176,7 @@ class Decoder:
             if hook is not None:
                 hook.remove()
 
-    def _generate(self, rests: list[list[int]], max_tokens: int, mass: torch.Tensor | None) -> Batch:
+    def _generate(self, rests: list[list[int]], max_tokens: int, mass: torch.Tensor | None) -> DecodedBatch:
         n, p = len(rests), len(self.layout.prefix_ids)
         lens = torch.tensor([len(r) for r in rests])
         width = int(lens.max())
@@ -222,7 +222,7 @@ class Decoder:
             attn = torch.cat([attn, new_attn], dim=1)
             pos = next_pos[:, None] + torch.arange(chunk)
             out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
-        return Batch(rests, rows, cache, p, width)
+        return DecodedBatch(rests, rows, cache, p, width)
 
     def _verify(self, rows: list[Generation], state, logits: torch.Tensor, drafts: dict[int, list[int]],
                 max_tokens: int, mass: torch.Tensor | None) -> dict[int, int]:
@@ -257,7 +257,7 @@ class Decoder:
 
     # ---- decision points ------------------------------------------------------------------
     @torch.inference_mode()
-    def decisions(self, batch: Batch, output_texts: list[str | None]) -> list[dict[str, np.ndarray]]:
+    def decisions(self, batch: DecodedBatch, output_texts: list[str | None]) -> list[dict[str, np.ndarray]]:
         """P(value) of every enum field at its position in each row's own answer.
 
         P(value) is the product of the value's token probabilities under teacher forcing
@@ -296,7 +296,7 @@ class Decoder:
             result.append({k: torch.tensor(v).softmax(0).numpy().astype(np.float32) for k, v in per_field.items() if v})
         return result
 
-    def _plan_row(self, batch: Batch, b: int, text: str) -> tuple[list, list]:
+    def _plan_row(self, batch: DecodedBatch, b: int, text: str) -> tuple[list, list]:
         """Branch nodes for one row: (token, position, visible real tokens, ancestor nodes), and per
         value (field, nodes whose logits predict its tokens, its tokens)."""
         tok = self.teacher.tokenizer

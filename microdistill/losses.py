@@ -14,8 +14,8 @@ teacher and q = softmax(s / T) the student:
     skew_kl      KL(p ‖ α·p + (1-α)·q)                        (DistiLLM's skew forward KL)
     taid         KL(p_λ ‖ q),  p_λ = softmax((1-λ)·sg(s/T) + λ·t/T)     (TAID)
 
-`distill_loss` turns them into the training loss: sums over the masked positions and their
-count, and the one division of the whole loss computation.
+`output_sums` and `hidden_state_sums` return sums and counts; `total_loss` weighs them into
+the training loss, and is the one division of the whole loss computation.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ CURRICULA = ("cosine", "linear", "constant", "step")
 
 
 def curriculum_weight(kind: str, progress: float, start: float = 0.9, end: float = 0.1, steps: int = 4) -> float:
-    """Weight w_kl of the divergence at training progress in [0, 1] (CE gets 1 - w_kl).
+    """Weight w_div of the divergence at training progress in [0, 1] (CE gets 1 - w_div).
 
     cosine:   end + (start - end)·(1 + cos(π·progress))/2   (the seed's 0.9 -> 0.1)
     linear:   start + (end - start)·progress
@@ -173,34 +173,15 @@ def taid_lambda(progress: float, start: float = 0.1, end: float = 1.0) -> float:
     return start + (end - start) * p
 
 
-def taid_adaptive_step(lam: float, momentum: float, prev_loss: float | None, loss: float, progress: float,
-                       start: float = 0.1, end: float = 1.0, alpha: float = 5e-4, beta: float = 0.99) -> tuple[float, float]:
-    """One adaptive λ update of TAID (Shing et al. 2025, Algorithm 1) -> (λ, momentum).
-
-        δ = (J_prev - J) / J_prev,   m <- β·m + (1-β)·δ,
-        λ <- min(end, max(taid_lambda(progress), λ + α·sigmoid(m)·(1 - λ)))
-
-    λ moves faster toward the teacher while the loss is still falling quickly. Pass
-    prev_loss=None at the first step (λ and momentum are returned unchanged).
-    """
-    if prev_loss is None:
-        return lam, momentum
-    delta = (prev_loss - loss) / (prev_loss + 1e-15)
-    momentum = beta * momentum + (1.0 - beta) * delta
-    step = alpha * (1.0 / (1.0 + math.exp(-momentum))) * (1.0 - lam)
-    return min(end, max(taid_lambda(progress, start, end), lam + step)), momentum
-
-
-def distill_loss(s: Tensor, t: Tensor | None, target: Tensor, mask: Tensor, w_kl: float, *,
-                 divergence: str = "forward_kl", T: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
-                 lam: float | None = None) -> dict[str, Tensor | int]:
-    """The training loss over the output positions selected by mask.
+def output_sums(s: Tensor, t: Tensor | None, target: Tensor, mask: Tensor, *, divergence: str = "forward_kl",
+                T: float = 1.0, beta: float = 0.5, alpha: float = 0.1, lam: float | None = None) -> dict[str, Tensor | int]:
+    """The per-token terms summed over the output positions selected by mask.
 
     s [..., K] student logits, t [..., K] teacher logits or None (text-only shards: CE only),
     target [...] kept-vocabulary indices, mask [...] bool; any matching leading shape.
-    Returns {"kl_sum", "ce_sum": sums over masked positions (0-dim tensors), "n": their count,
-    "loss": (w_kl·kl_sum + (1 - w_kl)·ce_sum) / n}, the only division (n = 0 gives loss 0).
-    The divergence is taken at temperature T, the cross-entropy on the teacher's token at T = 1.
+    Returns {"divergence_sum": Σ T²·D(p_t^T ‖ p_s^T) (0 without teacher logits), "ce_sum": Σ -log
+    p_s(teacher's token), "n": the number of positions, "teacher": whether t was given}. The divergence is taken at temperature
+    T, the cross-entropy at T = 1.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
@@ -211,13 +192,34 @@ def distill_loss(s: Tensor, t: Tensor | None, target: Tensor, mask: Tensor, w_kl
     n = int(keep.sum())
     ce_sum = cross_entropy(s_k, y_k).sum()
     if t is None:
-        return {"kl_sum": ce_sum.new_zeros(()), "ce_sum": ce_sum, "n": n, "loss": ce_sum / max(n, 1)}
+        return {"divergence_sum": ce_sum.new_zeros(()), "ce_sum": ce_sum, "n": n, "teacher": False}
     t_k = t.reshape(-1, t.shape[-1])[keep]
     if t_k.shape[-1] != K:
         raise ValueError(f"teacher has {t_k.shape[-1]} classes but the student {K}; with a tail class both need K+1")
     extra = {"jsd": {"beta": beta}, "skew_kl": {"alpha": alpha}, "taid": {"lam": lam}}.get(divergence, {})
     if divergence == "taid" and lam is None:
-        raise ValueError("divergence 'taid' needs lam (see taid_lambda / taid_adaptive_step)")
-    kl_sum = DIVERGENCES[divergence](s_k, t_k, T=T, **extra).sum()
-    loss = (w_kl * kl_sum + (1.0 - w_kl) * ce_sum) / max(n, 1)
-    return {"kl_sum": kl_sum, "ce_sum": ce_sum, "n": n, "loss": loss}
+        raise ValueError("divergence 'taid' needs lam (see taid_lambda)")
+    return {"divergence_sum": DIVERGENCES[divergence](s_k, t_k, T=T, **extra).sum(), "ce_sum": ce_sum, "n": n,
+            "teacher": True}
+
+
+def hidden_state_sums(pred: Tensor, target: Tensor) -> dict[str, Tensor | int]:
+    """Squared error of a probe's prediction of the teacher's hidden state, summed: pred,
+    target [B, H] -> {"hidden_sum": Σ (pred - target)², "hidden_n": B·H}."""
+    return {"hidden_sum": F.mse_loss(pred, target, reduction="sum"), "hidden_n": target.numel()}
+
+
+def total_loss(parts: dict[str, Tensor | int], w_div: float, hidden_weight: float = 0.0) -> Tensor:
+    """The training loss from the sums of `output_sums` (and `hidden_state_sums`), and the one
+    place where sums become means:
+
+        (w_div·divergence_sum + (1 - w_div)·ce_sum) / n  +  hidden_weight·hidden_sum / hidden_n
+
+    per output token, plus the hidden-state term per hidden dimension. n = 0 gives 0. Without
+    teacher logits (text-only shards) the output term is CE alone, whatever w_div is.
+    """
+    w_div = w_div if parts.get("teacher", True) else 0.0
+    loss = (w_div * parts["divergence_sum"] + (1.0 - w_div) * parts["ce_sum"]) / max(parts["n"], 1)
+    if "hidden_sum" in parts:
+        loss = loss + hidden_weight * (parts["hidden_sum"] / parts["hidden_n"])
+    return loss

@@ -23,8 +23,8 @@ from typing import Any, Sequence
 import torch
 
 from microdistill.corpus import clean
-from microdistill.saved import LoadedStudent
-from microdistill.student import PAD
+from microdistill.students.decoder import PAD
+from microdistill.students.saved import LoadedStudent
 from microdistill.task import EnumField, StringField, Task
 
 

@@ -1,5 +1,7 @@
 """Shards: the on-disk teacher signal that every student trains on.
 
+    microdistill inspect runs/default/shards
+
 A shard folder holds `manifest.json`, `tokenizer/` (the teacher's tokenizer files, so students
 need no teacher) and `shard-NNNNN.safetensors` files of up to 128 examples each. Per example:
 
@@ -28,11 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import tempfile
 import time
-import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,13 +41,17 @@ from safetensors import safe_open
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from microdistill.corpus import example_id
+from microdistill.errors import UserError
+from microdistill.files import atomic_write_bytes, atomic_write_json
+
 FORMAT = "microdistill.shards/1"
 INPUT_EMBEDDINGS = "input_embeddings.safetensors"
 SHARD_SIZE = 128
 VAL_FRACTION = 0.1
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError):
     """A shard folder that cannot be read or written; the message is one line for the user."""
 
 
@@ -81,55 +84,9 @@ class Record:
             self.hidden = np.asarray(self.hidden, dtype=np.float16)
 
 
-def normalise(text: str) -> str:
-    """The form two inputs must share to count as duplicates (and to share a split)."""
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().casefold()
-
-
-def example_id(text: str) -> str:
-    return hashlib.sha256(normalise(text).encode()).hexdigest()[:16]
-
-
 def split_of(eid: str, val_fraction: float = VAL_FRACTION) -> str:
     """Held-out split by hash, so the same input lands in the same split in every run."""
     return "val" if int(eid[:8], 16) < val_fraction * 2**32 else "train"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either the old file or the whole new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        reason = "disk full" if e.errno == 28 else e.strerror or str(e)
-        raise StoreError(f"cannot write {path}: {reason}; files written before are intact") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Write a matplotlib figure as PNG atomically and release it."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return Path(path)
 
 
 def _ragged(arrays: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -395,3 +352,45 @@ class ShardSet:
             what = f"{split} examples" if split else "examples"
             raise StoreError(f"shard folder {self.dir}: no {what}")
         return out
+
+
+# ---- inspection ----------------------------------------------------------------------------
+def inspect(path: str | Path) -> dict[str, Any]:
+    """Summary of a shard folder, after checking every shard against its manifest checksum."""
+    shards = ShardSet(Path(path), verify=True)
+    m = shards.manifest
+    for key in ("task", "teacher", "vocab"):
+        if key not in m:
+            raise StoreError(f"{shards.dir / 'manifest.json'}: no {key!r} entry (not written by microdistill extract)")
+    from microdistill.task import EnumField
+
+    task = shards.task()
+    records = list(shards.records())
+    per_field: dict[str, Counter] = {f.name: Counter() for f in task.output.fields if isinstance(f, EnumField)}
+    agree: Counter = Counter()
+    for r in records:
+        for name, counts in per_field.items():
+            counts[r.fields[name]] += 1
+        for name, value in (r.labels or {}).items():
+            if name in r.fields:
+                agree[name, str(r.fields[name]) == value] += 1
+    n = len(records)
+    total_bytes = sum(s["bytes"] for s in m["shards"])
+    return {
+        "path": str(shards.dir),
+        "task": task.name,
+        "teacher": m["teacher"],
+        "complete": bool(m.get("complete")),
+        "counts": {"examples": n, "train": sum(r.split == "train" for r in records),
+                   "val": sum(r.split == "val" for r in records), "shards": len(m["shards"])},
+        "labels": {name: dict(c.most_common()) for name, c in per_field.items()},
+        "human_agreement": {name: agree[name, True] / (agree[name, True] + agree[name, False])
+                            for name in sorted({k for k, _ in agree})},
+        "vocab": {"kept": len(m["vocab"]["kept"]), "required": m["vocab"]["n_required"],
+                  "input": len(m["vocab"]["input"]), "coverage": m["vocab"]["coverage"]},
+        "output_tokens_mean": float(np.mean([len(r.output_ids) for r in records])) if n else 0.0,
+        "bytes_per_example": total_bytes / n if n else 0.0,
+        "bytes": total_bytes,
+        "timings": m.get("timings", {}),
+        "filters": m.get("filters", {}),
+    }

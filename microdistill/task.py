@@ -18,8 +18,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from microdistill.errors import UserError
 
-class TaskError(ValueError):
+
+class TaskError(UserError, ValueError):
     """A task name, file or value that cannot be used; the message is one line for the user."""
 
 
@@ -71,7 +73,7 @@ OutputField = Annotated[
 ]
 
 
-class Example(_Strict):
+class FewShot(_Strict):
     input: str
     output: dict[str, Any]
 
@@ -79,7 +81,7 @@ class Example(_Strict):
 class Prompt(_Strict):
     system: str
     user: str = "{text}"
-    examples: list[Example] = []
+    examples: list[FewShot] = []
 
     @field_validator("user")
     @classmethod
@@ -139,7 +141,9 @@ class Task(_Strict):
     def _examples_valid(self) -> "Task":
         for i, ex in enumerate(self.prompt.examples):
             try:
-                self.validate_fields(ex.output)
+                # in canonical order, so the prompt and the fingerprint do not depend on how the
+                # YAML listed the keys (set while validating, before anyone can see the frozen model)
+                object.__setattr__(ex, "output", self.validate_fields(ex.output))
             except ValueError as e:
                 raise ValueError(f"prompt.examples.{i}.output: {e}") from None
         return self

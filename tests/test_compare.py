@@ -10,8 +10,9 @@ import sys
 import pytest
 from synthetic import make_shards
 
-import microdistill.compare as compare_mod
+import microdistill.train.runs as runs_mod
 from microdistill.compare import CONFIGS, CompareError, build_runs, compare, load_plan
+from microdistill.train import TrainError
 from microdistill.losses import curriculum_weight
 
 SHARED = {"preset": "nano", "seed": 3, "max_steps": 7, "limit_train": None}
@@ -47,7 +48,7 @@ def test_every_named_configuration_builds_the_training_it_names():
 
     def w(name: str, p: float) -> float:
         c = runs[name]
-        return curriculum_weight(c.curriculum, p, c.kl_start, c.kl_end)
+        return curriculum_weight(c.curriculum, p, c.divergence_start, c.divergence_end)
 
     assert (w("curriculum", 0.0), w("curriculum", 1.0)) == pytest.approx((0.9, 0.1))
     assert runs["curriculum"].divergence == "forward_kl" and runs["curriculum"].signal == "auto"
@@ -85,12 +86,12 @@ def test_report_holds_each_runs_own_numbers(compared):
     by = {r["name"]: r for r in result["runs"]}
     # Each run trained what its name says: KL only, CE only, and the cosine mix.
     kd, _ = rows(out / "kd")
-    assert all(s["w_kl"] == 1.0 and s["loss"] == pytest.approx(s["kl"], rel=1e-5) for s in kd)
+    assert all(s["w_div"] == 1.0 and s["loss"] == pytest.approx(s["divergence"], rel=1e-5) for s in kd)
     ce, _ = rows(out / "ce")
-    assert all(s["w_kl"] == 0.0 and s["kl"] == 0.0 and s["loss"] == pytest.approx(s["ce"], rel=1e-5) for s in ce)
-    assert by["ce"]["train_kl"] is None and by["kd"]["train_kl"] == kd[-1]["kl"]
+    assert all(s["w_div"] == 0.0 and s["divergence"] == 0.0 and s["loss"] == pytest.approx(s["ce"], rel=1e-5) for s in ce)
+    assert by["ce"]["train_divergence"] is None and by["kd"]["train_divergence"] == kd[-1]["divergence"]
     cur, _ = rows(out / "curriculum")
-    assert cur[0]["w_kl"] == pytest.approx(0.9) and cur[-1]["w_kl"] < 0.2
+    assert cur[0]["w_div"] == pytest.approx(0.9) and cur[-1]["w_div"] < 0.2
     best = max(result["runs"], key=lambda r: (r["exact_match"], r["token_acc"]))
     assert result["verdict"]["winner"] == best["name"] and f"**Winner: {best['name']}**" in md
 
@@ -117,7 +118,7 @@ def test_rerun_reuses_finished_runs_and_refuses_changed_ones(compared, shards, m
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(compare_mod, "train", no_training)
+    monkeypatch.setattr(runs_mod, "train", no_training)
     again = compare(shards, out, ["curriculum", "ce", "kd"], preset="nano", max_steps=6, seed=1, sizes=[16, 10_000],
                     progress=False, common=COMMON)
     assert again["runs"] == first["runs"] and again["efficiency"] == first["efficiency"]
@@ -133,7 +134,7 @@ def test_rerun_reuses_finished_runs_and_refuses_changed_ones(compared, shards, m
     with pytest.raises(CompareError, match=r"sizes for jsd: not among the configurations compared \(curriculum, ce, kd\)"):
         compare(shards, out, ["curriculum", "ce", "kd"], preset="nano", max_steps=6, seed=1, sizes=[16],
                 progress=False, common=COMMON, sizes_for=["jsd"])
-    with pytest.raises(CompareError, match=r"kd: holds a finished run with other options \(max_steps=6"):
+    with pytest.raises(TrainError, match=r"kd: holds a finished run with other options \(max_steps=6"):
         compare(shards, out, ["kd"], preset="nano", max_steps=5, seed=1, progress=False, common=COMMON)
 
 
@@ -142,9 +143,12 @@ def test_plan_file_runs_are_validated(tmp_path):
     plan.write_text("runs:\n  - name: kd\n  - name: hot\n    base: kd\n    temperature: 4\n    lr: 1e-3\n")
     entries = load_plan(plan)
     runs = {name: (what, cfg) for name, what, cfg in build_runs(entries, SHARED, {})}
-    assert runs["kd"][1].kl_start == 1.0 and runs["kd"][1].curriculum == "constant"
+    assert runs["kd"][1].divergence_start == 1.0 and runs["kd"][1].curriculum == "constant"
     hot = runs["hot"][1]  # its base's options, then its own (YAML reads 1e-3 as a string)
-    assert (hot.curriculum, hot.kl_start, hot.temperature, hot.lr) == ("constant", 1.0, 4.0, 1e-3)
+    assert (hot.curriculum, hot.divergence_start, hot.temperature, hot.lr) == ("constant", 1.0, 4.0, 1e-3)
+    # a plan written before the divergence's weight had its name still reads
+    old = build_runs([{"name": "old", "base": "kd", "kl_start": 0.7}], SHARED, {})[0][2]
+    assert old.divergence_start == 0.7
     for text, message in [
         ("- name: a\n  temprature: 2\n", "unknown field 'temprature'"),
         ("- name: a\n  max_steps: 9\n", "max_steps is shared by the whole comparison"),
@@ -170,9 +174,9 @@ def test_cli_reports_a_bad_plan_in_one_line(tmp_path, shards):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: plan {plan}, run 'odd': unknown field 'warmup'; expected TrainConfig fields "
-        "(alpha, batch_size, beta, curriculum, divergence, dropout, embed_init, epochs, eval_limit, grad_clip, hidden_weight, "
-        "kl_end, kl_start, limit_train, lr, max_steps, min_lr_ratio, preset, seed, signal, tail, temperature, warmup_frac, "
-        "weight_decay)"]
+        "(alpha, batch_size, beta, curriculum, divergence, divergence_end, divergence_start, dropout, embed_init, epochs, "
+        "eval_limit, grad_clip, hidden_weight, limit_train, lr, max_steps, min_lr_ratio, preset, seed, signal, tail, "
+        "temperature, warmup_frac, weight_decay)"]
     assert not (tmp_path / "cmp").exists()  # nothing trained before the plan was checked
 
 
@@ -182,6 +186,6 @@ def test_ce_runs_on_text_only_shards_and_kl_configs_are_refused(tmp_path, tiny_t
         compare(text, tmp_path / "bad", ["ce", "kd", "tail"], preset="nano", max_steps=2, progress=False)
     result = compare(text, tmp_path / "cmp", ["ce"], preset="nano", max_steps=3, progress=False, common=COMMON)
     (row,) = result["runs"]
-    assert row["signal"] == "text" and row["steps"] == 3 and row["train_kl"] is None
+    assert row["signal"] == "text" and row["steps"] == 3 and row["train_divergence"] is None
     assert result["verdict"] == {"winner": "ce", "runner_up": None, "margin": None, "margin_se": None, "token_margin": None}
     assert "| ce | " in (tmp_path / "cmp" / "compare.md").read_text()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +11,15 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+import microdistill.forecast as forecast_mod
+import microdistill.train.runs as runs_mod
 from microdistill.cost import (
-    Analysis, CostConfig, CostError, OneOff, PerCall, RunFiles, analyse, api_usd_per_call, cost_section_markdown,
-    measure_call_tokens, write_outputs,
+    Analysis, CostConfig, CostError, OneOff, PerCall, RunFiles, Throughput, analyse, api_usd_per_call, estimate_time,
+    measure_call_tokens, throughput_from_logs,
 )
-from microdistill.forecast import (
-    Throughput, estimate_time, forecast, measure_throughput, pilot, plan_from_forecast, plot_forecast,
-    throughput_from_logs,
-)
+from microdistill.extract import ExtractConfig
+from microdistill.forecast import forecast, measure_throughput, pilot, plan_from_forecast, plot_forecast
+from microdistill.report import cost_section_markdown, write_cost
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -147,25 +147,22 @@ def test_step_budget_counts_partial_epoch(tmp_path):
 def test_measure_throughput_times_library_stages(tmp_path, monkeypatch):
     calls = {}
 
-    def fake_extract(task, corpus, teacher, out, limit=None, **kw):
-        calls["extract"] = (task, limit)
+    def fake_extract(corpus, out, config, **kw):
+        calls["extract"] = (config.task, config.teacher, config.limit)
         Path(out).mkdir(parents=True)
-        Path(out, "manifest.json").write_text(json.dumps({**MANIFEST, "counts": {"examples": limit, "train": 40, "val": 8}}))
+        Path(out, "manifest.json").write_text(json.dumps({**MANIFEST, "counts": {"examples": config.limit, "train": 40, "val": 8}}))
 
-    def fake_train(data_dir, out_dir, config, resume=False):
-        calls["train"] = config
+    def fake_train(data_dir, out_dir, config, progress=True):
+        calls["train"] = (config.preset, config.max_steps)
         Path(out_dir).mkdir(parents=True)
         Path(out_dir, "training.json").write_text(json.dumps({**TRAINING, "epochs": 2, "wall_s": 4.0}))
 
-    class FakeConfig(dict):
-        def __init__(self, **kw):
-            super().__init__(kw)
-
-    monkeypatch.setitem(sys.modules, "microdistill.extract", types.SimpleNamespace(extract=fake_extract))
-    monkeypatch.setitem(sys.modules, "microdistill.train", types.SimpleNamespace(train=fake_train, TrainConfig=FakeConfig))
-    tp = measure_throughput("reddit-comment", tmp_path / "c.jsonl", "t", tmp_path / "m", preset="small", sample=48, train_steps=7)
-    assert calls["extract"] == ("reddit-comment", 48)
-    assert calls["train"] == {"preset": "small", "max_steps": 7}
+    monkeypatch.setattr(forecast_mod, "extract", fake_extract)
+    monkeypatch.setattr(forecast_mod, "train_once", fake_train)
+    tp = measure_throughput(tmp_path / "c.jsonl", tmp_path / "m", ExtractConfig(teacher="t"), preset="small", sample=48,
+                            train_steps=7)
+    assert calls["extract"] == ("reddit-comment", "t", 48)
+    assert calls["train"] == ("small", 7)
     assert tp == Throughput(10.0, 40 * 2 / 4.0, 2)
 
 
@@ -199,21 +196,15 @@ def test_pilot_trains_fractions_and_reads_exact_match(tmp_path, tiny_tokenizer, 
     shards = make_shards(tmp_path / "shards", tiny_tokenizer, n=80)
     limits = []
 
-    def fake_train(data_dir, out_dir, config, resume=False):
+    def fake_train(data_dir, out_dir, config, resume=False, progress=True):
         limits.append(config.limit_train)
         Path(out_dir).mkdir(parents=True)
         err = 2.0 * config.limit_train**-0.5
         Path(out_dir, "metrics.jsonl").write_text(
             json.dumps({"step": 1, "loss": 1.0}) + "\n" + json.dumps({"epoch": 0, "eval": True, "val_exact_match": 1 - err}) + "\n")
-        Path(out_dir, "training.json").write_text(json.dumps(TRAINING))
+        Path(out_dir, "training.json").write_text(json.dumps({**TRAINING, "config": config.to_dict()}))
 
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class FakeConfig:
-        limit_train: int | None = None
-
-    monkeypatch.setitem(sys.modules, "microdistill.train", types.SimpleNamespace(train=fake_train, TrainConfig=FakeConfig))
+    monkeypatch.setattr(runs_mod, "train", fake_train)
     from microdistill.store import ShardSet
 
     n_train = ShardSet(shards).manifest["counts"]["train"]
@@ -259,7 +250,7 @@ def test_missing_logs_name_file_and_key(tmp_path):
 
 # ---- outputs -------------------------------------------------------------------------------------
 def test_pngs_and_markdown_written(tmp_path):
-    a = write_outputs(hand_analysis(0.001, 0.0001, 45.0, 10_000), tmp_path / "out")
+    a = write_cost(hand_analysis(0.001, 0.0001, 45.0, 10_000), tmp_path / "out")
     png = Path(a.plot).read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 1000
     assert json.loads((tmp_path / "out" / "cost.json").read_text())["break_even_days"] == pytest.approx(5.0)

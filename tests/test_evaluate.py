@@ -14,14 +14,23 @@ import pytest
 import torch
 from synthetic import make_shards
 
-from microdistill.evaluate import (
-    INVALID, EvalError, PeakMemory, agreement, confusion, evaluate, eval_split, exact_by_certainty, field_agreement,
-    human_accuracy, teacher_certainty, timing, wilson_interval,
+from microdistill.agreement import (
+    INVALID, agreement, confusion, exact_by_certainty, field_agreement, human_accuracy, teacher_certainty,
+    wilson_interval,
 )
+from microdistill.evaluate import EvalConfig, EvalError, PeakMemory, eval_split, timing
+from microdistill.report import make_report
 from microdistill.store import Record, ShardSet, ShardWriter
 from microdistill.task import load_task
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def evaluate(student, shards, out, teacher=None, teacher_from_manifest=False, limit=None, timing_n=16, progress=False):
+    """An evaluation and its report, as `microdistill eval` makes them."""
+    cfg = EvalConfig(teacher=teacher, time_teacher=teacher is not None or teacher_from_manifest, limit=limit,
+                     timing_inputs=timing_n)
+    return make_report(student, shards, out, cfg, progress)
 
 
 # ---- metric functions ----------------------------------------------------------------------------
@@ -174,7 +183,7 @@ def evaluated(trained, tiny_teacher_dir):
 def _by_hand(student_dir, shards_dir):
     """Exact match and teacher-forced token accuracy on the val split, one example at a time."""
     from microdistill.predict import predict
-    from microdistill.saved import load_student
+    from microdistill.students.saved import load_student
 
     s = load_student(student_dir)
     records = list(ShardSet(shards_dir).records("val"))
@@ -264,13 +273,13 @@ def test_shards_from_a_real_extraction_time_their_own_teacher(tmp_path, tiny_tea
     vocabulary exactly as extraction ran it (so it reproduces the shards), and priced."""
     from synthetic import make_texts
 
-    from microdistill.extract import extract
+    from microdistill.extract import ExtractConfig, extract
     from microdistill.train import TrainConfig, train
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(40, seed=3)))
-    shards = extract("reddit-comment", corpus, tiny_teacher_dir, tmp_path / "shards", batch_size=8, vocab_size=64,
-                     calibration=8, progress=False)
+    shards = extract(corpus, tmp_path / "shards", ExtractConfig(teacher=str(tiny_teacher_dir), batch_size=8, vocab_size=64,
+                                                                calibration=8), progress=False)
     student = train(shards, tmp_path / "student", TrainConfig(preset="nano", max_steps=2), progress=False)
     r = evaluate(student, shards, tmp_path / "eval", teacher_from_manifest=True, timing_n=4, progress=False)
     assert r["teacher"]["spec"] == str(Path(tiny_teacher_dir).resolve())

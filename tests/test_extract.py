@@ -14,11 +14,12 @@ from synthetic import label, make_texts
 
 from microdistill import extract as extract_mod
 from microdistill.constrain import Grammar
-from microdistill.extract import ExtractError, extract, inspect
+from microdistill.extract import ExtractConfig, ExtractError, extract
+from microdistill.store import inspect
 from microdistill.generation import Decoder, prompt_layout
 from microdistill.store import ShardSet, ShardWriter, StoreError
 from microdistill.task import load_task
-from microdistill.teacher import load_teacher
+from microdistill.teachers import load_teacher
 
 TASK = load_task("reddit-comment")
 # lengths differ a lot, so batches hold padding
@@ -41,10 +42,10 @@ def corpus(tmp_path_factory):
     return path
 
 
-def _extract(corpus, teacher, out, **kw):
+def _extract(corpus, teacher, out, task=TASK, **kw):
     args = dict(limit=None, batch_size=5, vocab_size=200, calibration=6, field="body",
-                labels={"toxicity": "tox", "sentiment": "sent"}, progress=False)
-    return extract(TASK, corpus, teacher, out, **{**args, **kw})
+                labels={"toxicity": "tox", "sentiment": "sent"})
+    return extract(corpus, out, ExtractConfig(**{**args, **kw}), task=task, teacher=teacher, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +310,7 @@ def test_interrupt_keeps_written_shards(corpus, teacher, tmp_path, monkeypatch):
 
 def test_foreign_folder_is_refused(corpus, teacher, shards, tmp_path):
     with pytest.raises(StoreError, match="different task fingerprint"):
-        extract("support-ticket", corpus, teacher, shards, field="body", progress=False, calibration=2)
+        _extract(corpus, teacher, shards, task=load_task("support-ticket"), calibration=2, labels=None)
     with pytest.raises(StoreError, match="--vocab-size 200"):
         _extract(corpus, teacher, shards, vocab_size=300)
     (tmp_path / "manifest.json").write_text('{"format": "something/else", "shards": []}')
@@ -389,8 +390,7 @@ def test_default_teacher_labels_sensibly(tmp_path, one_thread):
     texts = ["you are a worthless idiot, shut up and go away", "thank you so much, this is wonderful and kind",
              "the bus was ten minutes late this morning", "I finally finished painting the kitchen"]
     corpus.write_text("\n".join(texts) + "\n")
-    out = extract(TASK, corpus, "qwen2.5-coder-0.5b-instruct", tmp_path / "shards", batch_size=4, calibration=4,
-                  progress=False)
+    out = extract(corpus, tmp_path / "shards", ExtractConfig(batch_size=4, calibration=4), task=TASK, progress=False)
     s = ShardSet(out, verify=True)
     by_text = {r.text: r for r in s.load()}
     assert set(by_text) == set(texts)

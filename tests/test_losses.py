@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from microdistill.losses import (
-    CURRICULA, DIVERGENCES, cross_entropy, curriculum_weight, distill_loss, forward_kl, generalized_jsd,
-    reverse_kl, skew_kl, taid, taid_adaptive_step, taid_lambda, with_tail,
+    CURRICULA, DIVERGENCES, cross_entropy, curriculum_weight, forward_kl, generalized_jsd, hidden_state_sums,
+    output_sums, reverse_kl, skew_kl, taid, taid_lambda, total_loss, with_tail,
 )
 
 N, K = 6, 11
@@ -202,15 +202,13 @@ def test_curriculum_shapes():
 
 def test_taid_schedules():
     assert taid_lambda(0.0) == pytest.approx(0.1) and taid_lambda(0.5) == pytest.approx(0.55) and taid_lambda(1.0) == 1.0
-    lam, m = taid_adaptive_step(0.1, 0.0, None, 2.0, progress=0.0)
-    assert (lam, m) == (0.1, 0.0)
-    # Falling loss: momentum rises, λ moves up by alpha·sigmoid(m)·(1-λ) above the linear floor.
-    lam, m = taid_adaptive_step(0.5, 0.0, 2.0, 1.0, progress=0.0, alpha=0.1)
-    assert m == pytest.approx(0.01 * 0.5)
-    assert lam == pytest.approx(0.5 + 0.1 / (1 + math.exp(-m)) * 0.5)
-    # Never below the linear schedule, never above end.
-    assert taid_adaptive_step(0.2, 0.0, 1.0, 1.0, progress=0.5)[0] == pytest.approx(0.55)
-    assert taid_adaptive_step(0.999, 5.0, 2.0, 1.0, progress=1.0, alpha=1.0)[0] == 1.0
+    assert taid_lambda(-1.0) == pytest.approx(0.1) and taid_lambda(2.0) == 1.0  # progress is clamped
+
+
+def distill_loss(s, t, target, mask, w_div, **kw):
+    """output_sums weighed by total_loss: the training loss without a hidden-state term."""
+    parts = output_sums(s, t, target, mask, **kw)
+    return {**parts, "loss": total_loss(parts, w_div)}
 
 
 def test_distill_loss_hand_computed():
@@ -225,12 +223,12 @@ def test_distill_loss_hand_computed():
     ce_sum = -math.log(0.5) - math.log(1 - sig(1)) - math.log(1 - sig(-2)) - math.log(1 - sig(-1)) - math.log(0.5)
     out = distill_loss(s, t, target, mask, 0.9)
     assert out["n"] == 5
-    assert out["kl_sum"].item() == pytest.approx(kl_sum, rel=1e-5)
+    assert out["divergence_sum"].item() == pytest.approx(kl_sum, rel=1e-5)
     assert out["ce_sum"].item() == pytest.approx(ce_sum, rel=1e-5)
     assert out["loss"].item() == pytest.approx((0.9 * kl_sum + 0.1 * ce_sum) / 5, rel=1e-5)
     # Text-only shards: CE alone, whatever w_kl is.
     ce_only = distill_loss(s, None, target, mask, 0.9)
-    assert ce_only["kl_sum"].item() == 0.0 and ce_only["loss"].item() == pytest.approx(ce_sum / 5, rel=1e-5)
+    assert ce_only["divergence_sum"].item() == 0.0 and ce_only["loss"].item() == pytest.approx(ce_sum / 5, rel=1e-5)
 
 
 def test_distill_loss_gradient_ignores_padding_and_dispatches():
@@ -245,7 +243,7 @@ def test_distill_loss_gradient_ignores_padding_and_dispatches():
     kl_sum = generalized_jsd(s[mask], t[mask], beta=0.3, T=2.0).sum()
     expected = (0.5 * kl_sum + 0.5 * cross_entropy(s[mask], y[mask]).sum()) / 4
     torch.testing.assert_close(out["loss"], expected)
-    torch.testing.assert_close(distill_loss(s, t, y, mask, 1.0, divergence="taid", lam=0.3)["kl_sum"],
+    torch.testing.assert_close(distill_loss(s, t, y, mask, 1.0, divergence="taid", lam=0.3)["divergence_sum"],
                                taid(s[mask], t[mask], lam=0.3).sum())
     with pytest.raises(ValueError, match="needs lam"):
         distill_loss(s, t, y, mask, 0.5, divergence="taid")
@@ -254,3 +252,17 @@ def test_distill_loss_gradient_ignores_padding_and_dispatches():
     with pytest.raises(ValueError, match="K\\+1"):
         distill_loss(s, with_tail(t, torch.logsumexp(t, -1) + 1), y, mask, 0.5)
     assert distill_loss(s, t, y, torch.zeros(N, dtype=torch.bool), 0.5)["loss"].item() == 0.0
+
+
+def test_hidden_state_term_is_a_mean_squared_error_added_by_total_loss():
+    pred = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 0.5]])
+    target = torch.tensor([[1.0, 0.0, 2.0], [1.0, 1.0, 0.5]])
+    sums = hidden_state_sums(pred, target)
+    assert sums["hidden_n"] == 6
+    assert sums["hidden_sum"].item() == pytest.approx(0 + 4 + 1 + 1 + 4 + 0)
+    parts = {"divergence_sum": torch.tensor(3.0), "ce_sum": torch.tensor(1.0), "n": 2, **sums}
+    # (0.25·3 + 0.75·1) / 2 per token, plus 2·10/6 per hidden dimension
+    assert total_loss(parts, 0.25, hidden_weight=2.0).item() == pytest.approx(0.75 + 2 * 10 / 6)
+    assert total_loss(parts, 0.25, hidden_weight=0.0).item() == pytest.approx(0.75)
+    without = {k: v for k, v in parts.items() if not k.startswith("hidden")}
+    assert total_loss(without, 0.25, hidden_weight=2.0).item() == pytest.approx(0.75)

@@ -12,9 +12,10 @@ from synthetic import make_shards
 
 from microdistill import cli
 from microdistill.predict import _allowed, generate, predict
-from microdistill.saved import LoadedStudent, StudentFolderError, load_student, save_student
+from microdistill.students.saved import LoadedStudent, StudentFolderError, load_student, save_student
+from microdistill.errors import UserError
 from microdistill.store import ShardSet, StoreError
-from microdistill.student import N_SPECIAL, Student, config_for
+from microdistill.students.decoder import N_SPECIAL, Student, config_for
 
 ODD_INPUTS = ["", "@user @bob", "you idiot", "héllo 😀 zebra", "great day " * 40]
 
@@ -110,7 +111,7 @@ def test_load_student_names_the_missing_file(shards, tmp_path, name):
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     with pytest.raises(StudentFolderError, match=f"{name} is missing") as e:
         load_student(folder)
-    assert isinstance(e.value, StoreError) and "\n" not in str(e.value)
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
 
 
 def test_load_student_detects_damaged_files(shards, tmp_path):

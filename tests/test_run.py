@@ -8,7 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from microdistill.cli import app
-from microdistill.run import RunConfig, RunError, run, sample_corpus
+from microdistill.evaluate import EvalConfig
+from microdistill.extract import ExtractConfig
+from microdistill.pipeline import RunConfig, RunError, run, sample_corpus
+from microdistill.train import TrainConfig, TrainError
 
 TEXTS = [
     "you are an idiot and nobody likes you", "thanks so much, this fixed my problem!",
@@ -29,10 +32,12 @@ def corpus(tmp_path):
     return path
 
 
-def _cfg(tmp_path, corpus, teacher, **kw) -> RunConfig:
-    base = dict(root=str(tmp_path / "runs"), name="t", input=str(corpus), labels={"toxicity": "tox"},
-                teacher=str(teacher), preset="nano", epochs=2, batch_size=8, calibration=8, eval_teacher=True)
-    return RunConfig(**{**base, **kw})
+def _cfg(tmp_path, corpus, teacher, eval_teacher: bool = True, **train) -> RunConfig:
+    return RunConfig(
+        root=str(tmp_path / "runs"), name="t", input=str(corpus),
+        extract=ExtractConfig(labels={"toxicity": "tox"}, teacher=str(teacher), batch_size=8, calibration=8),
+        train=TrainConfig(**{"preset": "nano", "epochs": 2, "dropout": 0.1, **train}),
+        eval=EvalConfig(time_teacher=eval_teacher))
 
 
 def test_run_end_to_end_then_resume_skips_finished_stages(tmp_path, corpus, tiny_teacher_dir, capsys):
@@ -51,47 +56,69 @@ def test_run_end_to_end_then_resume_skips_finished_stages(tmp_path, corpus, tiny
 
     capsys.readouterr()
     run(_cfg(tmp_path, corpus, tiny_teacher_dir))
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert out.count("done already") == 3
     assert json.loads((folder / "run.json").read_text())["stages"] == state["stages"]
 
 
-def test_run_resumes_an_interrupted_stage(tmp_path, corpus, tiny_teacher_dir):
+def test_run_resumes_an_interrupted_stage(tmp_path, corpus, tiny_teacher_dir, monkeypatch):
+    import microdistill.extract as extract_mod
+
     cfg = _cfg(tmp_path, corpus, tiny_teacher_dir)
     folder = tmp_path / "runs" / "t"
     # an extraction cut short (as by Ctrl-C after some shards) leaves shards but no "done"
-    from microdistill.extract import extract
-
-    extract("reddit-comment", corpus, str(tiny_teacher_dir), folder / "shards", limit=10, calibration=8,
-            labels={"toxicity": "tox"}, progress=False)
-    folder.mkdir(exist_ok=True)
+    extract_mod.extract(corpus, folder / "shards", ExtractConfig.from_dict({**cfg.extract.to_dict(), "limit": 10}),
+                        progress=False)
+    first = json.loads((folder / "shards" / "manifest.json").read_text())
     (folder / "run.json").write_text(json.dumps({"config": cfg.identity(), "stages": {}}))
+    decoded = []
+    real = extract_mod.decode_into
+    monkeypatch.setattr(extract_mod, "decode_into", lambda w, d, t, items, *a, **k: decoded.extend(items) or real(w, d, t, items, *a, **k))
     run(cfg)
     manifest = json.loads((folder / "shards" / "manifest.json").read_text())
-    # continued, not restarted or duplicated
+    # continued, not restarted or duplicated: the teacher decoded only the inputs not yet stored,
+    # and the shards written before are kept as they were
     assert manifest["counts"]["examples"] == manifest["filters"]["kept"] > 10
+    assert len(decoded) == manifest["counts"]["examples"] - first["counts"]["examples"]
+    assert manifest["shards"][: len(first["shards"])] == first["shards"]
+    assert manifest["created"] == first["created"]
 
 
 def test_run_refuses_a_folder_holding_another_run(tmp_path, corpus, tiny_teacher_dir):
     cfg = _cfg(tmp_path, corpus, tiny_teacher_dir, epochs=1, eval_teacher=False)
     run(cfg)
-    with pytest.raises(RunError, match=r"other arguments \(preset\)"):
+    with pytest.raises(RunError, match=r"other arguments \(train.preset\)"):
         run(_cfg(tmp_path, corpus, tiny_teacher_dir, epochs=1, preset="micro"))
     # a folder made before an argument existed reads it as its default, and is not refused
     path = tmp_path / "runs" / "t" / "run.json"
     state = json.loads(path.read_text())
-    del state["config"]["hidden_weight"]
+    del state["config"]["train"]["hidden_weight"]
     path.write_text(json.dumps(state))
     run(cfg)
-    with pytest.raises(RunError, match=r"other arguments \(hidden_weight\)"):
+    with pytest.raises(RunError, match=r"other arguments \(train.hidden_weight\)"):
         run(_cfg(tmp_path, corpus, tiny_teacher_dir, epochs=1, eval_teacher=False, hidden_weight=0.0))
 
 
-def test_run_refuses_a_bad_training_option_before_any_work(tmp_path, corpus, tiny_teacher_dir):
-    from microdistill.train import TrainError
+def test_run_reads_the_flat_run_json_of_older_folders(tmp_path, corpus, tiny_teacher_dir):
+    cfg = _cfg(tmp_path, corpus, tiny_teacher_dir, epochs=1, eval_teacher=False)
+    folder = tmp_path / "runs" / "t"
+    folder.mkdir(parents=True)
+    flat = {"input": str(corpus), "field": "text", "labels": {"toxicity": "tox"}, "task": "reddit-comment",
+            "teacher": str(tiny_teacher_dir), "limit": None, "batch_size": 8, "vocab_size": 512, "calibration": 8,
+            "hidden_layer": "last", "preset": "nano", "epochs": 1, "dropout": 0.1, "max_steps": None, "seed": 0,
+            "extra_train": {}}
+    (folder / "run.json").write_text(json.dumps({"config": flat, "stages": {}}))
+    run(cfg)  # the same options, written the old way: accepted and continued
+    (folder / "run.json").write_text(json.dumps({"config": {**flat, "epochs": 3}, "stages": {}}))
+    with pytest.raises(RunError, match=r"other arguments \(train.epochs\)"):
+        run(cfg)
 
-    with pytest.raises(TrainError, match=r"dropout=1.5: must be in \[0, 1\)"):
-        run(_cfg(tmp_path, corpus, tiny_teacher_dir, dropout=1.5))
+
+def test_run_refuses_a_bad_training_option_before_any_work(tmp_path, corpus, tiny_teacher_dir):
+    result = CliRunner().invoke(app, ["run", "--input", str(corpus), "--teacher", str(tiny_teacher_dir),
+                                      "--root", str(tmp_path / "runs"), "--dropout", "1.5"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, TrainError) and "dropout=1.5: must be in [0, 1)" in str(result.exception)
     assert not (tmp_path / "runs").exists()  # no folder, no extraction
 
 
@@ -111,8 +138,8 @@ def test_sample_corpus_ships_with_the_package():
 
 @pytest.mark.teacher
 def test_run_with_the_real_default_teacher(tmp_path):
-    cfg = RunConfig(root=str(tmp_path / "runs"), name="real", limit=6, calibration=6, batch_size=6,
-                    preset="nano", epochs=2, eval_teacher=False)
+    cfg = RunConfig(root=str(tmp_path / "runs"), name="real", extract=ExtractConfig(limit=6, calibration=6, batch_size=6),
+                    train=TrainConfig(preset="nano", epochs=2), eval=EvalConfig(time_teacher=False))
     folder = run(cfg)
     report = json.loads((folder / "eval" / "report.json").read_text())
     assert report["valid_json_constrained"] == 1.0

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from microdistill.student import (
-    N_SPECIAL, PAD, SEED_INPUT_VOCAB, Student, StudentConfig, config_for,
+from microdistill.students.decoder import (
+    N_SPECIAL, PAD, LARGE_INPUT_VOCAB, Student, StudentConfig, config_for,
     count_parameters, describe, init_input_embeddings_pca, parameter_count,
 )
 
@@ -35,8 +35,8 @@ def test_preset_sizes(preset, low, high):
 
 
 def test_seed_shape_on_meta_device():
-    cfg = config_for("seed", input_vocab=5003, output_vocab=525, max_input=25, max_output=50)
-    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.input_vocab) == (1024, 16, 16, SEED_INPUT_VOCAB)
+    cfg = config_for("large", input_vocab=5003, output_vocab=525, max_input=25, max_output=50)
+    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.input_vocab) == (1024, 16, 16, LARGE_INPUT_VOCAB)
     with torch.device("meta"):
         model = Student(cfg)
     n = count_parameters(model)
@@ -53,7 +53,7 @@ def test_config_validation_and_roundtrip():
         StudentConfig(**{**TINY.to_dict(), "d_ff": 0})
     with pytest.raises(ValueError, match="unknown keys"):
         StudentConfig.from_dict({**TINY.to_dict(), "width": 3})
-    with pytest.raises(ValueError, match="nano, micro, small, seed"):
+    with pytest.raises(ValueError, match="nano, micro, small, large"):
         config_for("huge", 100, 10, 5, 5)
 
 

@@ -7,9 +7,11 @@ import shutil
 
 import pytest
 
-from microdistill import teacher as teacher_mod
+from microdistill.teachers import presets as teacher_mod
 from microdistill.task import load_task
-from microdistill.teacher import Preset, TeacherError, end_of_answer_id, load_teacher, preset_gguf
+from microdistill.teachers import TeacherError, load_teacher
+from microdistill.teachers.hf import end_of_answer_id
+from microdistill.teachers.presets import Preset, preset_gguf
 
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"

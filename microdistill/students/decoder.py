@@ -1,6 +1,6 @@
 """The student: a small decoder-only model in the Gemma style, readable in one sitting.
 
-    python -c "from microdistill.student import PRESETS, describe; [print(describe(c)) for c in PRESETS.values()]"
+    python -c "from microdistill.students.decoder import PRESETS, describe; [print(describe(c)) for c in PRESETS.values()]"
 
 One row is the sequence `BOS input... SEP out_0 ... out_{n-2}`. The input part (BOS, input
 tokens, SEP) is embedded with the input table, the output part with a separate output table,
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 PAD, BOS, SEP = 0, 1, 2
 N_SPECIAL = 3
-SEED_INPUT_VOCAB = 262_144  # the Gemma 3 tokenizer: every input row kept, as the seed did
+LARGE_INPUT_VOCAB = 262_144  # the Gemma 3 tokenizer: every input row kept, as the original work did
 INIT_STD = 0.02
 
 
@@ -74,15 +74,16 @@ class StudentConfig:
 
 
 # Shapes by total size at a realistic vocabulary (input ~5,000 rows, output ~512). d_ff = 4·d_model
-# everywhere: the seed's published shape (hidden 1024, 16 layers, 262,144 input rows) only adds
+# everywhere: the original work's published shape (hidden 1024, 16 layers, 262,144 input rows) only adds
 # up to its ~530M parameters with a 4x gated MLP (16 layers × (4d² attention + 3·d·4d MLP) ≈ 268M
 # beside 268M of input embeddings), so the small presets keep the same proportions.
 PRESETS: dict[str, dict[str, int]] = {
     "nano": dict(d_model=96, n_layers=4, n_heads=4, d_ff=384),  # ~1.1M
     "micro": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024),  # ~5.6M
     "small": dict(d_model=384, n_layers=8, n_heads=6, d_ff=1536),  # ~21M
-    "seed": dict(d_model=1024, n_layers=16, n_heads=16, d_ff=4096),  # ~537M
+    "large": dict(d_model=1024, n_layers=16, n_heads=16, d_ff=4096),  # ~537M, the original work's student
 }
+PRESET_ALIASES = {"seed": "large"}  # the name of "large" in folders written before the rename
 
 
 def config_for(preset: str, input_vocab: int, output_vocab: int, max_input: int, max_output: int,
@@ -90,9 +91,9 @@ def config_for(preset: str, input_vocab: int, output_vocab: int, max_input: int,
     """The config of a size preset for a given vocabulary and context."""
     if preset not in PRESETS:
         raise ValueError(f"unknown student preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if preset == "seed":
-        # The seed kept the teacher's whole input embedding table; never shrink below a caller's need.
-        input_vocab = max(input_vocab, SEED_INPUT_VOCAB)
+    if preset == "large":
+        # The original work kept the teacher's whole input embedding table; never shrink below a caller's need.
+        input_vocab = max(input_vocab, LARGE_INPUT_VOCAB)
     return StudentConfig(input_vocab=input_vocab, output_vocab=output_vocab, max_input=max_input,
                          max_output=max_output, dropout=dropout, **PRESETS[preset])
 
@@ -280,16 +281,26 @@ class Student(nn.Module):
         causal = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
         return causal & valid[:, None, None, :]
 
-    def forward(self, inp: Tensor, out_in: Tensor, pooled: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, inp: Tensor, out_in: Tensor) -> Tensor:
         """Teacher-forced logits.
 
         inp [B, Li]: input indices without BOS/SEP, right-padded with PAD.
         out_in [B, Lo]: previous output tokens (output_ids[:-1]); right-padding may hold any valid
         index or a negative fill (read as 0): a causal model never lets it reach earlier positions.
         Returns [B, Lo + 1, output_vocab]; position j predicts output token j (0 = at SEP).
-        pooled: also return the input's representation [B, D], the final (normalised) hidden
-        states averaged over the real input tokens, for hidden-state distillation.
         """
+        return self._logits(self._teacher_forced(inp, out_in)[:, inp.shape[1] + 1:])
+
+    def forward_pooled(self, inp: Tensor, out_in: Tensor) -> tuple[Tensor, Tensor]:
+        """`forward`'s logits and the input's representation [B, D]: the final (normalised)
+        hidden states averaged over the real input tokens, for hidden-state distillation."""
+        h = self._teacher_forced(inp, out_in)
+        real = (inp != PAD).unsqueeze(-1).to(h.dtype)
+        pooled = (self.norm(h[:, 1 : inp.shape[1] + 1]) * real).sum(1) / real.sum(1).clamp_min(1)
+        return self._logits(h[:, inp.shape[1] + 1:]), pooled
+
+    def _teacher_forced(self, inp: Tensor, out_in: Tensor) -> Tensor:
+        """The final hidden states [B, Li + 2 + Lo, D] of BOS inp SEP out_in."""
         Lo = out_in.shape[1]
         if Lo + 1 > self.config.max_output:
             raise ValueError(f"{Lo + 1} output positions exceed the student's max_output={self.config.max_output}")
@@ -299,11 +310,7 @@ class Student(nn.Module):
         # Positions count real tokens only, so padding never shifts a row's rotary phases.
         pos = valid.long().cumsum(1) - 1
         h, _ = self._run(x, pos, self._mask(valid))
-        logits = self._logits(h[:, inp.shape[1] + 1:])
-        if not pooled:
-            return logits
-        real = (inp != PAD).unsqueeze(-1).to(h.dtype)
-        return logits, (self.norm(h[:, 1 : inp.shape[1] + 1]) * real).sum(1) / real.sum(1).clamp_min(1)
+        return h
 
     @torch.no_grad()
     def prefill(self, inp: Tensor) -> tuple[Tensor, KVCache]:

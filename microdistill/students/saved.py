@@ -1,12 +1,12 @@
 """The student folder: everything needed to run a trained student, without the teacher or the trainer.
 
-    from microdistill.saved import load_student
+    from microdistill.students.saved import load_student
     student = load_student("runs/demo/student")     # then predict.predict(student, ["some text"])
 
 A folder holds:
 
     model.safetensors   the weights (float32)
-    config.json         student hyper-parameters, vocabulary maps (teacher id of each output and
+    config.json         the student kind ("decoder"), hyper-parameters, vocabulary maps (teacher id of each output and
                         input index), the teacher's EOS id and logit width, the task, a summary of
                         the shards it was trained on, and the training configuration
     tokenizer/          the teacher's tokenizer files, copied from the shards
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -30,17 +28,19 @@ from typing import Any
 import numpy as np
 import yaml
 
-from microdistill.store import ShardSet, StoreError, atomic_write_bytes, atomic_write_json
-from microdistill.student import N_SPECIAL, Student, StudentConfig
+from microdistill.errors import UserError
+from microdistill.files import atomic_write_bytes, atomic_write_json, copy_tree_atomic
+from microdistill.store import ShardSet, StoreError
+from microdistill.students.decoder import N_SPECIAL, Student, StudentConfig
 from microdistill.task import Task, TaskError, task_from_dict
 
 FORMAT = "microdistill.student/1"
+KIND = "decoder"  # config.json's "kind"; folders written before kinds existed are decoders
 FILES = ("config.json", "model.safetensors", "tokenizer", "task.yaml")
 
 
-class StudentFolderError(StoreError):
-    """A student folder that cannot be read or written; the message is one line for the user
-    (a StoreError, so every command reports it as `error: ...`)."""
+class StudentFolderError(UserError):
+    """A student folder that cannot be read or written; the message is one line for the user."""
 
 
 @dataclass
@@ -116,12 +116,13 @@ def save_student(model: Student, config: StudentConfig, shards: ShardSet, path: 
     task = shards.task()
     weights = save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
                    metadata={"format": FORMAT})
-    _copy_tree_atomic(src_tok, path / "tokenizer")
+    copy_tree_atomic(src_tok, path / "tokenizer")
     atomic_write_bytes(path / "task.yaml", yaml.safe_dump(task.model_dump(), sort_keys=False, allow_unicode=True).encode())
     atomic_write_bytes(path / "model.safetensors", weights)
     m = shards.manifest
     atomic_write_json(path / "config.json", {
         "format": FORMAT,
+        "kind": KIND,
         "student": config.to_dict(),
         "vocab": {
             "kept": [int(i) for i in kept],
@@ -142,18 +143,6 @@ def save_student(model: Student, config: StudentConfig, shards: ShardSet, path: 
     return path
 
 
-def _copy_tree_atomic(src: Path, dst: Path) -> None:
-    """Replace folder `dst` by a copy of `src`; at every moment `dst` or its backup is complete."""
-    tmp, old = dst.with_name(f".{dst.name}.tmp"), dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def load_student(path: Path) -> LoadedStudent:
     """Load a student folder written by `save_student` (or by training)."""
     from safetensors.torch import load_file
@@ -166,6 +155,10 @@ def load_student(path: Path) -> LoadedStudent:
         if not (path / name).exists():
             raise StudentFolderError(f"student folder {path}: {name} is missing (not a complete student folder)")
     cfg = _read_config(path / "config.json")
+    kind = cfg.get("kind", KIND)
+    if kind != KIND:
+        raise StudentFolderError(f"student folder {path}: a {kind!r} student, which this version cannot load "
+                                 f"(it loads {KIND!r} students)")
     try:
         config = StudentConfig.from_dict(cfg["student"])
         task = task_from_dict(cfg["task"], f"in {path / 'config.json'}")

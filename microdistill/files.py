@@ -1,0 +1,96 @@
+"""Writes that never leave a half file or folder behind, and figures saved that way.
+
+A reader sees either the old content or the whole new one: files are written to a temporary
+name beside the target and renamed; folders are built under a temporary name and swapped in.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from microdistill.errors import UserError
+
+
+class WriteError(UserError):
+    """A file that cannot be written (disk full, no permission)."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is either the old file or the whole new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        reason = "disk full" if e.errno == 28 else e.strerror or str(e)
+        raise WriteError(f"cannot write {path}: {reason}; files written before are intact") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
+
+
+@contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Build a folder that replaces `dest` as a whole: yields an empty temporary folder beside it;
+    when the block ends without an error, the old `dest` (if any) is moved aside and the new one
+    renamed into place, so at every moment `dest` or its backup is complete. On an error the
+    temporary folder is removed and `dest` is untouched."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    old = dest.with_name(f".{dest.name}.old")
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; these folders are shared like any other
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_tree_atomic(src: Path, dst: Path) -> None:
+    """Replace folder `dst` by a copy of `src` (see atomic_dir)."""
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG atomically and release it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def read_json(path: Path, what: str, error: type[UserError] = UserError) -> Any:
+    """A JSON file a stage wrote, or a one-line error naming it and what it should have been."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: not found ({what})")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: corrupted ({what}: {e})") from None

@@ -20,7 +20,7 @@ import torch
 from microdistill.students.data import Example, collate
 from microdistill.students.decoder import N_SPECIAL, Student, config_for, count_parameters
 from microdistill.train import TrainConfig, train_step
-from microdistill.train.loop import make_optimizer
+from microdistill.train.setup import make_optimizer
 
 KEPT, INPUT_ROWS, OUT_LEN, MAX_IN, MAX_OUT = 512, 5000, 18, 25, 50
 

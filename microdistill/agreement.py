@@ -7,8 +7,6 @@ and every later comparison score with these.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from typing import Any, Sequence
 

@@ -59,7 +59,9 @@ def run(
     vocab_size: int = typer.Option(512, help="Size of the kept output vocabulary."),
     hidden_layer: str = typer.Option("last", help="Teacher layer whose hidden state of each input is stored for hidden-state "
                                      "distillation: last, middle, a number, or none."),
-    preset: str = typer.Option("micro", help="Student size preset: nano, micro, small, large."),
+    student: str = typer.Option("decoder", help="Student kind: decoder (any output) or heads (enum fields: a "
+                                "pretrained encoder with one softmax per field)."),
+    preset: str = typer.Option("micro", help="Decoder size preset: nano, micro, small, large."),
     epochs: int = typer.Option(20, help="Training epochs."),
     dropout: float = typer.Option(0.1, help="Dropout on the student's residual branches while training."),
     hidden_weight: float = typer.Option(1.0, help="Weight of the hidden-state loss (0: off)."),
@@ -78,7 +80,7 @@ def run(
         name=name, root=str(root), input=str(input) if input else None,
         extract=ExtractConfig(task=task, teacher=teacher, field=field, labels=labels, limit=limit,
                               batch_size=batch_size, vocab_size=vocab_size, hidden_layer=hidden_layer),
-        train=TrainConfig(preset=preset, epochs=epochs, dropout=dropout, hidden_weight=hidden_weight,
+        train=TrainConfig(student=student, preset=preset, epochs=epochs, dropout=dropout, hidden_weight=hidden_weight,
                           max_steps=max_steps, seed=seed),
         eval=EvalConfig(time_teacher=eval_teacher),
     ))
@@ -165,7 +167,10 @@ def cost(
 def train(
     data: Path = typer.Option(..., help="Shard folder written by extract."),
     out: Path = typer.Option(..., help="Student folder to write (model, config, tokenizer, metrics, checkpoint)."),
-    preset: str = typer.Option("micro", help="Student size preset: nano, micro, small, large."),
+    student: str = typer.Option("decoder", help="Student kind: decoder (any output) or heads (enum fields: a "
+                                "pretrained encoder with one softmax per field)."),
+    preset: str = typer.Option("micro", help="Decoder size preset: nano, micro, small, large."),
+    encoder: str = typer.Option("minilm", help="Pretrained encoder of a heads student: minilm or a model folder."),
     epochs: int = typer.Option(10, help="Passes over the training split."),
     batch_size: int = typer.Option(32, help="Examples per optimiser step."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (linear warm-up, then cosine)."),
@@ -173,6 +178,7 @@ def train(
     warmup_frac: float = typer.Option(0.05, help="Fraction of the steps spent warming up."),
     weight_decay: float = typer.Option(0.1, help="AdamW weight decay on matrices and embeddings."),
     grad_clip: float = typer.Option(1.0, help="Max global gradient norm (0: no clipping)."),
+    pretrained_lr_ratio: float = typer.Option(0.05, help="A pretrained encoder learns at --lr times this."),
     dropout: float = typer.Option(0.0, help="Dropout on the student's residual branches while training."),
     seed: int = typer.Option(0, help="Random seed (initialisation and data order)."),
     divergence: str = typer.Option("forward_kl", help="forward_kl, reverse_kl, jsd, skew_kl or taid."),
@@ -200,12 +206,12 @@ def train(
     from microdistill.train import TrainConfig, TrainingInterrupted, train as run_training
 
     cfg = TrainConfig(
-        preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, min_lr_ratio=min_lr_ratio, warmup_frac=warmup_frac,
-        weight_decay=weight_decay, grad_clip=grad_clip, dropout=dropout, seed=seed, divergence=divergence,
+        student=student, preset=preset, encoder=encoder, epochs=epochs, batch_size=batch_size, lr=lr,
+        min_lr_ratio=min_lr_ratio, warmup_frac=warmup_frac, weight_decay=weight_decay, grad_clip=grad_clip,
+        pretrained_lr_ratio=pretrained_lr_ratio, dropout=dropout, seed=seed, divergence=divergence,
         temperature=temperature, beta=beta, alpha=alpha, curriculum=curriculum, divergence_start=divergence_start,
-        divergence_end=divergence_end,
-        tail=tail, signal=signal, embed_init=embed_init, hidden_weight=hidden_weight, max_steps=max_steps,
-        limit_train=limit_train, eval_limit=eval_limit,
+        divergence_end=divergence_end, tail=tail, signal=signal, embed_init=embed_init, hidden_weight=hidden_weight,
+        max_steps=max_steps, limit_train=limit_train, eval_limit=eval_limit,
     )
     try:
         path = run_training(data, out, cfg, resume=resume, progress=not quiet)
@@ -256,6 +262,10 @@ def eval_(
     limit: Optional[int] = typer.Option(None, help="Score at most N held-out examples."),
     timing_inputs: int = typer.Option(16, help="Inputs both models are timed on (the teacher is slow on a CPU)."),
     batch_size: int = typer.Option(64, help="Student batch size while scoring."),
+    peers: bool = typer.Option(True, help="Also train and score the peer baselines (TF-IDF and frozen-encoder "
+                               "logistic regressions) on the same teacher answers."),
+    consistency_inputs: int = typer.Option(32, help="Held-out inputs the timed teacher answers again under "
+                                           "meaning-preserving edits: its self-consistency, the ceiling (0: off)."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
     quiet: bool = typer.Option(False, help="No progress lines."),
 ) -> None:
@@ -266,7 +276,7 @@ def eval_(
     from microdistill.report import make_report
 
     cfg = EvalConfig(teacher=teacher, time_teacher=not no_teacher, limit=limit, timing_inputs=timing_inputs,
-                     batch_size=batch_size)
+                     batch_size=batch_size, peers=peers, consistency_inputs=consistency_inputs)
     out = out or student.parent / "eval"
     report = make_report(student, data, out, cfg, progress=not quiet)
     if json_out:

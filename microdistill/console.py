@@ -6,6 +6,7 @@ here, so output looks the same everywhere and `--quiet` (progress=False) silence
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 
@@ -39,3 +40,17 @@ def progress(enabled: bool, what: str, total: int):
         disable=not enabled,
     )
     return bar, bar.add_task(what, total=total, rate="")
+
+
+def quiet_transformers() -> None:
+    """Silence what transformers tells developers (deprecations, generation-config notes): it
+    says nothing a user of microdistill can act on, and would fill every run's output."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"transformers(\.|$)")
+    # Raised inside transformers but attributed to torch's Module.__call__: match it by message.
+    # `past_key_values` works throughout the transformers 5 versions we support; its new name does not.
+    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)

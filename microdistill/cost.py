@@ -13,9 +13,8 @@ measured latency x a machine price. All prices are inputs; the defaults are exam
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 

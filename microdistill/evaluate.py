@@ -13,13 +13,9 @@ inputs (constrained generation for both), beside their sizes and memory. Everyth
 
 from __future__ import annotations
 
-import os
-import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -28,15 +24,18 @@ import torch
 from microdistill.agreement import (agreement, exact_by_certainty, field_agreement, human_accuracy, valid_rate,
                                     wilson_interval)
 from microdistill.config import Options
+from microdistill.consistency import self_consistency
 from microdistill.console import say
 from microdistill.errors import UserError
+from microdistill.peers import PeerError, score_peers
 from microdistill.predict import generate, parse_or_none, predict
+from microdistill.speed import (PeakMemory, Timed, speed_size_memory, student_runner, teacher_file_bytes, teacher_runner,
+                                timing, weights_bytes)
 from microdistill.store import Record, ShardSet, StoreError
 from microdistill.students.data import Example, collate, load_split
 from microdistill.students.decoder import count_parameters
 from microdistill.students.saved import LoadedStudent, load_student
 from microdistill.teachers import TeacherError, load_teacher, preset_of
-from microdistill.teachers.presets import PRESETS, cache_root
 
 TIMING_SAMPLE = 16  # the teacher is slow on a CPU; a few inputs give a stable median
 
@@ -54,8 +53,12 @@ class EvalConfig(Options):
     limit: int | None = None  # score at most N held-out examples
     timing_inputs: int = TIMING_SAMPLE  # inputs both models are timed on
     batch_size: int = 64  # student batch size while scoring
+    peers: bool = True  # score the peer baselines (peers.py) on the same split
+    consistency_inputs: int = 32  # held-out inputs the timed teacher answers again, edited (0: off)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.consistency_inputs, int) or self.consistency_inputs < 0:
+            raise EvalError(f"--consistency-inputs must be a non-negative integer, got {self.consistency_inputs!r}")
         for name in ("limit", "timing_inputs", "batch_size"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -94,103 +97,26 @@ def evaluate_epoch(loaded: LoadedStudent, examples: list[Example], records: list
             "val_field_agreement": {k: v / n for k, v in agree.items()}}
 
 
-# ---- speed and memory ---------------------------------------------------------------------------
-def timing(fn: Callable[[list[str]], Any], texts: list[str]) -> tuple[dict[str, float], Any]:
-    """Latency of `fn` on one text at a time (p50/p95 ms) and its throughput on all texts at once;
-    returns those figures and what the batched call returned.
+@torch.no_grad()
+def evaluate_heads(model, fields, examples: list, records: list, batch_size: int) -> dict[str, Any]:
+    """evaluate_epoch for a classifier-head student: exact match of the whole answer, agreement
+    per field, and as `val_token_acc` the share of decisions (field values) that agree."""
+    from microdistill.students.heads import collate_heads
 
-    One warm-up call first, so lazy initialisation (grammar compilation, caches) is not timed.
-    """
-    fn(texts[:1])
-    ms = []
-    for t in texts:
-        t0 = time.perf_counter()
-        fn([t])
-        ms.append((time.perf_counter() - t0) * 1e3)
-    t0 = time.perf_counter()
-    outputs = fn(list(texts))
-    batched_s = time.perf_counter() - t0
-    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-            "per_s": len(texts) / batched_s, "n": len(texts), "batch": len(texts)}, outputs
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process now (Linux /proc; elsewhere the peak so far)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-
-
-class PeakMemory:
-    """Peak growth of resident memory while the block runs, sampled every few milliseconds.
-
-    Torch allocates outside Python's allocator, so tracemalloc cannot see model memory;
-    the process's resident set can.
-    """
-
-    def __init__(self, interval_s: float = 0.002):
-        self.interval_s, self.peak, self.start = interval_s, 0, 0
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, rss_bytes())
-
-    def __enter__(self) -> PeakMemory:
-        self.start = self.peak = rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
-
-
-def weights_bytes(model) -> int:
-    """Bytes the parameters and buffers take in memory."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def teacher_file_bytes(teacher) -> int | None:
-    """Size on disk of what the teacher ships as: its GGUF file, or its folder's weight files."""
-    preset = preset_of(teacher.source or "")
-    path = cache_root() / PRESETS[preset].file if preset else Path(teacher.source or "")
-    if path.is_file():
-        return path.stat().st_size
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
-    return None
-
-
-def student_runner(student) -> Callable[[list[str]], list[dict]]:
-    return lambda texts: predict(student, texts, constrain=True, batch_size=max(len(texts), 1))
-
-
-def teacher_runner(teacher, task, kept: Sequence[int] | None) -> Callable[[list[str]], list[str]]:
-    """Constrained greedy generation with the teacher, as extraction runs it; returns output texts."""
-    from microdistill.constrain import Grammar
-    from microdistill.generation import Decoder
-
-    grammar = Grammar(task, teacher.tokenizer, teacher.vocab_size, teacher.eos_id, allowed=kept)
-    decoder = Decoder(teacher, task, grammar)
-
-    def run(texts: list[str]) -> list[str]:
-        batch = decoder.generate([decoder.rest_ids(t) for t in texts], task.output.max_tokens)
-        return [teacher.tokenizer.decode([i for i in g.output_ids if i != teacher.eos_id]) for g in batch.rows]
-
-    return run
+    if not examples:
+        return {"val_examples": 0}
+    was_training = model.training
+    model.eval()
+    picks = []
+    for i in range(0, len(examples), batch_size):
+        b = collate_heads(examples[i:i + batch_size])
+        picks.append(torch.stack([z.argmax(-1) for z in model(b.ids, b.mask)], 1))
+    model.train(was_training)
+    right = torch.cat(picks) == torch.tensor([e.target for e in examples])  # [N, F]
+    n = len(examples)
+    return {"val_examples": n, "val_token_acc": int(right.sum()) / right.numel(),
+            "val_exact_match": int(right.all(1).sum()) / n,
+            "val_field_agreement": {f.name: int(right[:, k].sum()) / n for k, f in enumerate(fields)}}
 
 
 # ---- the evaluation -------------------------------------------------------------------------------
@@ -217,6 +143,8 @@ def check_pair(student, shards: ShardSet) -> None:
     if student.task.fingerprint() != shards.task().fingerprint():
         raise EvalError(f"{where} are for different tasks ({student.task.name!r} vs {shards.task().name!r}); "
                         "evaluate on the shards the student was trained on")
+    if student.kind == "heads":  # reads text with its own tokenizer: no vocabulary to share
+        return
     if not (np.array_equal(student.kept, shards.kept_vocab) and np.array_equal(student.input_vocab, shards.input_vocab)):
         raise EvalError(f"{where} use different vocabularies (shards from another extraction); "
                         "evaluate on the shards the student was trained on")
@@ -226,11 +154,19 @@ def quality(student, shards: ShardSet, split: str, limit: int | None, batch_size
     """Agreement with the teacher on the first `limit` examples of `split`, and those examples."""
     # Token accuracy and exact match come from the trainer's own held-out evaluation, so the
     # report and the training log measure the same thing the same way.
-    examples, records = load_split(shards, split, False, limit)
-    head = evaluate_epoch(student, examples, records, batch_size)
+    if student.kind == "heads":
+        from microdistill.students.heads import examples_of
+
+        records = list(shards.records(split))[:limit]
+        examples = examples_of(records, student.tokenizer, student.fields, False)
+        head = evaluate_heads(student.model, student.fields, examples, records, batch_size)
+    else:
+        examples, records = load_split(shards, split, False, limit)
+        head = evaluate_epoch(student, examples, records, batch_size)
     texts = [r.text for r in records]
     constrained = predict(student, texts, constrain=True, batch_size=batch_size)
-    free = predict(student, texts, constrain=False, batch_size=batch_size)
+    # a heads student has no unconstrained mode: its answer is assembled from the allowed values
+    free = constrained if student.kind == "heads" else predict(student, texts, constrain=False, batch_size=batch_size)
     student_fields = [p["fields"] for p in constrained]
     n_exact = round(head["val_exact_match"] * len(records))
     result = {
@@ -246,19 +182,6 @@ def quality(student, shards: ShardSet, split: str, limit: int | None, batch_size
     return result, records
 
 
-@dataclass
-class Timed:
-    """One model's measurements: speed (see `timing`), parameters, bytes on disk, memory."""
-
-    name: str
-    speed: dict
-    params: int
-    file_bytes: int | None
-    rss_bytes: int
-    weights_bytes: int
-    outputs: list
-
-
 def time_student(student_dir: Path, shards: ShardSet, texts: list[str]):
     """Load, check and time the student under one memory measurement; returns (student, Timed)."""
     with PeakMemory() as mem:
@@ -270,8 +193,11 @@ def time_student(student_dir: Path, shards: ShardSet, texts: list[str]):
                           weights_bytes(student.model), [])
 
 
-def time_teacher(spec: str, shards: ShardSet, texts: list[str], notes: list[str]) -> Timed:
-    """Load and time a teacher under one memory measurement, on the kept vocabulary if it is the shards' teacher."""
+def time_teacher(spec: str, shards: ShardSet, texts: list[str], notes: list[str],
+                 consistency_records: Sequence[Record] = ()) -> Timed:
+    """Load and time a teacher under one memory measurement, on the kept vocabulary if it is the
+    shards' teacher; then, if it is, ask it `consistency_records` again under meaning-preserving
+    edits (consistency.py)."""
     with PeakMemory() as mem:
         teacher = load_teacher(spec)
         same_tokenizer = teacher.tokenizer_sha256 == (shards.manifest.get("teacher") or {}).get("tokenizer_sha256")
@@ -281,37 +207,12 @@ def time_teacher(spec: str, shards: ShardSet, texts: list[str], notes: list[str]
         run = teacher_runner(teacher, shards.task(), [int(i) for i in shards.kept_vocab] if same_tokenizer else None)
         speed, outputs = timing(run, texts)
     params = sum(p.numel() for p in teacher.model.parameters())
-    return Timed(teacher.name, speed, params, teacher_file_bytes(teacher), mem.growth, weights_bytes(teacher.model), outputs)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
-
-
-def speed_size_memory(student: Timed, teacher: Timed | None) -> dict:
-    import torch
-
-    t = teacher
-    return {
-        "speed": {
-            "student": student.speed, "teacher": t.speed if t else None,
-            "speedup_p50": _ratio(t.speed["p50_ms"], student.speed["p50_ms"]) if t else None,
-            "speedup_throughput": _ratio(student.speed["per_s"], t.speed["per_s"]) if t else None,
-            "torch_threads": torch.get_num_threads(),
-        },
-        "size": {
-            "student_params": student.params, "student_bytes": student.file_bytes,
-            "teacher_params": t.params if t else None, "teacher_bytes": t.file_bytes if t else None,
-            "ratio": _ratio(t.file_bytes, student.file_bytes) if t else None,
-            "params_ratio": _ratio(t.params, student.params) if t else None,
-        },
-        "memory": {
-            "student_rss_bytes": student.rss_bytes, "student_weights_bytes": student.weights_bytes,
-            "teacher_rss_bytes": t.rss_bytes if t else None, "teacher_weights_bytes": t.weights_bytes if t else None,
-            "ratio": _ratio(t.rss_bytes, student.rss_bytes) if t else None,
-            "method": "peak growth of the process's resident memory while loading and timing each model",
-        },
-    }
+    consistent = None
+    if consistency_records and same_tokenizer:
+        consistent = self_consistency(run, [r.text for r in consistency_records],
+                                      [r.output_text for r in consistency_records])
+    return Timed(teacher.name, speed, params, teacher_file_bytes(teacher), mem.growth, weights_bytes(teacher.model),
+                 outputs, consistent)
 
 
 def _preload() -> None:
@@ -322,7 +223,7 @@ def _preload() -> None:
 
 
 def teacher_timing(teacher: str | None, from_manifest: bool, shards: ShardSet, texts: list[str],
-                   notes: list[str], progress: bool) -> tuple[str | None, Timed | None]:
+                   notes: list[str], progress: bool, consistency_records: Sequence[Record] = ()) -> tuple[str | None, Timed | None]:
     """Time the given teacher (errors propagate), or the shards' own one (skipped with a note if it fails)."""
     spec = teacher if teacher is not None else (manifest_teacher(shards.dir) if from_manifest else None)
     if spec is None:
@@ -330,7 +231,9 @@ def teacher_timing(teacher: str | None, from_manifest: bool, shards: ShardSet, t
         return None, None
     say(f"[eval] timing the teacher {spec} on {len(texts)} inputs", progress)
     try:
-        return str(spec), time_teacher(str(spec), shards, texts, notes)
+        if consistency_records:
+            say(f"[eval] asking the teacher {len(consistency_records)} held-out inputs again, edited", progress)
+        return str(spec), time_teacher(str(spec), shards, texts, notes, consistency_records)
     except TeacherError as e:
         if teacher is not None:
             raise
@@ -358,14 +261,30 @@ def evaluate(student_dir: Path, data_dir: Path, config: EvalConfig | None = None
     student, s_timed = time_student(student_dir, shards, texts)
     say(f"[eval] scoring the student on the {split} split", progress)
     scores, records = quality(student, shards, split, cfg.limit, cfg.batch_size)
-    spec, t_timed = teacher_timing(cfg.teacher, cfg.time_teacher, shards, texts, notes, progress)
+    spec, t_timed = teacher_timing(cfg.teacher, cfg.time_teacher, shards, texts, notes, progress,
+                                   records[: cfg.consistency_inputs])
     report: dict[str, Any] = {
         "task": student.task.name, "split": split, "n_eval": len(records), **scores, **speed_size_memory(s_timed, t_timed),
-        "student": {"path": str(student_dir), "preset": student.meta.get("preset"), "config": student.config.to_dict()},
+        "student": {"path": str(student_dir), "kind": student.kind, "preset": student.meta.get("preset"),
+                    "config": student.config.to_dict() if student.kind == "decoder" else student.meta.get("training")},
         "teacher": {"spec": spec, "name": t_timed.name} if t_timed else None,
         "warnings": warnings, "notes": notes,
     }
     if t_timed is not None:
         # The timed teacher should be the one that labelled the shards: say how often it agrees.
         report["speed"]["teacher"]["same_output_as_shards"] = agreement([r.output_text for r in timed_records], t_timed.outputs)
+    report["teacher_consistency"] = t_timed.consistency if t_timed is not None else None
+    report["peers"] = peer_rows(shards, split, cfg, notes, progress) if cfg.peers else None
     return report
+
+
+def peer_rows(shards: ShardSet, split: str, cfg: EvalConfig, notes: list[str], progress: bool) -> list[dict] | None:
+    """The peers (peers.py) trained on the train split and scored on the student's split."""
+    if split != "val":
+        notes.append("no peers: nothing is held out to score them on")
+        return None
+    try:
+        return score_peers(shards.dir, progress=progress, limit_val=cfg.limit)
+    except PeerError as e:
+        notes.append(f"no peers: {e}")
+        return None

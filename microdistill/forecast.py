@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from microdistill.cost import Analysis, CostConfig, CostError, RunFiles, analyse, throughput_from_logs
+from microdistill.cost import Analysis, CostConfig, CostError, RunFiles, Throughput, analyse, throughput_from_logs
 from microdistill.extract import ExtractConfig, extract
 from microdistill.files import save_figure
 from microdistill.report import write_cost

@@ -31,8 +31,12 @@ from microdistill.task import EnumField, StringField, Task
 def predict(student: LoadedStudent, texts: Sequence[str], constrain: bool = True, batch_size: int = 64,
             drafts: bool = True) -> list[dict[str, Any]]:
     """One result per text: {"text", "output" (str), "fields" (dict, or None when the output is
-    not a valid object), "valid" (bool), "truncated" (bool: the input exceeded the context)}."""
+    not a valid object), "valid" (bool), "truncated" (bool: the input exceeded the context)};
+    a classifier-head student adds "confidence" per field (students/heads.py)."""
     strip = [re.compile(p) for p in student.task.inputs.strip]
+    if student.kind == "heads":
+        results = student.predict([clean(t, strip) for t in texts], batch_size)
+        return [{**r, "text": t} for r, t in zip(results, texts)]
     ids = [student.encoder.encode(clean(t, strip)) for t in texts]
     limit = student.config.max_input
     outputs = generate(student, [x[:limit] for x in ids], constrain=constrain, batch_size=batch_size, drafts=drafts)

@@ -165,6 +165,7 @@ def _quality_md(r: dict) -> list[str]:
         "", "### Per field", "", "| field | agreement |", "|---|---|",
         *(f"| {name} | {pct(f['agreement'])} |" for name, f in r["fields"].items()),
     ]
+    lines += _peers_md(r)
     groups = r.get("exact_by_teacher_certainty")
     if groups:
         lines += ["", "### Where the teacher hesitates", "",
@@ -180,6 +181,30 @@ def _quality_md(r: dict) -> list[str]:
     if r["human"]:
         lines += ["", "## Against human labels", "", "| field | examples | teacher | student |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['n']} | {pct(v['teacher_acc'])} | {pct(v['student_acc'])} |" for k, v in r["human"].items()]
+    return lines
+
+
+def _interval(ci) -> str:
+    return f"{pct(ci[0])}–{pct(ci[1])}" if ci else "—"
+
+
+def _peers_md(r: dict) -> list[str]:
+    """The student beside the obvious alternatives and the teacher's own consistency."""
+    peers, ceiling = r.get("peers"), r.get("teacher_consistency")
+    if not peers and not ceiling:
+        return []
+    lines = ["", "### Beside the peers and the ceiling", "",
+             "Peers learn from the same teacher answers (train split) and are scored on the same held-out inputs. "
+             "The ceiling is the teacher's consistency with itself: the share of held-out inputs whose answer it "
+             "keeps when the input is edited without changing its meaning (trailing punctuation, the case of the "
+             "first letter, a doubled space); a student cannot agree with flips it does not make.", "",
+             "| | exact match of the whole object | 95% interval |", "|---|---|---|",
+             f"| **student** | **{pct(r['student_only_exact'])}** | {_interval(r.get('student_only_exact_ci95'))} |"]
+    lines += [f"| peer: {p['name']} | {pct(p['exact_match'])} | {_interval(p['exact_ci95'])} |" for p in peers or []]
+    if ceiling and ceiling.get("consistent") is not None:
+        edits = ", ".join(f"{k} {pct(v['changed'])}" for k, v in ceiling["edits"].items() if v["changed"] is not None)
+        lines.append(f"| teacher's self-consistency ({ceiling['n']} inputs; answer changed by: {edits}) | "
+                     f"{pct(ceiling['consistent'])} | {_interval(ceiling['consistent_ci95'])} |")
     return lines
 
 
@@ -212,7 +237,7 @@ def markdown(r: dict, cost_md: str | None = None) -> str:
     teacher = f"teacher `{r['teacher']['name']}`" if r.get("teacher") else "the teacher that labelled the shards"
     split = "held-out" if r["split"] == "val" else "TRAINING (nothing was held out)"
     lines = [f"# Evaluation: {r['task']}", "",
-             f"Student `{r['student']['path']}` ({r['student'].get('preset') or 'custom'}, "
+             f"Student `{r['student']['path']}` ({r['student'].get('preset') or r['student'].get('kind') or 'custom'}, "
              f"{count(r['size']['student_params'])} parameters) against {teacher}, on {r['n_eval']} {split} examples.", ""]
     for w in r["warnings"]:
         lines += [f"> **Warning:** {w}", ""]

@@ -41,13 +41,14 @@ RENAMED = {
 }
 
 
-def matched_defaults(command: str, *configs) -> tuple[dict[str, tuple], set[str]]:
+def matched_defaults(command: str, *configs, skip: tuple[str, ...] = ()) -> tuple[dict[str, tuple], set[str]]:
     """Per option that names a field of one of `configs` (the first that has it): (option's
-    default as the field's value, the config's default); and the options that name none."""
+    default as the field's value, the config's default); and the options that name none
+    (or are in `skip`: another thing of the same name)."""
     matched, unmatched = {}, set()
     for name, default in params(command).items():
         field, convert = RENAMED.get(name, (name, lambda d: d))
-        for cfg in configs:
+        for cfg in configs if name not in skip else ():
             if field in {f.name for f in fields(cfg)}:
                 matched[name] = (_norm(convert(default)), _norm(getattr(cfg, field)))
                 break
@@ -78,13 +79,14 @@ def test_extract_defaults_are_extract_config_defaults():
 def test_eval_defaults_are_eval_config_defaults():
     matched, unmatched = matched_defaults("eval", EvalConfig())
     assert_same("eval", matched)
-    assert set(matched) == {"teacher", "no_teacher", "limit", "timing_inputs", "batch_size"}
+    assert set(matched) == {"teacher", "no_teacher", "limit", "timing_inputs", "batch_size", "peers", "consistency_inputs"}
     assert unmatched == {"student", "data", "out", "json_out", "quiet"}
 
 
 def test_cost_defaults_are_cost_config_defaults():
     # --task/--teacher build the ExtractConfig of --measure; --preset is the student's
-    matched, unmatched = matched_defaults("cost", CostConfig(), ExtractConfig(), TrainConfig())
+    # --student is a student folder there, not TrainConfig's kind of student
+    matched, unmatched = matched_defaults("cost", CostConfig(), ExtractConfig(), TrainConfig(), skip=("student",))
     assert_same("cost", matched)
     assert {f.name for f in fields(CostConfig)} | {"task", "teacher", "preset"} == set(matched)
     # the rest are arguments of forecast.cost_analysis: same defaults there

@@ -18,7 +18,8 @@ from microdistill.agreement import (
     INVALID, agreement, confusion, exact_by_certainty, field_agreement, human_accuracy, teacher_certainty,
     wilson_interval,
 )
-from microdistill.evaluate import EvalConfig, EvalError, PeakMemory, eval_split, timing
+from microdistill.evaluate import EvalConfig, EvalError, eval_split
+from microdistill.speed import PeakMemory, timing
 from microdistill.report import make_report
 from microdistill.store import Record, ShardSet, ShardWriter
 from microdistill.task import load_task
@@ -286,7 +287,17 @@ def test_shards_from_a_real_extraction_time_their_own_teacher(tmp_path, tiny_tea
     assert r["speed"]["teacher"]["same_output_as_shards"] == 1.0
     assert r["valid_json_constrained"] == 1.0
     assert not any("tokenizer" in n for n in r["notes"])  # same tokenizer: timed on the kept vocabulary
+    # the ceiling: the teacher asked the held-out inputs again, edited; and the peers beside the student
+    from microdistill.consistency import EDITS
+
+    ceiling = r["teacher_consistency"]
+    held_out = list(ShardSet(shards).records("val"))[:32]
+    assert ceiling["n"] == len(held_out) == r["n_eval"]
+    assert {k: v["n"] for k, v in ceiling["edits"].items()} == {
+        k: sum(edit(x.text) != x.text for x in held_out) for k, edit in EDITS.items()}
+    assert [p["name"] for p in r["peers"]] == ["tfidf", "encoder"] and all(p["n_val"] == r["n_eval"] for p in r["peers"])
     md = (tmp_path / "eval" / "report.md").read_text()
+    assert "### Beside the peers and the ceiling" in md and "| peer: tfidf |" in md and "self-consistency" in md
     assert "## Cost" in md and "](cost.png)" in md
     assert (tmp_path / "eval" / "cost.png").read_bytes()[:8] == PNG_MAGIC
 

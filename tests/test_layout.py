@@ -34,10 +34,13 @@ RANKS: list[tuple[str, ...]] = [
     ("generation",),
     ("store",),
     ("agreement",),  # how two labellers agree: pure functions over answers
+    ("consistency",),  # the teacher's agreement with itself under meaning-keeping edits
     ("extract",),
     ("students",),
     ("losses",),
     ("predict",),
+    ("peers",),
+    ("speed",),  # speed, size and memory of student and teacher
     ("evaluate",),
     ("train",),
     ("cost",),

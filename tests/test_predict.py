@@ -14,7 +14,7 @@ from microdistill import cli
 from microdistill.predict import _allowed, generate, predict
 from microdistill.students.saved import LoadedStudent, StudentFolderError, load_student, save_student
 from microdistill.errors import UserError
-from microdistill.store import ShardSet, StoreError
+from microdistill.store import ShardSet
 from microdistill.students.decoder import N_SPECIAL, Student, config_for
 
 ODD_INPUTS = ["", "@user @bob", "you idiot", "héllo 😀 zebra", "great day " * 40]

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,7 +15,7 @@ from microdistill.errors import UserError
 from microdistill.evaluate import evaluate_epoch
 from microdistill.losses import output_sums, taid_lambda, total_loss, with_tail
 from microdistill.students.data import collate, load_split
-from microdistill.train import loop as train_mod
+from microdistill.train import decoder as train_mod
 from microdistill.students.saved import load_student
 from microdistill.store import ShardSet, ShardWriter, StoreError
 from microdistill.students.decoder import N_SPECIAL, Student, init_input_embeddings_pca

@@ -28,19 +28,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from microdistill.errors import UserError
+from microdistill.students import FORMAT, StudentFolderError
 from microdistill.files import atomic_write_bytes, atomic_write_json, copy_tree_atomic
 from microdistill.store import ShardSet, StoreError
 from microdistill.students.decoder import N_SPECIAL, Student, StudentConfig
 from microdistill.task import Task, TaskError, task_from_dict
 
-FORMAT = "microdistill.student/1"
 KIND = "decoder"  # config.json's "kind"; folders written before kinds existed are decoders
 FILES = ("config.json", "model.safetensors", "tokenizer", "task.yaml")
-
-
-class StudentFolderError(UserError):
-    """A student folder that cannot be read or written; the message is one line for the user."""
 
 
 @dataclass
@@ -61,6 +56,7 @@ class LoadedStudent:
     teacher_vocab_size: int
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    kind: str = KIND
 
     @classmethod
     def from_shards(cls, model: Student, shards: ShardSet, tokenizer=None) -> LoadedStudent:
@@ -143,22 +139,29 @@ def save_student(model: Student, config: StudentConfig, shards: ShardSet, path: 
     return path
 
 
-def load_student(path: Path) -> LoadedStudent:
-    """Load a student folder written by `save_student` (or by training)."""
+def load_student(path: Path):
+    """Load a student folder written by training: a LoadedStudent (decoder), or a LoadedHeads
+    (classifier heads, students/heads.py) when config.json says `"kind": "heads"`."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
         raise StudentFolderError(f"student folder {path}: not found")
+    if not (path / "config.json").is_file():
+        raise StudentFolderError(f"student folder {path}: config.json is missing (not a complete student folder)")
+    cfg = _read_config(path / "config.json")
+    kind = cfg.get("kind", KIND)
+    if kind == "heads":
+        from microdistill.students.heads import load_heads
+
+        return load_heads(path, cfg)
+    if kind != KIND:
+        raise StudentFolderError(f"student folder {path}: a {kind!r} student, which this version cannot load "
+                                 f"(it loads {KIND!r} and 'heads' students)")
     for name in FILES:
         if not (path / name).exists():
             raise StudentFolderError(f"student folder {path}: {name} is missing (not a complete student folder)")
-    cfg = _read_config(path / "config.json")
-    kind = cfg.get("kind", KIND)
-    if kind != KIND:
-        raise StudentFolderError(f"student folder {path}: a {kind!r} student, which this version cannot load "
-                                 f"(it loads {KIND!r} students)")
     try:
         config = StudentConfig.from_dict(cfg["student"])
         task = task_from_dict(cfg["task"], f"in {path / 'config.json'}")

@@ -45,7 +45,8 @@ class Teacher(Protocol):
 
 def load_teacher(spec: str | Path = DEFAULT_TEACHER, cache_dir: Path | None = None) -> HFTeacher:
     """A teacher from a preset name, a Hugging Face model folder, or a `.gguf` file."""
-    from microdistill.teachers.hf import convert_gguf, load_folder, quiet_transformers
+    from microdistill.console import quiet_transformers
+    from microdistill.teachers.hf import convert_gguf, load_folder
 
     quiet_transformers()
     s = str(spec)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,19 +21,6 @@ import torch
 from microdistill.files import atomic_dir
 from microdistill.task import Task
 from microdistill.teachers.presets import TeacherError, cache_root, file_sha256
-
-
-def quiet_transformers() -> None:
-    """Silence what transformers tells developers (deprecations, generation-config notes): it
-    says nothing a user of microdistill can act on, and would fill every run's output."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"transformers(\.|$)")
-    # Raised inside transformers but attributed to torch's Module.__call__: match it by message.
-    # `past_key_values` works throughout the transformers 5 versions we support; its new name does not.
-    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 
 
 @dataclass

@@ -60,7 +60,7 @@ def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg
     blob = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
             "probe": probe.state_dict() if probe is not None else None,
             "scheduler": {"kind": "warmup-cosine", "step": state["step"]}, "config": cfg.to_dict(),
-            "student": model.config.to_dict(), "fingerprint": fingerprint, **state}
+            "student": model.config.to_dict() if hasattr(model, "config") else None, "fingerprint": fingerprint, **state}
     with atomic_dir(out / "checkpoint") as tmp:
         torch.save(blob, tmp / "state.pt")
         atomic_write_json(tmp / "meta.json", {"config": cfg.to_dict(), "fingerprint": fingerprint, **state})

@@ -14,6 +14,7 @@ from microdistill.losses import CURRICULA, DIVERGENCES
 from microdistill.students.decoder import PRESET_ALIASES, PRESETS
 
 EMBED_INITS = ("teacher", "random")
+STUDENTS = ("decoder", "heads")
 
 
 class TrainError(UserError):
@@ -28,7 +29,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 class TrainConfig(Options):
     """Everything that decides the trained weights (eval_limit aside); stored in every checkpoint."""
 
-    preset: str = "micro"  # student size: nano, micro, small, large
+    student: str = "decoder"  # the kind: "decoder" (any output) or "heads" (enum fields; a pretrained encoder)
+    preset: str = "micro"  # decoder size: nano, micro, small, large
+    encoder: str = "minilm"  # the heads student's pretrained encoder: a preset or a folder (students/encoder.py)
     epochs: int = 10
     batch_size: int = 32
     lr: float = 2e-3  # peak; tiny models tolerate (and need) more than LLM-scale rates
@@ -36,6 +39,7 @@ class TrainConfig(Options):
     warmup_frac: float = 0.05  # fraction of all steps with a linear warm-up
     weight_decay: float = 0.1  # on matrices and embeddings, not on norm gains
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    pretrained_lr_ratio: float = 0.05  # a pretrained encoder's weights learn at lr x this
     dropout: float = 0.0  # on the student's residual branches while training (its `dropout`)
     seed: int = 0
     divergence: str = "forward_kl"  # see losses.DIVERGENCES
@@ -62,6 +66,7 @@ class TrainConfig(Options):
             if not ok:
                 raise TrainError(f"training option {name}={getattr(self, name)!r}: {what}")
 
+        need(self.student in STUDENTS, "student", f"choose {' or '.join(STUDENTS)}")
         need(self.preset in PRESETS, "preset", f"choose one of {', '.join(PRESETS)}")
         need(self.divergence in DIVERGENCES, "divergence", f"choose one of {', '.join(DIVERGENCES)}")
         need(self.curriculum in CURRICULA, "curriculum", f"choose one of {', '.join(CURRICULA)}")
@@ -73,7 +78,7 @@ class TrainConfig(Options):
             v = getattr(self, name)
             need(v is None or (isinstance(v, int) and v >= 1), name, "must be a positive integer or unset")
         need(0 < self.lr < 1, "lr", "must be in (0, 1)")
-        for name in ("min_lr_ratio", "divergence_start", "divergence_end", "beta"):
+        for name in ("min_lr_ratio", "divergence_start", "divergence_end", "beta", "pretrained_lr_ratio"):
             need(0.0 <= getattr(self, name) <= 1.0, name, "must be in [0, 1]")
         need(0.0 <= self.warmup_frac < 1.0, "warmup_frac", "must be in [0, 1)")
         need(0.0 <= self.alpha < 1.0, "alpha", "must be in [0, 1)")

@@ -23,30 +23,26 @@ and `training.json` beside the model, so `predict --student DIR` takes the `--ou
 from __future__ import annotations
 
 import math
-import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-from microdistill.console import say
-from microdistill.evaluate import evaluate_epoch
 from microdistill.files import atomic_write_json
-from microdistill.losses import curriculum_weight, output_sums, taid_lambda, total_loss, with_tail
-from microdistill.store import Record, ShardSet
-from microdistill.students.data import Batch, Example, collate, load_split
-from microdistill.students.decoder import N_SPECIAL, Student, config_for, count_parameters, describe, init_input_embeddings_pca
-from microdistill.students.saved import LoadedStudent, save_student
+from microdistill.losses import curriculum_weight
+from microdistill.store import ShardSet
+from microdistill.students.decoder import count_parameters
 from microdistill.train.checkpoint import has_run, load_checkpoint, save_checkpoint, shard_fingerprint
 from microdistill.train.config import TrainConfig, TrainError, TrainingInterrupted
+from microdistill.train.decoder import forward_loss, set_up_decoder
+from microdistill.train.heads import set_up_heads
 from microdistill.train.log import MetricsLog, Progress, Silent
 from microdistill.train.probe import HiddenProbe
+from microdistill.train.setup import Setup
 
 
 # ---- schedule and optimiser ----------------------------------------------------------------------
@@ -60,21 +56,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, probe: HiddenProbe | None = None) -> torch.optim.AdamW:
-    # Decay matrices and embeddings only: shrinking a norm gain towards 0 fights the (1 + w) form.
-    params = list(model.parameters()) + (list(probe.parameters()) if probe is not None else [])
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The batches of one epoch: a permutation that depends only on (seed, epoch), so a resumed
     run regenerates exactly the order it was in."""
@@ -83,40 +64,17 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def forward_loss(model: Student, b: Batch, cfg: TrainConfig, w_div: float, progress: float,
-                 probe: HiddenProbe | None = None) -> tuple[dict, torch.Tensor]:
-    """Forward one batch -> (the loss's sums and "loss" (losses.total_loss), token accuracy as a 0-dim tensor)."""
-    with_hidden = probe is not None and b.hidden is not None
-    if with_hidden:
-        logits, pooled = model.forward_pooled(b.inp, b.out_in)  # [B, Lo, K(+1)], [B, D]
-    else:
-        logits = model(b.inp, b.out_in)
-    K = logits.shape[-1]
-    teacher = b.teacher
-    if teacher is not None and cfg.tail:
-        teacher = with_tail(teacher.reshape(-1, teacher.shape[-1]), b.lse.reshape(-1)).view(*b.target.shape, K)
-    lam = taid_lambda(progress) if cfg.divergence == "taid" else None
-    parts = output_sums(logits, teacher, b.target, b.mask, divergence=cfg.divergence, T=cfg.temperature,
-                        beta=cfg.beta, alpha=cfg.alpha, lam=lam)
-    if with_hidden:
-        parts.update(probe.sums(pooled, b.hidden))
-    parts["loss"] = total_loss(parts, w_div, cfg.hidden_weight)
-    # The tail class is never a token to say, so accuracy ignores it.
-    pred = logits[..., : b.n_kept].argmax(-1)
-    acc = ((pred == b.target) & b.mask).sum() / b.mask.sum().clamp_min(1)
-    return parts, acc
-
-
-def train_step(model: Student, opt: torch.optim.Optimizer, b: Batch, cfg: TrainConfig, step: int, total: int,
-               use_logits: bool, probe: HiddenProbe | None = None) -> dict[str, Any]:
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, b: Any, cfg: TrainConfig, step: int, total: int,
+               use_logits: bool, probe: HiddenProbe | None = None, loss: Callable = forward_loss) -> dict[str, Any]:
     """One optimiser step at `step` of `total`: schedule, forward, backward, clipping, update.
-    Returns the step's metrics row (without step/epoch/ms)."""
+    `loss` is the student kind's loss per batch (the decoder's by default). Returns the step's
+    metrics row (without step/epoch/ms)."""
     frac = step / total
     w_div = curriculum_weight(cfg.curriculum, frac, cfg.divergence_start, cfg.divergence_end) if use_logits else 0.0
     lr = lr_at(step, total, cfg)
     for group in opt.param_groups:
-        group["lr"] = lr
-    parts, acc = forward_loss(model, b, cfg, w_div, frac, probe)
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    parts, acc = loss(model, b, cfg, w_div, frac, probe)
     opt.zero_grad(set_to_none=True)
     parts["loss"].backward()
     if cfg.grad_clip > 0:
@@ -152,63 +110,17 @@ class StopRequest:
 
 
 # ---- setting up ---------------------------------------------------------------------------------
-def init_embeddings(model: Student, shards: ShardSet, cfg: TrainConfig, progress: bool) -> str:
-    """Start the input embeddings from the teacher's rows when asked and the shards hold them;
-    returns the initialisation used ("teacher" or "random")."""
-    if cfg.embed_init != "teacher":
-        return "random"
-    rows = shards.input_embeddings()
-    if rows is None:
-        say(f"note: {shards.dir} holds no teacher input embeddings (text-only or older shards); "
-            "input embeddings start random", progress)
-        return "random"
-    init_input_embeddings_pca(model, rows)
-    return "teacher"
-
-
-@dataclass
-class Setup:
-    """Everything a run is made of before its first step."""
-
-    shards: ShardSet
-    use_logits: bool
-    use_hidden: bool
-    train_set: list[Example]
-    val_set: list[Example]
-    val_records: list[Record]
-    model: Student
-    probe: HiddenProbe | None
-    opt: torch.optim.AdamW
-    embed_init: str
-    total: int
-
-
 def set_up(data_dir: Path, cfg: TrainConfig, progress: bool) -> Setup:
-    """Read the shards, check them against the options, build student, probe and optimiser."""
+    """Read the shards, check them against the options, build the student of `cfg.student`."""
     shards = ShardSet(data_dir)
     if len(shards) == 0:
         raise TrainError(f"shard folder {shards.dir}: holds no examples yet; run extract first")
-    task = shards.task()
     use_logits = {"auto": shards.has_logits, "logits": True, "text": False}[cfg.signal]
     if use_logits and not shards.has_logits:
         raise TrainError(f"shard folder {shards.dir}: text-only shards have no teacher logits; use --signal text or auto")
-    if cfg.tail and not use_logits:
-        raise TrainError("training option tail=True needs teacher logits; the shards (or --signal text) have none")
-    use_hidden = use_logits and cfg.hidden_weight > 0 and shards.hidden_layer is not None
-    train_set, _ = load_split(shards, "train", use_logits, cfg.limit_train, use_hidden=use_hidden)
-    val_set, val_records = load_split(shards, "val", use_logits, cfg.eval_limit, allow_empty=True)
-    scfg = config_for(
-        cfg.preset, N_SPECIAL + len(shards.input_vocab), len(shards.kept_vocab) + int(cfg.tail),
-        max([task.inputs.max_tokens] + [len(e.inp) for e in train_set + val_set]),
-        max([task.output.max_tokens] + [len(e.out) for e in train_set + val_set]), dropout=cfg.dropout,
-    )
-    seed_everything(cfg.seed)
-    model = Student(scfg)
-    embed_init = init_embeddings(model, shards, cfg, progress)  # draws no random numbers
-    probe = HiddenProbe(scfg.d_model, np.stack([e.hidden for e in train_set])) if use_hidden else None
-    total = cfg.max_steps or cfg.epochs * math.ceil(len(train_set) / cfg.batch_size)
-    return Setup(shards, use_logits, use_hidden, train_set, val_set, val_records, model, probe,
-                 make_optimizer(model, cfg, probe), embed_init, total)
+    if cfg.student == "heads":
+        return set_up_heads(shards, cfg, use_logits, progress)
+    return set_up_decoder(shards, cfg, use_logits, progress)
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -231,9 +143,8 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     elif has_run(out):
         raise TrainError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    loaded = LoadedStudent.from_shards(model, run.shards)
     log = MetricsLog(out, keep_until=state["step"])
-    bar = Progress(total, state["step"], describe(model.config), cfg.divergence) if progress else Silent()
+    bar = Progress(total, state["step"], run.title, cfg.divergence) if progress else Silent()
     wall_before = state["wall_s"]
 
     def checkpoint() -> None:
@@ -246,8 +157,8 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
             batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, state["epoch"])
             while state["batch"] < len(batches) and state["step"] < total:
                 t0 = time.perf_counter()
-                b = collate([train_set[i] for i in batches[state["batch"]]], len(run.shards.kept_vocab))
-                row = train_step(model, opt, b, cfg, state["step"], total, run.use_logits, probe)
+                b = run.collate([train_set[i] for i in batches[state["batch"]]])
+                row = train_step(model, opt, b, cfg, state["step"], total, run.use_logits, probe, run.loss)
                 ms = (time.perf_counter() - t0) * 1e3
                 state["step"] += 1
                 state["batch"] += 1
@@ -263,7 +174,7 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
                     raise TrainingInterrupted(f"interrupted at step {state['step']}/{total}; checkpoint saved in "
                                               f"{out / 'checkpoint'}; run again with --resume to continue")
             # End of an epoch, or of the step budget: evaluate, then checkpoint.
-            metrics = evaluate_epoch(loaded, run.val_set, run.val_records, cfg.batch_size)
+            metrics = run.evaluate()
             log.write({"step": state["step"], "epoch": state["epoch"], "eval": True, **metrics})
             bar.epoch(state["epoch"], metrics)
             state["epoch"] += 1
@@ -273,12 +184,12 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
                 raise TrainingInterrupted(f"interrupted after {state['epoch']} epoch(s) (step {state['step']}/{total}); "
                                           f"checkpoint saved in {out / 'checkpoint'}; run again with --resume to continue")
     state["wall_s"] = wall_before + time.perf_counter() - started
-    save_student(model, model.config, run.shards, out, extra={"training": cfg.to_dict(), "preset": cfg.preset})
+    run.save(out)
     atomic_write_json(out / "training.json", {
         "wall_s": round(state["wall_s"], 3), "train_s": round(state["train_s"], 3), "steps": state["step"],
         "epochs": state["epoch"], "tokens": state["tokens"], "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1),
-        "examples": len(train_set), "parameters": count_parameters(model), "preset": cfg.preset,
-        "signal": "logits" if run.use_logits else "text", "embed_init": run.embed_init, "config": cfg.to_dict(),
-        "hidden_layer": run.shards.hidden_layer if run.use_hidden else None,
+        "examples": len(train_set), "parameters": count_parameters(model), "student": cfg.student,
+        "signal": "logits" if run.use_logits else "text", "config": cfg.to_dict(),
+        **run.info,
     })
     return out

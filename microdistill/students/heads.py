@@ -1,0 +1,222 @@
+"""The classifier-head student: one encoder pass, one softmax per enum field over its values.
+
+    microdistill train --data runs/demo/shards --out runs/demo/heads --student heads
+
+For a task whose fields are all enums, the teacher's whole answer is a few decisions; its
+shards keep, for each, the teacher's probability of every allowed value (the decision points,
+see generation.py). This student reads the input with a pretrained encoder (encoder.py),
+mean-pools the final states over the real tokens, and has one linear head per field. Its
+answer is the most probable value of each field, assembled into the task's canonical JSON, so
+it is always valid; each field's softmax probability is its confidence.
+
+The folder (kind "heads") holds model.safetensors, config.json (kind, the encoder's config,
+the fields and their values, the task, the shards' summary, the training options),
+tokenizer.json (the pruned WordPiece tokenizer) and task.yaml.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+
+from microdistill.errors import UserError
+from microdistill.files import atomic_write_bytes, atomic_write_json
+from microdistill.store import Record, ShardSet
+from microdistill.students import FORMAT, StudentFolderError
+from microdistill.task import EnumField, Task
+
+KIND = "heads"
+MAX_LENGTH = 128  # WordPiece tokens per input; the task's inputs are far shorter
+
+
+class HeadsError(UserError):
+    """A task or folder the classifier-head student cannot serve; one line for the user."""
+
+
+def enum_fields(task: Task, where: str) -> list[EnumField]:
+    """The task's fields, which must all be enums for this student."""
+    free = [f.name for f in task.output.fields if not isinstance(f, EnumField)]
+    if free:
+        raise HeadsError(f"{where}: task {task.name!r} has free-text or number fields ({', '.join(free)}), which a "
+                         "classifier-head student cannot produce; use --student decoder")
+    return list(task.output.fields)
+
+
+class HeadsStudent(nn.Module):
+    """encoder -> mean of the final states over real tokens -> dropout -> one linear head per field."""
+
+    def __init__(self, encoder: nn.Module, sizes: Sequence[int], dropout: float = 0.0):
+        super().__init__()
+        self.encoder = encoder
+        d = encoder.config.hidden_size
+        self.drop = nn.Dropout(dropout)
+        self.heads = nn.ModuleList(nn.Linear(d, n) for n in sizes)
+
+    def pooled(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """ids, mask [B, L] -> [B, D]: the final hidden states averaged over the real tokens."""
+        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> list[Tensor]:
+        """One logits tensor [B, n_values] per field, in the task's field order."""
+        x = self.drop(self.pooled(ids, mask))
+        return [head(x) for head in self.heads]
+
+
+# ---- data ---------------------------------------------------------------------------------------
+@dataclass
+class HeadsBatch:
+    """ids, mask [B, L]; target [B, F] the teacher's value index per field; teacher: per field
+    log P_teacher [B, n_values] from the decision points, or None (text-only shards)."""
+
+    ids: Tensor
+    mask: Tensor
+    target: Tensor
+    teacher: list[Tensor] | None
+    n_tokens: int
+
+
+@dataclass
+class HeadsExample:
+    ids: list[int]
+    target: list[int]
+    decisions: list[np.ndarray] | None
+
+
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    return [enc.ids[:MAX_LENGTH] for enc in tokenizer.encode_batch(list(texts))]
+
+
+def examples_of(records: Sequence[Record], tokenizer, fields: list[EnumField], use_decisions: bool) -> list[HeadsExample]:
+    ids = encode_texts(tokenizer, [r.text for r in records])
+    out = []
+    for r, x in zip(records, ids):
+        target = [f.values.index(r.fields[f.name]) for f in fields]
+        dec = [np.asarray(r.decisions[f.name], dtype=np.float32) for f in fields] if use_decisions else None
+        out.append(HeadsExample(x, target, dec))
+    return out
+
+
+def collate_heads(examples: list[HeadsExample]) -> HeadsBatch:
+    B, L = len(examples), max(len(e.ids) for e in examples)
+    ids = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        mask[i, : len(e.ids)] = 1
+    target = torch.tensor([e.target for e in examples], dtype=torch.long)
+    teacher = None
+    if examples[0].decisions is not None:
+        # log P over the values; a value the teacher gave no mass keeps a finite floor
+        teacher = [torch.from_numpy(np.stack([e.decisions[k] for e in examples])).clamp_min(1e-12).log()
+                   for k in range(len(examples[0].decisions))]
+    return HeadsBatch(ids, mask, target, teacher, int(mask.sum()))
+
+
+# ---- the saved student -------------------------------------------------------------------------
+@dataclass
+class LoadedHeads:
+    """A classifier-head student ready to predict."""
+
+    model: HeadsStudent
+    task: Task
+    tokenizer: Any  # tokenizers.Tokenizer
+    fields: list[EnumField]
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    kind: str = KIND
+
+    @torch.no_grad()
+    def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> list[np.ndarray]:
+        """Per field, P(value) [N, n_values] for each text."""
+        self.model.eval()
+        ids = encode_texts(self.tokenizer, texts)
+        chunks: list[list[Tensor]] = []
+        for i in range(0, len(ids), batch_size):
+            b = collate_heads([HeadsExample(x, [0] * len(self.fields), None) for x in ids[i:i + batch_size]])
+            chunks.append([F.softmax(z, -1) for z in self.model(b.ids, b.mask)])
+        return [torch.cat([c[k] for c in chunks]).numpy() for k in range(len(self.fields))]
+
+    def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[dict[str, Any]]:
+        """One result per text: {text, output (canonical JSON), fields, valid, truncated, confidence}."""
+        if not texts:
+            return []
+        probs = self.probabilities(texts, batch_size)
+        lengths = [len(enc.ids) for enc in self.tokenizer.encode_batch(list(texts))]
+        results = []
+        for i, text in enumerate(texts):
+            picks = {f.name: f.values[int(p[i].argmax())] for f, p in zip(self.fields, probs)}
+            results.append({"text": text, "output": self.task.serialize(picks), "fields": picks, "valid": True,
+                            "truncated": lengths[i] > MAX_LENGTH,
+                            "confidence": {f.name: float(p[i].max()) for f, p in zip(self.fields, probs)}})
+        return results
+
+
+def save_heads(model: HeadsStudent, tokenizer_json: dict, shards: ShardSet, path: Path, encoder_source: str,
+               extra: dict[str, Any] | None = None) -> Path:
+    """Write the student folder `path` (see the module docstring); config.json last."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    task = shards.task()
+    weights = save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, metadata={"format": FORMAT})
+    atomic_write_bytes(path / "tokenizer.json", json.dumps(tokenizer_json, ensure_ascii=False).encode())
+    atomic_write_bytes(path / "task.yaml", yaml.safe_dump(task.model_dump(), sort_keys=False, allow_unicode=True).encode())
+    atomic_write_bytes(path / "model.safetensors", weights)
+    m = shards.manifest
+    atomic_write_json(path / "config.json", {
+        "format": FORMAT, "kind": KIND,
+        "encoder": {"source": encoder_source, "config": model.encoder.config.to_dict(), "dropout": model.drop.p},
+        "fields": [{"name": f.name, "values": f.values} for f in enum_fields(task, str(path))],
+        "task": task.model_dump(),
+        "shards": {"path": str(shards.dir), "task_fingerprint": m.get("task_fingerprint"), "teacher": m.get("teacher"),
+                   "signal": m.get("signal", "logits"), "counts": m.get("counts")},
+        "model_bytes": len(weights), "model_sha256": hashlib.sha256(weights).hexdigest(),
+        **(extra or {}),
+    })
+    return path
+
+
+def load_heads(path: Path, cfg: dict[str, Any]) -> LoadedHeads:
+    """A heads folder whose config.json (`cfg`) has been read and checked by saved.load_student."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
+    from microdistill.students.encoder import tokenizer_from_json
+    from microdistill.task import task_from_dict
+
+    for name in ("model.safetensors", "tokenizer.json", "task.yaml"):
+        if not (path / name).is_file():
+            raise StudentFolderError(f"student folder {path}: {name} is missing (not a complete student folder)")
+    try:
+        enc = cfg["encoder"]
+        config = AutoConfig.for_model(**{k: v for k, v in enc["config"].items() if k != "model_type"},
+                                      model_type=enc["config"]["model_type"])
+        task = task_from_dict(cfg["task"], f"in {path / 'config.json'}")
+        sizes = [len(f["values"]) for f in cfg["fields"]]
+        dropout = float(enc.get("dropout", 0.0))
+    except (KeyError, TypeError, ValueError) as e:
+        raise StudentFolderError(f"{path / 'config.json'}: missing or bad entry ({type(e).__name__}: {e})") from None
+    weights = path / "model.safetensors"
+    if weights.stat().st_size != cfg.get("model_bytes", weights.stat().st_size):
+        raise StudentFolderError(f"{weights}: does not match config.json (an interrupted save?); save the student again")
+    model = HeadsStudent(AutoModel.from_config(config), sizes, dropout)
+    try:
+        model.load_state_dict(load_file(str(weights)))
+        tokenizer = tokenizer_from_json(json.loads((path / "tokenizer.json").read_text()))
+    except Exception as e:  # safetensors, torch and tokenizers raise several types for damaged files
+        raise StudentFolderError(f"student folder {path}: cannot be loaded ({type(e).__name__})") from None
+    model.eval()
+    meta = {k: v for k, v in cfg.items() if k not in ("encoder", "fields", "task")}
+    return LoadedHeads(model, task, tokenizer, enum_fields(task, str(path)), meta, path)

@@ -1,0 +1,86 @@
+"""Training the decoder student (students/decoder.py): its setup and its loss per batch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from microdistill.console import say
+from microdistill.evaluate import evaluate_epoch
+from microdistill.losses import output_sums, taid_lambda, total_loss, with_tail
+from microdistill.store import ShardSet
+from microdistill.students.data import Batch, collate, load_split
+from microdistill.students.decoder import N_SPECIAL, Student, config_for, describe, init_input_embeddings_pca
+from microdistill.students.saved import LoadedStudent, save_student
+from microdistill.train.config import TrainConfig, TrainError
+from microdistill.train.probe import HiddenProbe
+from microdistill.train.setup import Setup, make_optimizer, seed_everything
+
+
+def forward_loss(model: Student, b: Batch, cfg: TrainConfig, w_div: float, progress: float,
+                 probe: HiddenProbe | None = None) -> tuple[dict, torch.Tensor]:
+    """Forward one batch -> (the loss's sums and "loss" (losses.total_loss), token accuracy as a 0-dim tensor)."""
+    with_hidden = probe is not None and b.hidden is not None
+    if with_hidden:
+        logits, pooled = model.forward_pooled(b.inp, b.out_in)  # [B, Lo, K(+1)], [B, D]
+    else:
+        logits = model(b.inp, b.out_in)
+    K = logits.shape[-1]
+    teacher = b.teacher
+    if teacher is not None and cfg.tail:
+        teacher = with_tail(teacher.reshape(-1, teacher.shape[-1]), b.lse.reshape(-1)).view(*b.target.shape, K)
+    lam = taid_lambda(progress) if cfg.divergence == "taid" else None
+    parts = output_sums(logits, teacher, b.target, b.mask, divergence=cfg.divergence, T=cfg.temperature,
+                        beta=cfg.beta, alpha=cfg.alpha, lam=lam)
+    if with_hidden:
+        parts.update(probe.sums(pooled, b.hidden))
+    parts["loss"] = total_loss(parts, w_div, cfg.hidden_weight)
+    # The tail class is never a token to say, so accuracy ignores it.
+    pred = logits[..., : b.n_kept].argmax(-1)
+    acc = ((pred == b.target) & b.mask).sum() / b.mask.sum().clamp_min(1)
+    return parts, acc
+
+
+def init_embeddings(model: Student, shards: ShardSet, cfg: TrainConfig, progress: bool) -> str:
+    """Start the input embeddings from the teacher's rows when asked and the shards hold them;
+    returns the initialisation used ("teacher" or "random")."""
+    if cfg.embed_init != "teacher":
+        return "random"
+    rows = shards.input_embeddings()
+    if rows is None:
+        say(f"note: {shards.dir} holds no teacher input embeddings (text-only or older shards); "
+            "input embeddings start random", progress)
+        return "random"
+    init_input_embeddings_pca(model, rows)
+    return "teacher"
+
+
+def set_up_decoder(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress: bool) -> Setup:
+    """The decoder student (students/decoder.py), its hidden-state probe and optimiser."""
+    task = shards.task()
+    if cfg.tail and not use_logits:
+        raise TrainError("training option tail=True needs teacher logits; the shards (or --signal text) have none")
+    use_hidden = use_logits and cfg.hidden_weight > 0 and shards.hidden_layer is not None
+    train_set, _ = load_split(shards, "train", use_logits, cfg.limit_train, use_hidden=use_hidden)
+    val_set, val_records = load_split(shards, "val", use_logits, cfg.eval_limit, allow_empty=True)
+    scfg = config_for(
+        cfg.preset, N_SPECIAL + len(shards.input_vocab), len(shards.kept_vocab) + int(cfg.tail),
+        max([task.inputs.max_tokens] + [len(e.inp) for e in train_set + val_set]),
+        max([task.output.max_tokens] + [len(e.out) for e in train_set + val_set]), dropout=cfg.dropout,
+    )
+    seed_everything(cfg.seed)
+    model = Student(scfg)
+    embed_init = init_embeddings(model, shards, cfg, progress)  # draws no random numbers
+    probe = HiddenProbe(scfg.d_model, np.stack([e.hidden for e in train_set])) if use_hidden else None
+    total = cfg.max_steps or cfg.epochs * math.ceil(len(train_set) / cfg.batch_size)
+    loaded = LoadedStudent.from_shards(model, shards)
+    n_kept = len(shards.kept_vocab)
+    return Setup(
+        shards, use_logits, train_set, model, probe, make_optimizer(model, cfg, probe), total,
+        collate=lambda examples: collate(examples, n_kept), loss=forward_loss,
+        evaluate=lambda: evaluate_epoch(loaded, val_set, val_records, cfg.batch_size),
+        save=lambda out: save_student(model, scfg, shards, out, extra={"training": cfg.to_dict(), "preset": cfg.preset}),
+        info={"preset": cfg.preset, "embed_init": embed_init,
+              "hidden_layer": shards.hidden_layer if use_hidden else None}, title=describe(scfg))

@@ -1,0 +1,73 @@
+"""Training the classifier-head student (students/heads.py) with the decoder's loop.
+
+Per field, the loss is the decoder's per token: `w_div·T²·D(p_teacher ‖ p_student) + (1 -
+w_div)·CE(teacher's value)`, with p_teacher the teacher's probability of each allowed value at
+the field's decision point; the fields' sums add up and `losses.total_loss` divides once. The
+pretrained encoder learns at lr·pretrained_lr_ratio, the new heads at lr.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from microdistill.console import say
+from microdistill.evaluate import evaluate_heads
+from microdistill.losses import output_sums, taid_lambda, total_loss
+from microdistill.store import ShardSet
+from microdistill.students.encoder import load_encoder, prune_embeddings, prune_vocabulary, tokenizer_from_json
+from microdistill.students.heads import HeadsBatch, HeadsStudent, collate_heads, enum_fields, examples_of, save_heads
+from microdistill.train.config import TrainConfig, TrainError
+from microdistill.train.setup import Setup, make_optimizer, seed_everything
+
+
+def heads_loss(model: HeadsStudent, b: HeadsBatch, cfg: TrainConfig, w_div: float, progress: float,
+               probe=None) -> tuple[dict, torch.Tensor]:
+    """The loss's sums over every field of the batch, and the share of decisions right."""
+    logits = model(b.ids, b.mask)
+    lam = taid_lambda(progress) if cfg.divergence == "taid" else None
+    every = torch.ones(len(b.ids), dtype=torch.bool)
+    sums = [output_sums(z, b.teacher[k] if b.teacher is not None else None, b.target[:, k], every,
+                        divergence=cfg.divergence, T=cfg.temperature, beta=cfg.beta, alpha=cfg.alpha, lam=lam)
+            for k, z in enumerate(logits)]
+    parts = {key: sum(p[key] for p in sums) for key in ("divergence_sum", "ce_sum", "n")}
+    parts["teacher"] = b.teacher is not None
+    parts["loss"] = total_loss(parts, w_div)
+    acc = torch.stack([z.argmax(-1) == b.target[:, k] for k, z in enumerate(logits)]).float().mean()
+    return parts, acc
+
+
+def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress: bool) -> Setup:
+    """The classifier-head student on a pretrained encoder with its vocabulary pruned to the
+    training inputs, and an optimiser that moves the encoder slowly."""
+    fields = enum_fields(shards.task(), f"shard folder {shards.dir}")
+    if cfg.tail:
+        raise TrainError("training option tail=True is for the decoder student; heads score only the allowed values")
+    train_records = list(shards.records("train"))[:cfg.limit_train]
+    val_records = list(shards.records("val"))[:cfg.eval_limit]
+    if not train_records:
+        raise TrainError(f"shard folder {shards.dir}: no train examples")
+    if use_logits and any(set(r.decisions) != {f.name for f in fields} for r in train_records + val_records):
+        raise TrainError(f"shard folder {shards.dir}: examples without the teacher's decision points (older or "
+                         "text-only shards); extract again, or train on the teacher's text alone with --signal text")
+    say(f"loading the pretrained encoder {cfg.encoder}", progress)
+    encoder = load_encoder(cfg.encoder)
+    tok_json, old_ids = prune_vocabulary(encoder.tokenizer_json, [r.text for r in train_records])
+    prune_embeddings(encoder.model, old_ids)
+    tokenizer = tokenizer_from_json(tok_json)
+    train_set = examples_of(train_records, tokenizer, fields, use_logits)
+    val_set = examples_of(val_records, tokenizer, fields, False)
+    seed_everything(cfg.seed)
+    model = HeadsStudent(encoder.model, [len(f.values) for f in fields], cfg.dropout)
+    total = cfg.max_steps or cfg.epochs * math.ceil(len(train_set) / cfg.batch_size)
+    n = sum(p.numel() for p in model.parameters())
+    return Setup(
+        shards, use_logits, train_set, model, None,
+        make_optimizer(model, cfg, pretrained=list(model.encoder.parameters())), total,
+        collate=collate_heads, loss=heads_loss,
+        evaluate=lambda: evaluate_heads(model, fields, val_set, val_records, cfg.batch_size),
+        save=lambda out: save_heads(model, tok_json, shards, out, encoder.source, extra={"training": cfg.to_dict()}),
+        info={"encoder": encoder.source, "input_pieces": len(old_ids)},
+        title=f"heads: {n / 1e6:.1f}M parameters (encoder {cfg.encoder}, {len(old_ids)} input pieces, "
+              f"{len(fields)} fields)")

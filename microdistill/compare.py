@@ -21,6 +21,7 @@ from typing import Any
 from microdistill.console import say
 from microdistill.errors import UserError
 from microdistill.files import atomic_write_bytes, atomic_write_json
+from microdistill.peers import PeerError, score_peers
 from microdistill.report import pct, read_metrics, save_plot, smooth
 from microdistill.store import ShardSet
 from microdistill.train import TrainConfig, TrainError, train_once, train_sizes
@@ -41,6 +42,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "taid": ("TAID interpolated target, cosine curriculum", {"divergence": "taid"}),
     "tail": ("forward KL with the teacher's out-of-vocabulary mass as a class", {"tail": True}),
     "t2": ("forward KL at temperature 2 (× T²), cosine curriculum", {"temperature": 2.0}),
+    "heads": ("classifier heads on all-MiniLM-L6-v2: one softmax per enum field on the teacher's decision points, "
+              "cosine curriculum", {"student": "heads"}),
 }
 
 # Set once for the whole comparison, so that every configuration gets the same data and budget.
@@ -289,6 +292,16 @@ def _verdict_md(v: dict[str, Any], n: int) -> str:
             f"{100 * v['margin_se']:.2f} points" + (": within noise." if noisy else "."))
 
 
+def peer_rows(shards: ShardSet, limit_train: int | None, progress: bool) -> list[dict] | None:
+    """The peers (peers.py) on the same training examples and held-out split; None (said) when
+    the task has fields they cannot answer."""
+    try:
+        return score_peers(shards.dir, limit_train=limit_train, progress=progress)
+    except PeerError as e:
+        say(f"no peers: {e}", progress)
+        return None
+
+
 def markdown(result: dict[str, Any]) -> str:
     rows = result["runs"]
     field_names = list(rows[0]["field_agreement"])
@@ -304,6 +317,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['name']} | {pct(r['exact_match'])} | {pct(r['token_acc'])} | "
                      + " | ".join(pct(r["field_agreement"][f]) for f in field_names)
                      + f" | {r['train_loss']:.4f} | {div} | {r['train_ce']:.4f} | {r['steps']} | {r['wall_s']:.1f} s |")
+    for p in result.get("peers") or []:
+        lines.append(f"| peer: {p['name']} | {pct(p['exact_match'])} | — | "
+                     + " | ".join(pct(p["fields"][f]) for f in field_names) + " | — | — | — | — | "
+                     f"{p['fit_s']:.1f} s |")
     v = result["verdict"]
     lines.append("")
     if v["runner_up"] is None:
@@ -312,7 +329,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(_verdict_md(v, rows[0]["val_examples"]))
     lines += ["", "Held-out numbers are from each run's last evaluation, training numbers from its last step. "
               "Train loss is each configuration's own objective (w_div·D + (1 − w_div)·CE) and is not comparable "
-              "across rows; train CE (on the teacher's token) is.", "", "| configuration | what it is |", "|---|---|"]
+              "across rows; train CE (on the teacher's token) is. Peer rows are the obvious alternatives, trained on "
+              "the same teacher answers and scored on the same held-out inputs: TF-IDF n-grams and frozen "
+              "all-MiniLM-L6-v2 embeddings, each with one logistic regression per field.", "",
+              "| configuration | what it is |", "|---|---|"]
     lines += [f"| {r['name']} | {r['description']} |" for r in rows]
     lines += ["", "![learning curves](curves.png)", ""]
     if result.get("efficiency"):
@@ -363,6 +383,7 @@ def compare(data_dir: Path, out_dir: Path, configs: list[str] | list[dict], pres
               "epochs": budget.get("epochs"), "limit_train": limit_train, "n_train": used, "n_val": n_val,
               "runs": rows, "verdict": verdict(rows), "efficiency": None,
               "plots": [plot_curves([(r["name"], Path(r["dir"])) for r in rows], out / "curves.png")]}
+    result["peers"] = peer_rows(shards, limit_train, progress)
     if sizes:
         curve = [r for r in runs if sizes_for is None or r[0] in sizes_for]
         result["efficiency"] = efficiency(shards.dir, out, curve, sorted(set(sizes)), used, progress)

@@ -39,7 +39,7 @@ def rows(path) -> tuple[list[dict], list[dict]]:
 
 
 def test_every_named_configuration_builds_the_training_it_names():
-    required = {"curriculum", "ce", "kd", "mix", "linear", "step", "reverse_kl", "jsd", "skew_kl", "taid", "tail", "t2",
+    required = {"curriculum", "ce", "kd", "mix", "linear", "step", "reverse_kl", "jsd", "skew_kl", "taid", "tail", "t2", "heads",
                 "no_hidden"}
     assert required <= set(CONFIGS)
     runs = {name: cfg for name, _, cfg in build_runs(list(CONFIGS), SHARED, COMMON)}
@@ -63,6 +63,7 @@ def test_every_named_configuration_builds_the_training_it_names():
     assert runs["no_hidden"].hidden_weight == 0.0 and runs["curriculum"].hidden_weight > 0
     assert runs["tail"].tail and not runs["curriculum"].tail
     assert runs["t2"].temperature == 2.0 and runs["curriculum"].temperature == 1.0
+    assert runs["heads"].student == "heads" and runs["curriculum"].student == "decoder"
 
 
 def test_report_holds_each_runs_own_numbers(compared):
@@ -92,6 +93,10 @@ def test_report_holds_each_runs_own_numbers(compared):
     assert by["ce"]["train_divergence"] is None and by["kd"]["train_divergence"] == kd[-1]["divergence"]
     cur, _ = rows(out / "curriculum")
     assert cur[0]["w_div"] == pytest.approx(0.9) and cur[-1]["w_div"] < 0.2
+    # the peers learnt from the same answers and were scored on the same held-out examples
+    assert [p["name"] for p in result["peers"]] == ["tfidf", "encoder"]
+    assert all(p["n_val"] == result["runs"][0]["val_examples"] and p["n_train"] == result["n_train"] for p in result["peers"])
+    assert sum(line.startswith("| peer: tfidf | ") for line in table) == 1
     best = max(result["runs"], key=lambda r: (r["exact_match"], r["token_acc"]))
     assert result["verdict"]["winner"] == best["name"] and f"**Winner: {best['name']}**" in md
 
@@ -174,9 +179,9 @@ def test_cli_reports_a_bad_plan_in_one_line(tmp_path, shards):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: plan {plan}, run 'odd': unknown field 'warmup'; expected TrainConfig fields "
-        "(alpha, batch_size, beta, curriculum, divergence, divergence_end, divergence_start, dropout, embed_init, epochs, "
-        "eval_limit, grad_clip, hidden_weight, limit_train, lr, max_steps, min_lr_ratio, preset, seed, signal, tail, "
-        "temperature, warmup_frac, weight_decay)"]
+        "(alpha, batch_size, beta, curriculum, divergence, divergence_end, divergence_start, dropout, embed_init, encoder, "
+        "epochs, eval_limit, grad_clip, hidden_weight, limit_train, lr, max_steps, min_lr_ratio, preset, "
+        "pretrained_lr_ratio, seed, signal, student, tail, temperature, warmup_frac, weight_decay)"]
     assert not (tmp_path / "cmp").exists()  # nothing trained before the plan was checked
 
 

@@ -1,0 +1,110 @@
+"""Held-out agreement with the teacher of each student kind and each peer, over seeds, side by side.
+
+    python benchmarks/generalisation.py --data runs/default/shards --out runs/bench/default \
+        [--also runs/tweets/shards] [--seeds 0,1,2] [--students decoder,heads] [--epochs 20]
+
+Every student trains on the train split of `--data` with the run's options (20 epochs, dropout
+0.1) and one seed at a time; the peers (peers.py) learn from the same teacher answers. Each is
+scored on the held-out split of `--data` and, with `--also`, on the held-out split of other
+shard folders labelled by the same teacher (text from elsewhere: the generalisation that
+matters). Exact match of the whole answer; mean over seeds with a 95% interval (t-distribution
+over the seeds' scores) and the Wilson interval of the pooled count. Finished students are
+reused, so an interrupted benchmark continues. Writes `results.json` and `results.md` in `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from microdistill.agreement import wilson_interval
+from microdistill.peers import fit_predict
+from microdistill.predict import predict
+from microdistill.store import ShardSet
+from microdistill.students.saved import load_student
+from microdistill.train import TrainConfig, train_once
+
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}  # two-sided 95% t quantiles by degrees of freedom
+
+
+def exact(answers: list[dict | None], records) -> tuple[int, int]:
+    return sum(a == r.fields for a, r in zip(answers, records)), len(records)
+
+
+def summary(counts: list[tuple[int, int]]) -> dict:
+    rates = [k / n for k, n in counts]
+    mean = statistics.fmean(rates)
+    half = T95.get(len(rates) - 1, 1.96) * statistics.stdev(rates) / math.sqrt(len(rates)) if len(rates) > 1 else None
+    k, n = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return {"per_seed": rates, "mean": mean, "ci95_seeds": [mean - half, mean + half] if half is not None else None,
+            "pooled_wilson": list(wilson_interval(k, n)), "n": counts[0][1]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--also", type=Path, action="append", default=[], help="more shard folders to score on (val split)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--students", default="decoder,heads")
+    ap.add_argument("--peers", default="tfidf,encoder")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--limit-train", type=int, default=None)
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    home = ShardSet(args.data)
+    task = home.task()
+    train_records = list(home.records("train"))[: args.limit_train]
+    targets = {"held-out": list(home.records("val"))}
+    targets |= {str(p): list(ShardSet(p).records("val")) for p in args.also}
+    rows = []
+    for kind in [s for s in args.students.split(",") if s]:
+        counts: dict[str, list] = {t: [] for t in targets}
+        wall = []
+        for seed in seeds:
+            cfg = TrainConfig(student=kind, epochs=args.epochs, dropout=0.1, seed=seed, limit_train=args.limit_train)
+            folder = args.out / f"{kind}-seed{seed}"
+            t0 = time.perf_counter()
+            train_once(args.data, folder, cfg, progress=False)
+            wall.append(json.loads((folder / "training.json").read_text())["wall_s"])
+            student = load_student(folder)
+            for name, records in targets.items():
+                answers = [p["fields"] for p in predict(student, [r.text for r in records])]
+                counts[name].append(exact(answers, records))
+            print(f"{kind} seed {seed}: " + ", ".join(f"{t} {k}/{n}" for t, (k, n) in
+                                                     ((t, c[-1]) for t, c in counts.items()))
+                  + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+        params = json.loads((args.out / f"{kind}-seed{seeds[0]}" / "training.json").read_text())["parameters"]
+        rows.append({"name": kind, "parameters": params, "train_s": statistics.fmean(wall),
+                     **{t: summary(c) for t, c in counts.items()}})
+    for name in [p for p in args.peers.split(",") if p]:
+        counts = {t: [] for t in targets}
+        for seed in seeds:
+            for t, records in targets.items():
+                counts[t].append(exact(fit_predict(name, train_records, records, task, seed), records))
+        rows.append({"name": f"peer: {name}", **{t: summary(c) for t, c in counts.items()}})
+        print(f"peer {name}: " + ", ".join(f"{t} {summary(c)['mean']:.1%}" for t, c in counts.items()), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"data": str(args.data), "seeds": seeds, "epochs": args.epochs,
+                                                       "n_train": len(train_records), "rows": rows}, indent=1))
+    lines = [f"Trained on {len(train_records)} teacher answers from `{args.data}`; seeds {args.seeds}; "
+             f"exact match of the whole answer against the teacher.", "",
+             "| | " + " | ".join(f"{t} (n={len(r)})" for t, r in targets.items()) + " |",
+             "|---|" + "---:|" * len(targets)]
+    for r in rows:
+        cells = []
+        for t in targets:
+            s = r[t]
+            ci = f" ({100 * s['ci95_seeds'][0]:.1f}–{100 * s['ci95_seeds'][1]:.1f})" if s["ci95_seeds"] else ""
+            cells.append(f"{100 * s['mean']:.1f}%{ci}")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

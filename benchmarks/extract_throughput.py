@@ -18,7 +18,8 @@ from pathlib import Path
 
 from microdistill.constrain import Grammar
 from microdistill.corpus import filter_inputs, read_corpus
-from microdistill.extract import build_vocab, calibrate, decode_into
+from microdistill.calibrate import build_vocab, calibrate
+from microdistill.extract import decode_into
 from microdistill.generation import Decoder
 from microdistill.pipeline import sample_corpus
 from microdistill.store import ShardWriter

@@ -59,6 +59,8 @@ def run(
     vocab_size: int = typer.Option(512, help="Size of the kept output vocabulary."),
     hidden_layer: str = typer.Option("last", help="Teacher layer whose hidden state of each input is stored for hidden-state "
                                      "distillation: last, middle, a number, or none."),
+    dtype: str = typer.Option("float32", help="Teacher dtype: float32, bfloat16, or auto (bfloat16 where this CPU runs it "
+                              "natively and it answers the calibration inputs as float32 does)."),
     student: str = typer.Option("decoder", help="Student kind: decoder (any output) or heads (enum fields: a "
                                 "pretrained encoder with one softmax per field)."),
     preset: str = typer.Option("micro", help="Decoder size preset: nano, micro, small, large."),
@@ -79,7 +81,7 @@ def run(
     run_pipeline(RunConfig(
         name=name, root=str(root), input=str(input) if input else None,
         extract=ExtractConfig(task=task, teacher=teacher, field=field, labels=labels, limit=limit,
-                              batch_size=batch_size, vocab_size=vocab_size, hidden_layer=hidden_layer),
+                              batch_size=batch_size, vocab_size=vocab_size, hidden_layer=hidden_layer, dtype=dtype),
         train=TrainConfig(student=student, preset=preset, epochs=epochs, dropout=dropout, hidden_weight=hidden_weight,
                           max_steps=max_steps, seed=seed),
         eval=EvalConfig(time_teacher=eval_teacher),
@@ -306,6 +308,8 @@ def extract(
     calibration: int = typer.Option(64, help="Inputs decoded to choose the kept vocabulary (first run only)."),
     hidden_layer: str = typer.Option("last", help="Teacher layer whose hidden state of each input is stored for hidden-state "
                                      "distillation (first run only): last, middle, a number, or none."),
+    dtype: str = typer.Option("float32", help="Teacher dtype (first run only): float32, bfloat16, or auto (bfloat16 "
+                              "where this CPU runs it natively and it answers the calibration inputs as float32 does)."),
     field: str = typer.Option("text", help="Text field/column of the corpus."),
     label: list[str] = typer.Option([], help="Human label column for a task field, FIELD=COLUMN (repeatable)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
@@ -315,7 +319,7 @@ def extract(
 
     cfg = ExtractConfig(task=task, teacher=teacher, field=field, labels=_parse_pairs(label, "--label") or None,
                         limit=limit, batch_size=batch_size, vocab_size=vocab_size, calibration=calibration,
-                        hidden_layer=hidden_layer)
+                        hidden_layer=hidden_layer, dtype=dtype)
     path = run_extract(input, out, cfg, progress=not quiet)
     typer.echo(f"shards: {path}")
 

@@ -200,7 +200,10 @@ def time_teacher(spec: str, shards: ShardSet, texts: list[str], notes: list[str]
     edits (consistency.py)."""
     with PeakMemory() as mem:
         teacher = load_teacher(spec)
-        same_tokenizer = teacher.tokenizer_sha256 == (shards.manifest.get("teacher") or {}).get("tokenizer_sha256")
+        labelled_by = shards.manifest.get("teacher") or {}
+        same_tokenizer = teacher.tokenizer_sha256 == labelled_by.get("tokenizer_sha256")
+        if same_tokenizer:  # timed as it labelled the shards: bfloat16 where extraction chose it
+            teacher.to_dtype(labelled_by.get("dtype", "float32"))
         if not same_tokenizer:
             notes.append(f"teacher {spec!r} has another tokenizer than the shards' teacher: it was timed with "
                          "its own full vocabulary instead of the kept one")
@@ -212,7 +215,7 @@ def time_teacher(spec: str, shards: ShardSet, texts: list[str], notes: list[str]
         consistent = self_consistency(run, [r.text for r in consistency_records],
                                       [r.output_text for r in consistency_records])
     return Timed(teacher.name, speed, params, teacher_file_bytes(teacher), mem.growth, weights_bytes(teacher.model),
-                 outputs, consistent)
+                 outputs, consistent, teacher.dtype)
 
 
 def _preload() -> None:
@@ -267,7 +270,7 @@ def evaluate(student_dir: Path, data_dir: Path, config: EvalConfig | None = None
         "task": student.task.name, "split": split, "n_eval": len(records), **scores, **speed_size_memory(s_timed, t_timed),
         "student": {"path": str(student_dir), "kind": student.kind, "preset": student.meta.get("preset"),
                     "config": student.config.to_dict() if student.kind == "decoder" else student.meta.get("training")},
-        "teacher": {"spec": spec, "name": t_timed.name} if t_timed else None,
+        "teacher": {"spec": spec, "name": t_timed.name, "dtype": t_timed.dtype} if t_timed else None,
         "warnings": warnings, "notes": notes,
     }
     if t_timed is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ import torch
 from microdistill.config import Options
 from microdistill.console import progress as progress_bar
 from microdistill.console import say
+from microdistill.calibrate import Calibration, batches, build_vocab, calibrate, choose_dtype
 from microdistill.corpus import Item, example_id, filter_inputs, read_corpus
 from microdistill.errors import UserError
 from microdistill.files import atomic_dir, atomic_write_bytes
@@ -32,7 +33,6 @@ from microdistill.store import INPUT_EMBEDDINGS, Record, ShardSet, ShardWriter, 
 from microdistill.task import Task, load_task
 from microdistill.teachers import DEFAULT_TEACHER, TeacherError, load_teacher
 from microdistill.teachers.hf import HFTeacher, hidden_layer_of, hidden_layer_spec, states_after
-from microdistill.vocab import build_input_vocab, coverage, kept_token_strings, required_tokens, select_kept
 
 
 if TYPE_CHECKING:
@@ -50,75 +50,6 @@ class RoundTripError(RuntimeError):
     """A stored example would not read back as what the teacher said (a bug, never expected)."""
 
 
-def _batches(decoder: "Decoder", items: Sequence[Item], size: int) -> Iterator[tuple[list[Item], list[list[int]]]]:
-    """Items in batches of neighbours by prompt length, so rows in a batch need little padding."""
-    rests = [decoder.rest_ids(it.text) for it in items]
-    order = sorted(range(len(items)), key=lambda i: len(rests[i]))
-    for k in range(0, len(order), size):
-        chunk = order[k : k + size]
-        yield [items[i] for i in chunk], [rests[i] for i in chunk]
-
-
-# ---- calibration ---------------------------------------------------------------------------
-@dataclass
-class Calibration:
-    """What grammar-only decoding of the calibration sample found.
-
-    mass: float64 [V] mean teacher probability of each token over all output steps.
-    answers: (item, decoded row with its head inputs, answer text, decisions) of each finished
-        answer; those that only use kept tokens become examples without decoding them again.
-    """
-
-    mass: np.ndarray
-    answers: list[tuple[Item, Any, str, dict[str, np.ndarray]]]
-
-
-def calibrate(teacher: HFTeacher, task: Task, items: Sequence[Item], batch_size: int = 16, progress: bool = True,
-              hidden_layer: int | None = None) -> Calibration:
-    """Decode `items` under the grammar alone, measuring where the teacher's probability goes."""
-    from microdistill.constrain import Grammar
-    from microdistill.generation import Decoder
-
-    grammar = Grammar(task, teacher.tokenizer, teacher.vocab_size, teacher.eos_id, allowed=None)
-    decoder = Decoder(teacher, task, grammar, keep_hidden=True, hidden_layer=hidden_layer)
-    mass = torch.zeros(teacher.vocab_size, dtype=torch.float64)
-    steps, answers = 0, []
-    bar, job = progress_bar(progress, "calibrating", len(items))
-    with bar:
-        for chunk, rests in _batches(decoder, items, batch_size):
-            batch = decoder.generate(rests, task.output.max_tokens, mass=mass)
-            steps += sum(len(r.lse) for r in batch.rows)
-            texts = [teacher.tokenizer.decode(r.output_ids[:-1]) if r.finished else None for r in batch.rows]
-            decisions = decoder.decisions(batch, texts)
-            answers += [(it, r, t, d) for it, r, t, d in zip(chunk, batch.rows, texts, decisions) if t is not None]
-            bar.advance(job, len(rests))
-    return Calibration((mass / max(steps, 1)).numpy(), answers)
-
-
-def build_vocab(teacher: HFTeacher, task: Task, items: Sequence[Item], vocab_size: int, calib: Calibration | None,
-                progress: bool) -> dict[str, Any]:
-    """The manifest's `vocab` entry: kept output ids (required + highest mass) and input ids."""
-    tok = teacher.tokenizer
-    required = required_tokens(task, tok, teacher.eos_id)
-    mass = calib.mass if calib else np.zeros(teacher.vocab_size)
-    kept = select_kept(required, mass, vocab_size)
-    input_vocab = build_input_vocab(tok, tok([it.text for it in items], add_special_tokens=False).input_ids)
-    cov = coverage(kept, mass)
-    if len(required) > vocab_size:
-        say(f"note: the task needs {len(required)} required tokens, more than --vocab-size {vocab_size}; kept all of them", progress)
-    say(f"kept vocabulary: {len(kept)} tokens ({len(required)} required), {cov:.2%} of the teacher's "
-                   f"output mass on {len(calib.answers) if calib else 0} calibration answers", progress)
-    return {
-        "kept": kept,
-        "kept_tokens": kept_token_strings(tok, kept),
-        "n_required": len(required),
-        "eos": int(teacher.eos_id),
-        "input": input_vocab,
-        "coverage": cov,
-        "size": vocab_size,
-    }
-
-
 def reuse_calibration(teacher: HFTeacher, task: Task, calib: Calibration, wanted: set[str], writer: ShardWriter) -> int:
     """Add the calibration answers that only use kept tokens as examples; returns how many.
 
@@ -128,6 +59,8 @@ def reuse_calibration(teacher: HFTeacher, task: Task, calib: Calibration, wanted
     """
     from microdistill.generation import head_logits
 
+    if teacher.dtype != "float32":  # calibration decoded in float32; the folder is labelled in another dtype
+        return 0
     kept = writer.manifest["vocab"]["kept"]
     kept_set = set(kept)
     usable = [a for a in calib.answers if example_id(a[0].text) in wanted and set(a[1].output_ids) <= kept_set]
@@ -187,7 +120,7 @@ def decode_into(writer: ShardWriter, decoder: "Decoder", task: Task, items: Sequ
     t0 = time.perf_counter()
     bar, job = progress_bar(progress, "extracting", len(items))
     with bar:
-        for chunk, rests in _batches(decoder, items, batch_size):
+        for chunk, rests in batches(decoder, items, batch_size):
             batch = decoder.generate(rests, task.output.max_tokens)
             texts = [tok.decode(r.output_ids[:-1]) if r.finished else None for r in batch.rows]
             decisions = decoder.decisions(batch, texts)
@@ -279,6 +212,9 @@ class ExtractConfig(Options):
     # the teacher layer whose hidden state of each input is stored (first run only): last,
     # middle, a layer number, or none
     hidden_layer: str | int | None = "last"
+    # the teacher's dtype (first run only): float32, bfloat16, or auto (bfloat16 where the CPU runs
+    # it natively and it answers the calibration inputs as float32 does; see choose_dtype)
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -289,6 +225,8 @@ class ExtractConfig(Options):
             raise ExtractError(f"--vocab-size must be at least 2 (got {self.vocab_size})")
         if self.calibration < 0:
             raise ExtractError(f"--calibration must not be negative (got {self.calibration})")
+        if self.dtype not in ("float32", "bfloat16", "auto"):
+            raise ExtractError(f"--dtype {self.dtype!r}: choose float32, bfloat16 or auto")
         try:
             hidden_layer_spec(self.hidden_layer)  # a typo fails before the teacher loads
         except TeacherError as e:
@@ -351,9 +289,11 @@ def _open_folder(out_dir: Path, task: Task, teacher: HFTeacher, items: Sequence[
     An existing folder keeps its vocabulary and hidden layer (resuming never changes what its
     examples hold) and must have been made with the same task, teacher and vocabulary size.
     """
-    header: dict[str, Any] = {"task": task.model_dump(mode="json"), "task_fingerprint": task.fingerprint(),
-                              "teacher": teacher.describe(), "signal": "logits", "input_embeddings": INPUT_EMBEDDINGS}
     existing = ShardSet(out_dir).manifest if (out_dir / "manifest.json").exists() else None
+    dtype = (existing.get("teacher") or {}).get("dtype", "float32") if existing else "float32"
+    header: dict[str, Any] = {"task": task.model_dump(mode="json"), "task_fingerprint": task.fingerprint(),
+                              "teacher": {**teacher.describe(), **({"dtype": dtype} if dtype != "float32" else {})},
+                              "signal": "logits", "input_embeddings": INPUT_EMBEDDINGS}
     if existing:
         for key in ("task_fingerprint", "teacher", "signal"):  # fail before calibrating, not after
             if existing.get(key) != header[key]:
@@ -365,7 +305,8 @@ def _open_folder(out_dir: Path, task: Task, teacher: HFTeacher, items: Sequence[
                              "use another --out folder or delete this one")
         _save_input_embeddings(teacher, existing["vocab"]["input"], [it.text for it in items], out_dir,
                                replace=False, progress=progress)  # if missing
-        kept = {k: existing[k] for k in ("vocab", "hidden_layer") if k in existing}
+        teacher.to_dtype(dtype)  # the rest is labelled as the folder's first examples were
+        kept = {k: existing[k] for k in ("vocab", "hidden_layer", "dtype_check") if k in existing}
         return ShardWriter(out_dir, {**header, **kept}), None
     if hidden_layer is not None:
         header["hidden_layer"] = hidden_layer
@@ -374,6 +315,8 @@ def _open_folder(out_dir: Path, task: Task, teacher: HFTeacher, items: Sequence[
     header["vocab"] = build_vocab(teacher, task, items, cfg.vocab_size, calib, progress)
     _save_input_embeddings(teacher, header["vocab"]["input"], [it.text for it in items], out_dir, replace=True,
                            progress=progress)
+    header["dtype_check"] = choose_dtype(teacher, task, cfg.dtype, cfg.batch_size, calib, progress)
+    header["teacher"] = teacher.describe()
     writer = ShardWriter(out_dir, header)
     writer.update(timings={"calibrate_s": round(time.perf_counter() - t0, 3)})
     return writer, calib

@@ -285,7 +285,8 @@ class Decoder:
                 ids[b, i], pos[b, i] = tok, p
                 allow[b, 0, i, batch.columns(b, n_ctx)] = True
                 allow[b, 0, i, [past + a for a in ancestors] + [past + i]] = True
-        mask = torch.zeros(allow.shape).masked_fill_(~allow, torch.finfo(torch.float32).min)
+        dtype = next(self.model.parameters()).dtype  # an additive mask must match the model's dtype
+        mask = torch.zeros(allow.shape, dtype=dtype).masked_fill_(~allow, torch.finfo(dtype).min)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=batch.cache, use_cache=True)
         logp = out.logits.float().log_softmax(-1)  # [n, width, V]
         result = []
@@ -331,7 +332,7 @@ def head_logits(model, hidden: torch.Tensor, ids: Sequence[int]) -> torch.Tensor
     head = model.get_output_embeddings()
     index = torch.as_tensor(list(ids), dtype=torch.long)
     bias = head.bias[index] if getattr(head, "bias", None) is not None else None
-    return torch.nn.functional.linear(hidden, head.weight[index], bias).float()
+    return torch.nn.functional.linear(hidden.to(head.weight.dtype), head.weight[index], bias).float()
 
 
 def value_starts(task: Task, text: str) -> list[int]:

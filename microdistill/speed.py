@@ -133,6 +133,7 @@ class Timed:
     weights_bytes: int
     outputs: list
     consistency: dict | None = None  # the teacher's self-consistency (consistency.py), when measured
+    dtype: str | None = None  # the teacher's weights' dtype, as it was timed
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

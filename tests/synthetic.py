@@ -148,3 +148,29 @@ def make_shards(
         ))
     writer.close()
     return path
+
+
+def whole_and_resumed(data, tmp_path, cfg):
+    """Train `cfg` once straight through and once interrupted at step 2 then resumed; the
+    resumed run must end with the same weights. Returns both folders."""
+    import os
+    import signal
+
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    from microdistill.train import TrainingInterrupted, train
+
+    whole = train(data, tmp_path / "whole", cfg, progress=False)
+
+    def interrupt(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        train(data, tmp_path / "split", cfg, progress=False, on_step=interrupt)
+    split = train(data, tmp_path / "split", cfg, resume=True, progress=False)
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(split / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return whole, split

@@ -401,3 +401,31 @@ def test_default_teacher_labels_sensibly(tmp_path, one_thread):
     assert by_text[texts[1]].fields["toxicity"] == "respectful"
     assert by_text[texts[1]].fields["sentiment"] == "positive"
     assert s.manifest["vocab"]["coverage"] > 0.9
+
+
+def test_bfloat16_teacher_is_recorded_and_resumed_in_its_dtype(corpus, tiny_teacher_dir, tmp_path, monkeypatch):
+    import microdistill.calibrate as calibrate_mod
+
+    out = tmp_path / "bf16"
+    teacher = load_teacher(str(tiny_teacher_dir))
+    _extract(corpus, teacher, out, limit=8, dtype="bfloat16")
+    m = ShardSet(out).manifest
+    assert m["teacher"]["dtype"] == "bfloat16" and m["dtype_check"] == {"dtype": "bfloat16", "why": "asked"}
+    # resuming with a freshly loaded (float32) teacher labels the rest in the folder's dtype
+    _extract(corpus, load_teacher(str(tiny_teacher_dir)), out)
+    records = ShardSet(out, verify=True).load()
+    assert len(records) == 24 and all(TASK.parse(r.output_text) == r.fields for r in records)
+    # auto: bfloat16 only where it answers the calibration inputs as float32 does
+    monkeypatch.setattr(calibrate_mod, "bfloat16_is_fast", lambda: True)
+    auto = tmp_path / "auto"
+    _extract(corpus, load_teacher(str(tiny_teacher_dir)), auto, limit=4, dtype="auto")
+    check = ShardSet(auto).manifest["dtype_check"]
+    assert check["n"] == 6 and 0 <= check["same"] <= 6  # every calibration input was finished and compared
+    assert check["dtype"] == ("bfloat16" if check["same"] / check["n"] >= check["min_same"] else "float32")
+    assert ShardSet(auto).manifest["teacher"].get("dtype", "float32") == check["dtype"]
+    monkeypatch.setattr(calibrate_mod, "bfloat16_is_fast", lambda: False)
+    _extract(corpus, load_teacher(str(tiny_teacher_dir)), tmp_path / "slow", limit=4, dtype="auto")
+    assert ShardSet(tmp_path / "slow").manifest["dtype_check"] == {"dtype": "float32", "why": "no native bfloat16 on this CPU"}
+    assert "dtype" not in ShardSet(tmp_path / "slow").manifest["teacher"]  # float32 folders read as before
+    with pytest.raises(ExtractError, match="--dtype 'half': choose float32, bfloat16 or auto"):
+        _extract(corpus, teacher, tmp_path / "x", dtype="half")

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-from synthetic import make_shards, make_texts
+from synthetic import make_shards, make_texts, whole_and_resumed
 
 from microdistill.predict import predict
 from microdistill.store import ShardSet
@@ -24,7 +21,7 @@ from microdistill.students import StudentFolderError
 from microdistill.students.encoder import EncoderError, load_encoder, prune_vocabulary, tokenizer_from_json
 from microdistill.students.heads import HeadsError, LoadedHeads
 from microdistill.students.saved import load_student
-from microdistill.train import TrainConfig, TrainError, TrainingInterrupted, train
+from microdistill.train import TrainConfig, TrainError, train
 from microdistill.train.loop import epoch_batches, set_up
 
 CFG = TrainConfig(student="heads", max_steps=4, batch_size=8, eval_limit=8, lr=2e-3)
@@ -111,17 +108,7 @@ def test_learns_the_teachers_decisions(shards, tmp_path):
 
 
 def test_interrupted_and_resumed_heads_run_matches_an_uninterrupted_one(shards, tmp_path):
-    whole = train(shards, tmp_path / "whole", CFG, progress=False)
-
-    def interrupt(step: int) -> None:
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(TrainingInterrupted):
-        train(shards, tmp_path / "split", CFG, progress=False, on_step=interrupt)
-    split = train(shards, tmp_path / "split", CFG, resume=True, progress=False)
-    a, b = load_file(str(whole / "model.safetensors")), load_file(str(split / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    whole_and_resumed(shards, tmp_path, CFG)
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, tiny_tokenizer, shards, trained, monkeypatch):
@@ -184,3 +171,17 @@ def test_cli_trains_predicts_and_evaluates_a_heads_student(shards, tmp_path):
     val = [r for r in ShardSet(shards).records("val")][:6]
     preds = predict(load_student(out), [r.text for r in val])
     assert report["student_only_exact"] == pytest.approx(np.mean([p["fields"] == r.fields for p, r in zip(preds, val)]))
+
+
+def test_auto_picks_heads_for_enum_tasks_and_the_decoder_otherwise(shards, tmp_path):
+    from microdistill.train.loop import student_kind
+
+    auto = TrainConfig(student="auto")
+    assert student_kind(auto, ShardSet(shards)) == "heads"
+    ticket = tmp_path / "ticket"
+    shutil.copytree(shards, ticket)
+    manifest = json.loads((ticket / "manifest.json").read_text())
+    manifest["task"] = load_task("support-ticket").model_dump(mode="json")  # a free-text summary field
+    (ticket / "manifest.json").write_text(json.dumps(manifest))
+    assert student_kind(auto, ShardSet(ticket)) == "decoder"
+    assert student_kind(TrainConfig(student="decoder"), ShardSet(shards)) == "decoder"

@@ -35,6 +35,7 @@ RANKS: list[tuple[str, ...]] = [
     ("store",),
     ("agreement",),  # how two labellers agree: pure functions over answers
     ("consistency",),  # the teacher's agreement with itself under meaning-keeping edits
+    ("calibrate",),
     ("extract",),
     ("students",),
     ("losses",),

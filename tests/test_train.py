@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
-from synthetic import make_shards, teacher_embeddings
+from synthetic import make_shards, teacher_embeddings, whole_and_resumed
 
 from microdistill.errors import UserError
 from microdistill.evaluate import evaluate_epoch
@@ -198,27 +198,10 @@ def test_teacher_init_without_stored_rows_falls_back_to_random(shards, tmp_path,
     assert json.loads((out / "training.json").read_text())["embed_init"] == "random"
 
 
-def _whole_and_resumed(data, tmp_path, cfg: TrainConfig):
-    """Train `cfg` once straight through and once interrupted at step 2 then resumed; the
-    resumed run must end with the same weights. Returns both folders."""
-    whole = train(data, tmp_path / "whole", cfg, progress=False)
-
-    def interrupt(step: int) -> None:
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(TrainingInterrupted):
-        train(data, tmp_path / "split", cfg, progress=False, on_step=interrupt)
-    split = train(data, tmp_path / "split", cfg, resume=True, progress=False)
-    a, b = load_file(str(whole / "model.safetensors")), load_file(str(split / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    return whole, split
-
-
 def test_teacher_init_resumes_bit_for_bit(tmp_path, tiny_tokenizer):
     emb = make_shards(tmp_path / "emb", tiny_tokenizer, n=32, input_embeddings=True)
     cfg = TrainConfig(preset="nano", max_steps=4, batch_size=8, eval_limit=1)
-    _whole_and_resumed(emb, tmp_path, cfg)
+    whole_and_resumed(emb, tmp_path, cfg)
     # the option decides the weights: a resume must ask for the same one
     with pytest.raises(TrainError, match=r"other training options \(embed_init='teacher'\)"):
         train(emb, tmp_path / "split", TrainConfig(**{**cfg.to_dict(), "embed_init": "random"}), resume=True,
@@ -228,7 +211,7 @@ def test_teacher_init_resumes_bit_for_bit(tmp_path, tiny_tokenizer):
 def test_dropout_regularises_training_only_and_resumes_bit_for_bit(tmp_path, tiny_tokenizer):
     data = make_shards(tmp_path / "data", tiny_tokenizer, n=32)
     cfg = TrainConfig(preset="nano", max_steps=4, batch_size=8, eval_limit=1, dropout=0.3)
-    whole, _ = _whole_and_resumed(data, tmp_path, cfg)  # dropout's random masks come back on resume
+    whole, _ = whole_and_resumed(data, tmp_path, cfg)  # dropout's random masks come back on resume
     assert json.loads((whole / "config.json").read_text())["student"]["dropout"] == 0.3
     # the first step trained through dropout: its loss is the train-mode loss of the seeded
     # student, not the loss of the same student without dropout
@@ -270,7 +253,7 @@ def test_hidden_state_loss_trains_a_probe_that_stays_out_of_the_student(tmp_path
 def test_hidden_state_loss_resumes_bit_for_bit_and_refuses_a_changed_weight(tmp_path, tiny_tokenizer):
     hid = make_shards(tmp_path / "hid", tiny_tokenizer, n=32, hidden=8)
     cfg = TrainConfig(preset="nano", max_steps=4, batch_size=8, eval_limit=1)
-    whole, split = _whole_and_resumed(hid, tmp_path, cfg)
+    whole, split = whole_and_resumed(hid, tmp_path, cfg)
     assert [r["hidden"] for r in steps(whole)] == [r["hidden"] for r in steps(split)]
     # the same examples without hidden states cannot continue a run that learned from them
     plain = make_shards(tmp_path / "plain", tiny_tokenizer, n=32)

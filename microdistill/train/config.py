@@ -14,7 +14,7 @@ from microdistill.losses import CURRICULA, DIVERGENCES
 from microdistill.students.decoder import PRESET_ALIASES, PRESETS
 
 EMBED_INITS = ("teacher", "random")
-STUDENTS = ("decoder", "heads")
+STUDENTS = ("decoder", "heads", "auto")  # auto: heads when every field is an enum, else the decoder
 
 
 class TrainError(UserError):
@@ -29,7 +29,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 class TrainConfig(Options):
     """Everything that decides the trained weights (eval_limit aside); stored in every checkpoint."""
 
-    student: str = "decoder"  # the kind: "decoder" (any output) or "heads" (enum fields; a pretrained encoder)
+    # the kind: "decoder" (any output), "heads" (enum fields; a pretrained encoder) or "auto"
+    # (heads when the task's fields are all enums, else the decoder)
+    student: str = "decoder"
     preset: str = "micro"  # decoder size: nano, micro, small, large
     encoder: str = "minilm"  # the heads student's pretrained encoder: a preset or a folder (students/encoder.py)
     epochs: int = 10

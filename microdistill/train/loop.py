@@ -35,6 +35,7 @@ from torch import nn
 from microdistill.files import atomic_write_json
 from microdistill.losses import curriculum_weight
 from microdistill.store import ShardSet
+from microdistill.task import EnumField
 from microdistill.students.decoder import count_parameters
 from microdistill.train.checkpoint import has_run, load_checkpoint, save_checkpoint, shard_fingerprint
 from microdistill.train.config import TrainConfig, TrainError, TrainingInterrupted
@@ -118,9 +119,16 @@ def set_up(data_dir: Path, cfg: TrainConfig, progress: bool) -> Setup:
     use_logits = {"auto": shards.has_logits, "logits": True, "text": False}[cfg.signal]
     if use_logits and not shards.has_logits:
         raise TrainError(f"shard folder {shards.dir}: text-only shards have no teacher logits; use --signal text or auto")
-    if cfg.student == "heads":
+    if student_kind(cfg, shards) == "heads":
         return set_up_heads(shards, cfg, use_logits, progress)
     return set_up_decoder(shards, cfg, use_logits, progress)
+
+
+def student_kind(cfg: TrainConfig, shards: ShardSet) -> str:
+    """The kind `cfg.student` asks for; "auto" is heads when every field is an enum."""
+    if cfg.student != "auto":
+        return cfg.student
+    return "heads" if all(isinstance(f, EnumField) for f in shards.task().output.fields) else "decoder"
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -188,7 +196,7 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     atomic_write_json(out / "training.json", {
         "wall_s": round(state["wall_s"], 3), "train_s": round(state["train_s"], 3), "steps": state["step"],
         "epochs": state["epoch"], "tokens": state["tokens"], "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1),
-        "examples": len(train_set), "parameters": count_parameters(model), "student": cfg.student,
+        "examples": len(train_set), "parameters": count_parameters(model), "student": student_kind(cfg, run.shards),
         "signal": "logits" if run.use_logits else "text", "config": cfg.to_dict(),
         **run.info,
     })

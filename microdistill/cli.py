@@ -59,10 +59,10 @@ def run(
     vocab_size: int = typer.Option(512, help="Size of the kept output vocabulary."),
     hidden_layer: str = typer.Option("last", help="Teacher layer whose hidden state of each input is stored for hidden-state "
                                      "distillation: last, middle, a number, or none."),
-    dtype: str = typer.Option("float32", help="Teacher dtype: float32, bfloat16, or auto (bfloat16 where this CPU runs it "
+    dtype: str = typer.Option("auto", help="Teacher dtype: float32, bfloat16, or auto (bfloat16 where this CPU runs it "
                               "natively and it answers the calibration inputs as float32 does)."),
-    student: str = typer.Option("decoder", help="Student kind: decoder (any output) or heads (enum fields: a "
-                                "pretrained encoder with one softmax per field)."),
+    student: str = typer.Option("auto", help="Student kind: heads (enum fields: a pretrained encoder with one "
+                                "softmax per field), decoder (any output), or auto (heads when every field is an enum)."),
     preset: str = typer.Option("micro", help="Decoder size preset: nano, micro, small, large."),
     epochs: int = typer.Option(20, help="Training epochs."),
     dropout: float = typer.Option(0.1, help="Dropout on the student's residual branches while training."),

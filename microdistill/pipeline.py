@@ -44,14 +44,16 @@ def sample_corpus() -> Path:
 class RunConfig(Options):
     """A run: where it lives, what it reads, and each stage's options.
 
-    The run's own defaults differ from the stages' where a whole run is better served: 20
-    epochs with dropout 0.1 (BENCHMARKS.md, "From 67% to 83%")."""
+    The run's own defaults differ from the stages' where a whole run is better served: the
+    teacher in bfloat16 where that is fast and answers as float32 does (extract --dtype auto),
+    the student kind that fits the task (heads for all-enum tasks), 20 epochs with dropout 0.1
+    (BENCHMARKS.md)."""
 
     name: str = "default"
     root: str = "runs"
     input: str | None = None  # None: the packaged sample corpus with its human labels
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, dropout=0.1))
+    extract: ExtractConfig = field(default_factory=lambda: ExtractConfig(dtype="auto"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(student="auto", epochs=20, dropout=0.1))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(teacher=None))
 
     @property
@@ -68,17 +70,24 @@ FLAT_EXTRACT = ("field", "labels", "task", "teacher", "limit", "batch_size", "vo
 FLAT_TRAIN = ("preset", "epochs", "dropout", "hidden_weight", "max_steps", "seed")
 
 
+# What folders written before these options existed were made with.
+LEGACY_EXTRACT = {"dtype": "float32"}
+LEGACY_TRAIN = {"student": "decoder"}
+
+
 def saved_identity(saved: dict[str, Any]) -> dict[str, Any]:
     """A run.json "config" read as RunConfig.identity(); the flat form of older folders is
-    converted, and options newer than the folder read as the run's defaults."""
+    converted, and options newer than the folder read as what it was made with (LEGACY_*),
+    else as the run's defaults."""
     if "extract" not in saved:
         saved = {"input": saved.get("input"),
                  "extract": {k: saved[k] for k in FLAT_EXTRACT if k in saved},
                  "train": {**saved.get("extra_train", {}), **{k: saved[k] for k in FLAT_TRAIN if k in saved}}}
     defaults = RunConfig()
     return {"input": saved.get("input"),
-            "extract": ExtractConfig.from_dict({**defaults.extract.to_dict(), **saved["extract"]}).to_dict(),
-            "train": TrainConfig.from_dict({**defaults.train.to_dict(), **saved["train"]}).to_dict()}
+            "extract": ExtractConfig.from_dict({**defaults.extract.to_dict(), **LEGACY_EXTRACT,
+                                                **saved["extract"]}).to_dict(),
+            "train": TrainConfig.from_dict({**defaults.train.to_dict(), **LEGACY_TRAIN, **saved["train"]}).to_dict()}
 
 
 def _flat(identity: dict[str, Any]) -> dict[str, Any]:

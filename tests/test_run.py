@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
@@ -112,6 +113,12 @@ def test_run_reads_the_flat_run_json_of_older_folders(tmp_path, corpus, tiny_tea
     (folder / "run.json").write_text(json.dumps({"config": {**flat, "epochs": 3}, "stages": {}}))
     with pytest.raises(RunError, match=r"other arguments \(train.epochs\)"):
         run(cfg)
+    # such a folder was labelled in float32 and trained a decoder: the options that came later
+    # read as that, so a run asking for another dtype or student kind is another run
+    (folder / "run.json").write_text(json.dumps({"config": flat, "stages": {}}))
+    auto = replace(cfg, extract=replace(cfg.extract, dtype="auto"), train=replace(cfg.train, student="auto"))
+    with pytest.raises(RunError, match=r"other arguments \(extract.dtype, train.student\)"):
+        run(auto)
 
 
 def test_run_refuses_a_bad_training_option_before_any_work(tmp_path, corpus, tiny_teacher_dir):

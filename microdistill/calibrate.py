@@ -107,6 +107,8 @@ def choose_dtype(teacher: HFTeacher, task: Task, dtype: str, batch_size: int, ca
     from microdistill.constrain import Grammar
     from microdistill.generation import Decoder
 
+    # float32 -> bfloat16 -> float32 would round the weights: keep the originals to go back to
+    original = {k: v.clone() for k, v in teacher.model.state_dict().items()}
     teacher.to_dtype("bfloat16")
     grammar = Grammar(task, teacher.tokenizer, teacher.vocab_size, teacher.eos_id, allowed=None)
     decoder = Decoder(teacher, task, grammar)
@@ -119,6 +121,7 @@ def choose_dtype(teacher: HFTeacher, task: Task, dtype: str, batch_size: int, ca
     share = same / len(items)
     if share < MIN_SAME:
         teacher.to_dtype("float32")
+        teacher.model.load_state_dict(original)
     chosen = teacher.dtype
     say(f"teacher in bfloat16 gives float32's answer on {same} of {len(items)} calibration inputs ({share:.1%}): "
         f"labelling in {chosen}", progress)

@@ -423,6 +423,13 @@ def test_bfloat16_teacher_is_recorded_and_resumed_in_its_dtype(corpus, tiny_teac
     assert check["n"] == 6 and 0 <= check["same"] <= 6  # every calibration input was finished and compared
     assert check["dtype"] == ("bfloat16" if check["same"] / check["n"] >= check["min_same"] else "float32")
     assert ShardSet(auto).manifest["teacher"].get("dtype", "float32") == check["dtype"]
+    # a teacher that fails the check goes back to its own float32 weights, not bfloat16-rounded ones
+    monkeypatch.setattr(calibrate_mod, "MIN_SAME", 1.01)
+    kept = load_teacher(str(tiny_teacher_dir))
+    before = {k: v.clone() for k, v in kept.model.state_dict().items()}
+    _extract(corpus, kept, tmp_path / "refused", limit=4, dtype="auto")
+    assert ShardSet(tmp_path / "refused").manifest["dtype_check"]["dtype"] == "float32" and kept.dtype == "float32"
+    assert all(torch.equal(before[k], v) for k, v in kept.model.state_dict().items())
     monkeypatch.setattr(calibrate_mod, "bfloat16_is_fast", lambda: False)
     _extract(corpus, load_teacher(str(tiny_teacher_dir)), tmp_path / "slow", limit=4, dtype="auto")
     assert ShardSet(tmp_path / "slow").manifest["dtype_check"] == {"dtype": "float32", "why": "no native bfloat16 on this CPU"}

@@ -5,9 +5,9 @@
 
 Every student trains on the train split of `--data` with the run's options (20 epochs, dropout
 0.1) and one seed at a time; the peers (peers.py) learn from the same teacher answers. Each is
-scored on the held-out split of `--data` and, with `--also`, on the held-out split of other
-shard folders labelled by the same teacher (text from elsewhere: the generalisation that
-matters). Exact match of the whole answer; mean over seeds with a 95% interval (t-distribution
+scored on the held-out split of `--data` and, with `--also`, on every example of other shard
+folders labelled by the same teacher: text from elsewhere, none of it seen in training (the
+generalisation that matters). Exact match of the whole answer; mean over seeds with a 95% interval (t-distribution
 over the seeds' scores) and the Wilson interval of the pooled count. Finished students are
 reused, so an interrupted benchmark continues. Writes `results.json` and `results.md` in `--out`.
 """
@@ -48,7 +48,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--also", type=Path, action="append", default=[], help="more shard folders to score on (val split)")
+    ap.add_argument("--also", type=Path, action="append", default=[],
+                    help="more shard folders to score on (all their examples: none is in --data's training split)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--students", default="decoder,heads")
     ap.add_argument("--peers", default="tfidf,encoder")
@@ -60,7 +61,8 @@ def main() -> None:
     task = home.task()
     train_records = list(home.records("train"))[: args.limit_train]
     targets = {"held-out": list(home.records("val"))}
-    targets |= {str(p): list(ShardSet(p).records("val")) for p in args.also}
+    seen = {r.id for r in train_records}
+    targets |= {str(p): [r for r in ShardSet(p).records() if r.id not in seen] for p in args.also}
     rows = []
     for kind in [s for s in args.students.split(",") if s]:
         counts: dict[str, list] = {t: [] for t in targets}

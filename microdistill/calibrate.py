@@ -113,10 +113,10 @@ def choose_dtype(teacher: HFTeacher, task: Task, dtype: str, batch_size: int, ca
     grammar = Grammar(task, teacher.tokenizer, teacher.vocab_size, teacher.eos_id, allowed=None)
     decoder = Decoder(teacher, task, grammar)
     items = [a[0] for a in calib.answers]
+    want = {it.text: text for it, _, text, _ in calib.answers}
     same = 0
     for chunk, rests in batches(decoder, items, batch_size):
         rows = decoder.generate(rests, task.output.max_tokens).rows
-        want = {it.text: text for it, _, text, _ in calib.answers}
         same += sum(teacher.tokenizer.decode(r.output_ids[:-1]) == want[it.text] for it, r in zip(chunk, rows))
     share = same / len(items)
     if share < MIN_SAME:

@@ -136,11 +136,13 @@ class LoadedHeads:
     path: Path | None = None
     kind: str = KIND
 
-    @torch.no_grad()
     def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> list[np.ndarray]:
         """Per field, P(value) [N, n_values] for each text."""
+        return self._probabilities(encode_texts(self.tokenizer, texts), batch_size)
+
+    @torch.no_grad()
+    def _probabilities(self, ids: list[list[int]], batch_size: int) -> list[np.ndarray]:
         self.model.eval()
-        ids = encode_texts(self.tokenizer, texts)
         chunks: list[list[Tensor]] = []
         for i in range(0, len(ids), batch_size):
             b = collate_heads([HeadsExample(x, [0] * len(self.fields), None) for x in ids[i:i + batch_size]])
@@ -151,8 +153,9 @@ class LoadedHeads:
         """One result per text: {text, output (canonical JSON), fields, valid, truncated, confidence}."""
         if not texts:
             return []
-        probs = self.probabilities(texts, batch_size)
-        lengths = [len(enc.ids) for enc in self.tokenizer.encode_batch(list(texts))]
+        full = [enc.ids for enc in self.tokenizer.encode_batch(list(texts))]  # tokenised once, on the hot path
+        probs = self._probabilities([x[:MAX_LENGTH] for x in full], batch_size)
+        lengths = [len(x) for x in full]
         results = []
         for i, text in enumerate(texts):
             picks = {f.name: f.values[int(p[i].argmax())] for f, p in zip(self.fields, probs)}

@@ -33,11 +33,10 @@ def predict(student: LoadedStudent, texts: Sequence[str], constrain: bool = True
     """One result per text: {"text", "output" (str), "fields" (dict, or None when the output is
     not a valid object), "valid" (bool), "truncated" (bool: the input exceeded the context)};
     a classifier-head student adds "confidence" per field (students/heads.py)."""
-    strip = [re.compile(p) for p in student.task.inputs.strip]
     if student.kind == "heads":
-        results = student.predict([clean(t, strip) for t in texts], batch_size)
+        results = student.predict(clean_inputs(student.task, texts), batch_size)
         return [{**r, "text": t} for r, t in zip(results, texts)]
-    ids = [student.encoder.encode(clean(t, strip)) for t in texts]
+    ids = [student.encoder.encode(t) for t in clean_inputs(student.task, texts)]
     limit = student.config.max_input
     outputs = generate(student, [x[:limit] for x in ids], constrain=constrain, batch_size=batch_size, drafts=drafts)
     results = []
@@ -47,6 +46,12 @@ def predict(student: LoadedStudent, texts: Sequence[str], constrain: bool = True
         results.append({"text": text, "output": output, "fields": fields, "valid": fields is not None,
                         "truncated": len(x) > limit})
     return results
+
+
+def clean_inputs(task: Task, texts: Sequence[str]) -> list[str]:
+    """Texts cleaned as the corpus was (the task's strip patterns, collapsed whitespace)."""
+    strip = [re.compile(p) for p in task.inputs.strip]
+    return [clean(t, strip) for t in texts]
 
 
 def parse_or_none(task, output: str) -> dict[str, Any] | None:

@@ -40,8 +40,10 @@ RANKS: list[tuple[str, ...]] = [
     ("students",),
     ("losses",),
     ("predict",),
+    ("confidence",),  # calibrated confidence per field: temperatures, ECE, the coverage curve
     ("peers",),
     ("speed",),  # speed, size and memory of student and teacher
+    ("cascade",),  # the student when it is sure, the teacher otherwise
     ("evaluate",),
     ("train",),
     ("cost",),
@@ -49,6 +51,9 @@ RANKS: list[tuple[str, ...]] = [
     ("forecast",),
     ("compare",),
     ("pipeline",),
+    ("serve",),  # the cascade behind micro-batching workers
+    ("api",),  # the HTTP API over it
+    ("cli_serve",),  # the serving verbs, added to cli's app
     ("cli",),
 ]
 RANK = {stage: i for i, group in enumerate(RANKS) for stage in group}

@@ -11,7 +11,9 @@ it is always valid; each field's softmax probability is its confidence.
 
 The folder (kind "heads") holds model.safetensors, config.json (kind, the encoder's config,
 the fields and their values, the task, the shards' summary, the training options),
-tokenizer.json (the pruned WordPiece tokenizer) and task.yaml.
+tokenizer.json (the pruned WordPiece tokenizer) and task.yaml; calibration.json, when present
+(confidence.py), holds one temperature per field that divides that field's logits before the
+softmax, so the confidences are calibrated (the answers never change: T > 0 keeps the argmax).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from microdistill.task import EnumField, Task
 
 KIND = "heads"
 MAX_LENGTH = 128  # WordPiece tokens per input; the task's inputs are far shorter
+CALIBRATION = "calibration.json"  # {"method": "temperature", "temperatures": {field: T}, ...}
 
 
 class HeadsError(UserError):
@@ -135,19 +138,29 @@ class LoadedHeads:
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     kind: str = KIND
+    temperatures: dict[str, float] | None = None  # from calibration.json; None: the raw softmax
+
+    def logits(self, texts: Sequence[str], batch_size: int = 64) -> list[np.ndarray]:
+        """Per field, the raw (uncalibrated) logits [N, n_values] of each text."""
+        return self._logits(encode_texts(self.tokenizer, texts), batch_size)
 
     def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> list[np.ndarray]:
-        """Per field, P(value) [N, n_values] for each text."""
+        """Per field, P(value) [N, n_values] for each text (calibrated when the folder has temperatures)."""
         return self._probabilities(encode_texts(self.tokenizer, texts), batch_size)
 
     @torch.no_grad()
-    def _probabilities(self, ids: list[list[int]], batch_size: int) -> list[np.ndarray]:
+    def _logits(self, ids: list[list[int]], batch_size: int) -> list[np.ndarray]:
         self.model.eval()
         chunks: list[list[Tensor]] = []
         for i in range(0, len(ids), batch_size):
             b = collate_heads([HeadsExample(x, [0] * len(self.fields), None) for x in ids[i:i + batch_size]])
-            chunks.append([F.softmax(z, -1) for z in self.model(b.ids, b.mask)])
+            chunks.append(self.model(b.ids, b.mask))
         return [torch.cat([c[k] for c in chunks]).numpy() for k in range(len(self.fields))]
+
+    def _probabilities(self, ids: list[list[int]], batch_size: int) -> list[np.ndarray]:
+        temps = self.temperatures or {}
+        return [F.softmax(torch.from_numpy(z) / temps.get(f.name, 1.0), -1).numpy()
+                for f, z in zip(self.fields, self._logits(ids, batch_size))]
 
     def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[dict[str, Any]]:
         """One result per text: {text, output (canonical JSON), fields, valid, truncated, confidence}."""
@@ -222,4 +235,21 @@ def load_heads(path: Path, cfg: dict[str, Any]) -> LoadedHeads:
         raise StudentFolderError(f"student folder {path}: cannot be loaded ({type(e).__name__})") from None
     model.eval()
     meta = {k: v for k, v in cfg.items() if k not in ("encoder", "fields", "task")}
-    return LoadedHeads(model, task, tokenizer, enum_fields(task, str(path)), meta, path)
+    fields = enum_fields(task, str(path))
+    return LoadedHeads(model, task, tokenizer, fields, meta, path, temperatures=read_temperatures(path, fields))
+
+
+def read_temperatures(path: Path, fields: list[EnumField]) -> dict[str, float] | None:
+    """The per-field temperatures of `path`/calibration.json, or None when the folder has none."""
+    file = path / CALIBRATION
+    if not file.is_file():
+        return None
+    try:
+        temps = json.loads(file.read_text())["temperatures"]
+        out = {f.name: float(temps[f.name]) for f in fields}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise StudentFolderError(f"{file}: unreadable ({type(e).__name__}: {e}); fit it again with "
+                                 f"microdistill calibrate-confidence --student {path}") from None
+    if not all(np.isfinite(t) and t > 0 for t in out.values()):
+        raise StudentFolderError(f"{file}: temperatures must be positive numbers, got {out}")
+    return out

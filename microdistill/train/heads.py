@@ -3,7 +3,8 @@
 Per field, the loss is the decoder's per token: `w_div·T²·D(p_teacher ‖ p_student) + (1 -
 w_div)·CE(teacher's value)`, with p_teacher the teacher's probability of each allowed value at
 the field's decision point; the fields' sums add up and `losses.total_loss` divides once. The
-pretrained encoder learns at lr·pretrained_lr_ratio, the new heads at lr.
+pretrained encoder learns at lr·pretrained_lr_ratio, the new heads at lr. The saved folder
+gets its per-field temperatures (confidence.py) fitted on the held-out split, when there is one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 
 import torch
 
+from microdistill.confidence import FOLDS, calibrate_confidence
 from microdistill.console import say
 from microdistill.evaluate import evaluate_heads
 from microdistill.losses import output_sums, taid_lambda, total_loss
@@ -67,7 +69,17 @@ def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress:
         make_optimizer(model, cfg, pretrained=list(model.encoder.parameters())), total,
         collate=collate_heads, loss=heads_loss,
         evaluate=lambda: evaluate_heads(model, fields, val_set, val_records, cfg.batch_size),
-        save=lambda out: save_heads(model, tok_json, shards, out, encoder.source, extra={"training": cfg.to_dict()}),
+        save=lambda out: save_and_calibrate(model, tok_json, shards, out, encoder.source, cfg, progress),
         info={"encoder": encoder.source, "input_pieces": len(old_ids)},
         title=f"heads: {n / 1e6:.1f}M parameters (encoder {cfg.encoder}, {len(old_ids)} input pieces, "
               f"{len(fields)} fields)")
+
+
+def save_and_calibrate(model: HeadsStudent, tok_json: dict, shards: ShardSet, out, encoder_source: str,
+                       cfg: TrainConfig, progress: bool) -> None:
+    """Write the student folder, then its calibration.json when the shards hold enough held-out inputs."""
+    save_heads(model, tok_json, shards, out, encoder_source, extra={"training": cfg.to_dict()})
+    if shards.manifest.get("counts", {}).get("val", 0) >= 2 * FOLDS:
+        calibrate_confidence(out, shards.dir, progress)
+    else:
+        say("no calibration.json: too few held-out examples to fit the confidence's temperatures on", progress)

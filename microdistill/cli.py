@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 
+from microdistill.cli_serve import add_serving_verbs
 from microdistill.errors import UserError
 
 
@@ -24,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Distil one narrow LLM call into a tiny, fast student model.",
 )
+add_serving_verbs(app)  # serve, calibrate-confidence (cli_serve.py)
 
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)

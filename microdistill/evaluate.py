@@ -23,6 +23,7 @@ import torch
 
 from microdistill.agreement import (agreement, exact_by_certainty, field_agreement, human_accuracy, valid_rate,
                                     wilson_interval)
+from microdistill.confidence import FOLDS, assess_student
 from microdistill.config import Options
 from microdistill.consistency import self_consistency
 from microdistill.console import say
@@ -278,6 +279,9 @@ def evaluate(student_dir: Path, data_dir: Path, config: EvalConfig | None = None
         report["speed"]["teacher"]["same_output_as_shards"] = agreement([r.output_text for r in timed_records], t_timed.outputs)
     report["teacher_consistency"] = t_timed.consistency if t_timed is not None else None
     report["peers"] = peer_rows(shards, split, cfg, notes, progress) if cfg.peers else None
+    # calibrated confidence and the cascade's coverage (confidence.py); a decoder student has no confidence per field
+    enough = student.kind == "heads" and len(records) >= 2 * FOLDS
+    report["confidence"] = assess_student(student, records, cfg.batch_size) if enough else None
     return report
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from microdistill.console import say
 from microdistill.cost import DAYS_PER_YEAR, Analysis, CostConfig, CostError, RunFiles, analyse
+from microdistill.coverage import confidence_section
 from microdistill.evaluate import EvalConfig, evaluate
 from microdistill.files import atomic_write_bytes, atomic_write_json, save_figure
 
@@ -233,7 +234,7 @@ def _speed_md(r: dict) -> list[str]:
     return lines
 
 
-def markdown(r: dict, cost_md: str | None = None) -> str:
+def markdown(r: dict, cost_md: str | None = None, confidence_md: str | None = None) -> str:
     teacher = f"teacher `{r['teacher']['name']}`" if r.get("teacher") else "the teacher that labelled the shards"
     split = "held-out" if r["split"] == "val" else "TRAINING (nothing was held out)"
     lines = [f"# Evaluation: {r['task']}", "",
@@ -241,7 +242,7 @@ def markdown(r: dict, cost_md: str | None = None) -> str:
              f"{count(r['size']['student_params'])} parameters) against {teacher}, on {r['n_eval']} {split} examples.", ""]
     for w in r["warnings"]:
         lines += [f"> **Warning:** {w}", ""]
-    lines += [*_quality_md(r), "", *_speed_md(r), ""]
+    lines += [*_quality_md(r), "", *([confidence_md.rstrip(), ""] if confidence_md else []), *_speed_md(r), ""]
     if "learning_curves" in r["plots"]:
         lines += ["## Learning curves", "", f"![learning curves]({r['plots']['learning_curves']})", ""]
     if cost_md:
@@ -251,7 +252,8 @@ def markdown(r: dict, cost_md: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict[str, Any], out_dir: Path, metrics_path: Path, cost_md: str | None = None) -> dict:
+def write_report(report: dict[str, Any], out_dir: Path, metrics_path: Path, cost_md: str | None = None,
+                 analysis: Analysis | None = None) -> dict:
     """Write report.json, report.md and the plots into `out_dir`; returns the report with `plots`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -267,9 +269,10 @@ def write_report(report: dict[str, Any], out_dir: Path, metrics_path: Path, cost
         report["notes"].append(f"no learning curves: {metrics_path} is missing or empty")
     if cost_md and (out_dir / "cost.png").is_file():
         plots["cost"] = "cost.png"
-    report["plots"] = plots
+    confidence_md, confidence_plots = confidence_section(report, out_dir, analysis)  # coverage.py
+    report["plots"] = {**plots, **confidence_plots}
     atomic_write_json(out_dir / "report.json", report)
-    atomic_write_bytes(out_dir / "report.md", markdown(report, cost_md).encode())
+    atomic_write_bytes(out_dir / "report.md", markdown(report, cost_md, confidence_md).encode())
     return report
 
 
@@ -280,22 +283,23 @@ def make_report(student_dir: Path, data_dir: Path, out_dir: Path, config: EvalCo
     report = evaluate(student_dir, data_dir, config, progress)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cost_md, why = cost_section(student_dir, data_dir, out_dir, report["speed"])
+    cost_md, why, analysis = cost_section(student_dir, data_dir, out_dir, report["speed"])
     report["notes"] += [why] if why else []
     say(f"[eval] writing the report to {out_dir}", progress)
-    return write_report(report, out_dir, Path(student_dir) / "metrics.jsonl", cost_md)
+    return write_report(report, out_dir, Path(student_dir) / "metrics.jsonl", cost_md, analysis)
 
 
-def cost_section(student_dir: Path, data_dir: Path, out_dir: Path, speed: dict) -> tuple[str | None, str | None]:
-    """(Markdown of the break-even analysis at example prices, None) or (None, why it is missing)."""
+def cost_section(student_dir: Path, data_dir: Path, out_dir: Path,
+                 speed: dict) -> tuple[str | None, str | None, Analysis | None]:
+    """(Markdown of the break-even analysis at example prices, None, the analysis) or (None, why it is missing, None)."""
     parent = Path(student_dir).parent
     run = parent if (parent / "run.json").is_file() else None
     try:
         analysis = analyse(RunFiles.resolve(run, shards=data_dir, student=student_dir), CostConfig(), speed=speed)
     except CostError as e:
-        return None, f"no cost section: {e}"
+        return None, f"no cost section: {e}", None
     analysis = replace(analysis, plot=str(plot_cumulative(analysis, Path(out_dir) / "cost.png")))
-    return cost_section_markdown(analysis), None
+    return cost_section_markdown(analysis), None, analysis
 
 
 # ---- cost: tables, section, plot --------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ RANKS: list[tuple[str, ...]] = [
     ("evaluate",),
     ("train",),
     ("cost",),
+    ("coverage",),  # the report's confidence section: reliability, agreement against coverage, its cost
     ("report",),
     ("forecast",),
     ("compare",),

@@ -360,3 +360,20 @@ def test_sigterm_lets_an_in_flight_request_finish(student_dir, tiny_teacher_dir)
     assert proc.returncode in (0, -signal.SIGTERM)
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+def test_the_report_draws_calibration_and_the_coverage_table(student_dir, tmp_path):
+    from microdistill.evaluate import EvalConfig
+    from microdistill.report import make_report
+
+    shards = student_dir.parent / "shards"
+    report = make_report(student_dir, shards, tmp_path, EvalConfig(time_teacher=False, peers=False, consistency_inputs=0),
+                         progress=False)
+    conf = report["confidence"]
+    assert conf["n"] == report["n_eval"] and 0 <= conf["ece_after"] <= 1 and conf["curve"][-1]["coverage"] == 1.0
+    assert (tmp_path / report["plots"]["reliability"]).is_file() and (tmp_path / report["plots"]["coverage"]).is_file()
+    md = (tmp_path / "report.md").read_text()
+    assert f"**{100 * conf['ece_before']:.2f}%** raw and **{100 * conf['ece_after']:.2f}%** after" in md
+    p = point_for(conf["curve"], 0.97)
+    assert f"| 97% | {'all to the teacher' if p['threshold'] is None else format(p['threshold'], '.3f')} | " \
+           f"{100 * p['coverage']:.1f}% | {100 * p['agreement']:.1f}% |" in md

@@ -31,6 +31,7 @@ def serve(
     max_text_chars: int = typer.Option(10_000, help="Characters per text (413 beyond)."),
     max_body_bytes: int = typer.Option(1_048_576, help="Bytes per request body (413 beyond)."),
     drain_timeout_s: float = typer.Option(30.0, help="On SIGTERM, how long in-flight requests may take to finish."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads (default: torch's, one per core)."),
 ) -> None:
     """Serve the student over HTTP: /v1/predict, OpenAI-compatible /v1/chat/completions, /health, /metrics."""
     from microdistill.api import run_server
@@ -39,7 +40,8 @@ def serve(
     run_server(student, ServeConfig(
         teacher=teacher, min_confidence=min_confidence, target_agreement=target_agreement, host=host, port=port,
         batch_window_ms=batch_window_ms, max_batch=max_batch, max_queue=max_queue, max_texts=max_texts,
-        max_text_chars=max_text_chars, max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout_s))
+        max_text_chars=max_text_chars, max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout_s,
+        threads=threads))
 
 
 def calibrate_confidence(

@@ -47,6 +47,7 @@ class ServeConfig(Options):
     max_text_chars: int = 10_000  # characters per text (413 beyond)
     max_body_bytes: int = 1_048_576  # request body (413 beyond)
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
+    threads: int | None = None  # torch threads per worker (None: torch's default, one per core)
 
     def __post_init__(self) -> None:
         if self.min_confidence is not None and self.target_agreement is not None:
@@ -58,8 +59,8 @@ class ServeConfig(Options):
         if self.teacher is not None and self.min_confidence is None and self.target_agreement is None:
             raise ServeError("with --teacher, give --min-confidence or --target-agreement: without a threshold "
                              "the teacher would never be asked")
-        for name in ("max_batch", "max_queue", "max_texts", "max_text_chars", "max_body_bytes"):
-            if getattr(self, name) < 1:
+        for name in ("max_batch", "max_queue", "max_texts", "max_text_chars", "max_body_bytes", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ServeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.batch_window_ms < 0 or self.drain_timeout_s < 0:
             raise ServeError("--batch-window-ms and --drain-timeout-s must not be negative")
@@ -237,8 +238,12 @@ class Service:
 
 def build_service(student_dir: Path, config: ServeConfig) -> Service:
     """Load the student (and teacher) and make the service; the model id is the task's name."""
+    import torch
+
     from microdistill.students.saved import load_student
 
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)  # a tiny model on a shared CPU can lose more to waking threads than it gains
     student = load_student(student_dir)
     check_student(student, f"student folder {student_dir}")
     threshold = threshold_for(student, config.min_confidence, config.target_agreement)

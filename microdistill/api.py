@@ -91,6 +91,9 @@ def make_app(service: Service):
     @asynccontextmanager
     async def lifespan(app):
         await service.start()
+        c = service.config
+        log.info("serving %s: the student answers when every field's confidence is >= %.4g; teacher: %s",
+                 service.model_id, service.cascade.threshold, c.teacher or "none (the student answers everything)")
         yield
         await service.close()  # uvicorn has let in-flight requests finish; drain what is queued
 
@@ -192,7 +195,5 @@ def run_server(student_dir: Path, config: ServeConfig) -> None:
                 service.draining = True
             super().handle_exit(sig, frame)
 
-    log.info("serving %s (threshold %s, teacher %s) on http://%s:%d", service.model_id, service.cascade.threshold,
-             config.teacher or "none", config.host, config.port)
     Server(uvicorn.Config(make_app(service), host=config.host, port=config.port, access_log=False,
                           timeout_graceful_shutdown=config.drain_timeout_s, log_level="info")).run()

@@ -150,6 +150,23 @@ class FakeStudent:
                 for t in texts]
 
 
+def test_the_cascade_escalates_only_unsure_inputs():
+    asked = []
+
+    def teacher(texts):
+        asked.extend(texts)
+        return [{"output": '{"x":1}', "fields": {"tone": "aggressive"}} if "bad" not in t else {"output": "{", "fields": None}
+                for t in texts]
+
+    out = Cascade(FakeStudent(), 0.5, teacher).predict(["sure thing", "hmm", "sure again", "bad answer"])
+    assert asked == ["hmm", "bad answer"]
+    assert [r["answered_by"] for r in out] == ["student", "teacher", "student", "student"]
+    assert out[1]["fields"] == {"tone": "aggressive"} and out[1]["confidence"]["tone"] == 0.2  # the student's confidence
+    assert "teacher_error" in out[3] and out[3]["fields"] == out[0]["fields"]  # an invalid teacher answer keeps the student's
+    alone = Cascade(FakeStudent(), 0.5).predict(["hmm"])  # no teacher: the student answers, flagged
+    assert alone[0]["answered_by"] == "student" and alone[0]["confident"] is False
+
+
 def test_concurrent_callers_share_a_batch_and_a_full_queue_refuses():
     async def main():
         calls = []

@@ -1,13 +1,15 @@
 """Held-out agreement with the teacher of each student kind and each peer, over seeds, side by side.
 
     python benchmarks/generalisation.py --data runs/default/shards --out runs/bench/default \
-        [--also runs/tweets/shards] [--seeds 0,1,2] [--students decoder,heads] [--epochs 20]
+        [--also runs/tweets/shards] [--seeds 0,1,2] [--students decoder,heads] [--epochs 20] \
+        [--variant "heads-3-layers:student=heads,encoder_layers=3"]
 
 Every student trains on the train split of `--data` with the run's options (20 epochs, dropout
 0.1) and one seed at a time; the peers (peers.py) learn from the same teacher answers. Each is
 scored on the held-out split of `--data` and, with `--also`, on every example of other shard
 folders labelled by the same teacher: text from elsewhere, none of it seen in training (the
-generalisation that matters). Exact match of the whole answer; mean over seeds with a 95% interval (t-distribution
+generalisation that matters). A `--variant LABEL:OPTION=VALUE,...` adds a student trained with those
+training options (TrainConfig's names) on top of the same defaults. Exact match of the whole answer; mean over seeds with a 95% interval (t-distribution
 over the seeds' scores) and the Wilson interval of the pooled count. Finished students are
 reused, so an interrupted benchmark continues. Writes `results.json` and `results.md` in `--out`.
 """
@@ -19,6 +21,7 @@ import json
 import math
 import statistics
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from microdistill.agreement import wilson_interval
@@ -44,6 +47,19 @@ def summary(counts: list[tuple[int, int]]) -> dict:
             "pooled_wilson": list(wilson_interval(k, n)), "n": counts[0][1]}
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """"LABEL:key=value,key=value" -> (LABEL, options typed like TrainConfig's defaults)."""
+    label, _, rest = text.partition(":")
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    options = {}
+    for pair in filter(None, rest.split(",")):
+        key, _, value = pair.partition("=")
+        kind = types[key]
+        options[key] = (value.lower() == "true") if kind is bool else int(value) if kind is int or value.isdigit() \
+            else float(value) if kind is float else value
+    return label, options
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True)
@@ -52,6 +68,7 @@ def main() -> None:
                     help="more shard folders to score on (all their examples: none is in --data's training split)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--students", default="decoder,heads")
+    ap.add_argument("--variant", action="append", default=[], help="LABEL:OPTION=VALUE,... (repeatable)")
     ap.add_argument("--peers", default="tfidf,encoder")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--limit-train", type=int, default=None)
@@ -64,11 +81,14 @@ def main() -> None:
     seen = {r.id for r in train_records}
     targets |= {str(p): [r for r in ShardSet(p).records() if r.id not in seen] for p in args.also}
     rows = []
-    for kind in [s for s in args.students.split(",") if s]:
+    variants = [(kind, {"student": kind}) for kind in args.students.split(",") if kind]
+    variants += [parse_variant(v) for v in args.variant]
+    for kind, options in variants:
         counts: dict[str, list] = {t: [] for t in targets}
         wall = []
         for seed in seeds:
-            cfg = TrainConfig(student=kind, epochs=args.epochs, dropout=0.1, seed=seed, limit_train=args.limit_train)
+            cfg = TrainConfig(**{"epochs": args.epochs, "dropout": 0.1, "limit_train": args.limit_train, **options,
+                                 "seed": seed})
             folder = args.out / f"{kind}-seed{seed}"
             t0 = time.perf_counter()
             train_once(args.data, folder, cfg, progress=False)

@@ -175,6 +175,7 @@ def train(
                                 "pretrained encoder with one softmax per field)."),
     preset: str = typer.Option("micro", help="Decoder size preset: nano, micro, small, large."),
     encoder: str = typer.Option("minilm", help="Pretrained encoder of a heads student: minilm or a model folder."),
+    encoder_layers: Optional[int] = typer.Option(None, help="Keep only the encoder's first N layers (faster)."),
     epochs: int = typer.Option(10, help="Passes over the training split."),
     batch_size: int = typer.Option(32, help="Examples per optimiser step."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (linear warm-up, then cosine)."),
@@ -210,7 +211,7 @@ def train(
     from microdistill.train import TrainConfig, TrainingInterrupted, train as run_training
 
     cfg = TrainConfig(
-        student=student, preset=preset, encoder=encoder, epochs=epochs, batch_size=batch_size, lr=lr,
+        student=student, preset=preset, encoder=encoder, encoder_layers=encoder_layers, epochs=epochs, batch_size=batch_size, lr=lr,
         min_lr_ratio=min_lr_ratio, warmup_frac=warmup_frac, weight_decay=weight_decay, grad_clip=grad_clip,
         pretrained_lr_ratio=pretrained_lr_ratio, dropout=dropout, seed=seed, divergence=divergence,
         temperature=temperature, beta=beta, alpha=alpha, curriculum=curriculum, divergence_start=divergence_start,

@@ -125,3 +125,13 @@ def prune_embeddings(model, old_ids: list[int]) -> None:
     new.weight.data.copy_(rows)
     model.set_input_embeddings(new)
     model.config.vocab_size = len(old_ids)
+
+
+def keep_layers(model, n: int) -> None:
+    """Keep the encoder's first `n` transformer layers (depth pruning): the lower layers carry most
+    of what words mean, and each layer dropped is that share of the encoder's time saved."""
+    layers = model.encoder.layer
+    if not 1 <= n <= len(layers):
+        raise EncoderError(f"encoder layers {n}: the encoder has {len(layers)}; choose 1 to {len(layers)}")
+    model.encoder.layer = layers[:n]
+    model.config.num_hidden_layers = n

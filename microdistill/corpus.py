@@ -197,6 +197,17 @@ class FilterReport:
         return f"kept {self.kept} of {self.read} inputs (dropped: {self.dropped()})"
 
 
+def read_lines(path: Path) -> list[str]:
+    """The non-empty lines of a text file, or of stdin when `path` is '-' (inputs to label)."""
+    if str(path) == "-":
+        import sys
+
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not Path(path).is_file():
+        raise CorpusError(f"input file {path}: not found")
+    return [line for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def clean(text: str, strip: Iterable[re.Pattern]) -> str:
     """`text` with every strip pattern removed and runs of whitespace collapsed to one space."""
     for pattern in strip:

@@ -25,8 +25,9 @@ from typing import Any, Callable, Sequence
 from microdistill.confidence import point_for, threshold_of
 from microdistill.errors import UserError
 from microdistill.files import read_json
-from microdistill.predict import clean_inputs, parse_or_none
-from microdistill.students.heads import CALIBRATION
+from microdistill.corpus import clean_inputs
+from microdistill.students import CALIBRATION
+from microdistill.task import parse_or_none
 
 
 class CascadeError(UserError):

@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from microdistill.cli_serve import add_serving_verbs
-from microdistill.errors import UserError
+from microdistill.errors import UserError, user_message
 
 
 app = typer.Typer(
@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Distil one narrow LLM call into a tiny, fast student model.",
 )
-add_serving_verbs(app)  # serve, calibrate-confidence (cli_serve.py)
+add_serving_verbs(app)  # export, serve, calibrate-confidence (cli_serve.py)
 
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -231,29 +231,31 @@ def train(
 @app.command()
 def predict(
     texts: list[str] = typer.Argument(None, help="Texts to label (or use --input)."),
-    student: Path = typer.Option(..., help="Student folder (the --out of train)."),
+    student: Path = typer.Option(..., help="Student folder (the --out of train) or export folder (of export: no torch)."),
     input: Optional[Path] = typer.Option(None, "--input", help="A file with one text per line ('-' for stdin)."),
     constrain: bool = typer.Option(True, help="Constrain generation to the task's schema (--no-constrain: raw output)."),
     batch_size: int = typer.Option(64, help="Texts decoded together."),
+    task: Optional[str] = typer.Option(None, help="Refuse a student that does another task than this one."),
 ) -> None:
-    """Label texts with a trained student; prints one JSON object per input."""
+    """Label texts with a trained or exported student; prints one JSON object per input."""
     import json
 
-    from microdistill.predict import predict as run_predict
-    from microdistill.students.saved import load_student
+    from microdistill.corpus import read_lines
+    from microdistill.runtime import expect_task, is_export, load_exported
 
-    items = list(texts or [])
-    if input is not None:
-        if str(input) == "-":
-            items += [line.rstrip("\n") for line in sys.stdin if line.strip()]
-        elif not input.is_file():
-            fail(f"input file {input}: not found")
-        else:
-            items += [line for line in input.read_text().splitlines() if line.strip()]
+    items = list(texts or []) + (read_lines(input) if input is not None else [])
     if not items:
         fail("nothing to predict: give texts as arguments or --input FILE")
-    loaded = load_student(student)
-    for r in run_predict(loaded, items, constrain=constrain, batch_size=batch_size):
+    if is_export(student):  # onnxruntime answers; torch is never imported
+        results = load_exported(student, task).predict(items, batch_size)
+    else:
+        from microdistill.predict import predict as run_predict
+        from microdistill.students.saved import load_student
+
+        loaded = load_student(student)
+        expect_task(loaded.task, task, student)
+        results = run_predict(loaded, items, constrain=constrain, batch_size=batch_size)
+    for r in results:
         typer.echo(json.dumps(r, ensure_ascii=False))
 
 
@@ -335,26 +337,13 @@ def inspect(
     """Check a shard folder and summarise it: counts, labels, vocabulary, size, teacher, timings."""
     import json
 
-    from microdistill.store import inspect as run_inspect
+    from microdistill.store import inspect as run_inspect, summary
 
     info = run_inspect(data)
     if json_out:
         typer.echo(json.dumps(info, indent=1, ensure_ascii=False))
         return
-    c, v, t = info["counts"], info["vocab"], info["timings"]
-    typer.echo(f"{info['path']}: task {info['task']}, teacher {info['teacher']['name']} "
-               f"({'complete' if info['complete'] else 'incomplete: re-run extract to continue'})")
-    typer.echo(f"examples: {c['examples']} ({c['train']} train, {c['val']} val) in {c['shards']} shards, "
-               f"{info['bytes_per_example'] / 1024:.1f} KiB per example, {info['output_tokens_mean']:.1f} output tokens")
-    typer.echo(f"vocabulary: {v['kept']} kept output tokens ({v['required']} required, "
-               f"{v['coverage']:.2%} of teacher mass), {v['input']} input tokens")
-    for name, counts in info["labels"].items():
-        typer.echo(f"  {name}: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
-    for name, acc in info["human_agreement"].items():
-        typer.echo(f"  teacher vs human labels, {name}: {acc:.2%}")
-    if t:
-        typer.echo(f"timings: {t.get('examples_per_s', 0):.2f} examples/s, {t.get('tokens_per_s', 0):.1f} tokens/s, "
-                   f"calibration {t.get('calibrate_s', 0):.1f} s, total {t.get('extract_s', 0):.1f} s")
+    typer.echo(summary(info))
 
 
 @app.command()
@@ -410,10 +399,10 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.secho("interrupted; finished work is saved, re-run the same command to continue", err=True)
         sys.exit(130)
-    except UserError as e:
-        # Outside the typer app a typer.Exit would not be handled: print and exit directly.
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+    except (UserError, ModuleNotFoundError) as e:
+        if user_message(e) is None:
+            raise
+        fail(user_message(e))  # outside the typer app a typer.Exit would not be handled: exit directly
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The verbs that put a student in front of traffic; cli.py adds them to the `microdistill` command.
 
+    microdistill export --student runs/demo/student --out runs/demo/export [--quantize int8]
     microdistill serve --student runs/demo/student --teacher qwen2.5-coder-0.5b-instruct --target-agreement 0.97
     microdistill calibrate-confidence --student runs/demo/student
 
@@ -15,8 +16,20 @@ from typing import Optional
 import typer
 
 
+def export(
+    student: Path = typer.Option(..., help="Heads student folder (the --out of train)."),
+    out: Path = typer.Option(..., help="Export folder to write (replaced as a whole, only once parity holds)."),
+    quantize: Optional[str] = typer.Option(None, help="int8: quantise the weights (about 1/4 the size)."),
+    data: Optional[Path] = typer.Option(None, help="Shard folder whose held-out split checks parity (default: the student's)."),
+) -> None:
+    """Export a heads student to ONNX for the torch-free runtime, checked against PyTorch first."""
+    from microdistill.export import export as run_export
+
+    run_export(student, out, quantize=quantize, data=data)
+
+
 def serve(
-    student: Path = typer.Option(..., help="Student folder (a classifier-head student: it gives a confidence per field)."),
+    student: Path = typer.Option(..., help="Student folder (a classifier-head student: it gives a confidence per field) or its export folder (no torch)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher for inputs the student is unsure of: preset, HF folder or .gguf."),
     min_confidence: Optional[float] = typer.Option(None, help="The student answers when every field's calibrated "
                                                    "confidence reaches this; the teacher answers the rest."),
@@ -31,7 +44,7 @@ def serve(
     max_text_chars: int = typer.Option(10_000, help="Characters per text (413 beyond)."),
     max_body_bytes: int = typer.Option(1_048_576, help="Bytes per request body (413 beyond)."),
     drain_timeout_s: float = typer.Option(30.0, help="On SIGTERM, how long in-flight requests may take to finish."),
-    threads: Optional[int] = typer.Option(None, help="Torch threads (default: torch's, one per core)."),
+    threads: Optional[int] = typer.Option(None, help="Threads for the student (torch or onnxruntime; default: their own choice)."),
 ) -> None:
     """Serve the student over HTTP: /v1/predict, OpenAI-compatible /v1/chat/completions, /health, /metrics."""
     from microdistill.api import run_server
@@ -59,5 +72,6 @@ def calibrate_confidence(
 
 
 def add_serving_verbs(app: typer.Typer) -> None:
+    app.command("export")(export)
     app.command("serve")(serve)
     app.command("calibrate-confidence")(calibrate_confidence)

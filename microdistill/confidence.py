@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from microdistill.console import say
 from microdistill.errors import UserError
+from microdistill.corpus import clean_inputs
 from microdistill.files import atomic_write_json
-from microdistill.predict import clean_inputs
-from microdistill.store import Record, ShardSet
-from microdistill.students.heads import CALIBRATION
+from microdistill.students import CALIBRATION
+
+if TYPE_CHECKING:  # the server imports this module for its curve, and must not need the shard store (safetensors)
+    from microdistill.store import Record
 
 BINS = 10  # equal-width confidence bins of the ECE and the reliability diagram
 FOLDS = 2
@@ -199,6 +201,7 @@ def calibrate_confidence(student_dir: Path, data_dir: Path | None = None, progre
     """Fit the per-field temperatures of the heads student in `student_dir` on the held-out
     split of its shards (`data_dir`, default: the folder it was trained on) and write
     `student_dir`/calibration.json; returns its content."""
+    from microdistill.store import ShardSet
     from microdistill.students.saved import load_student
 
     student_dir = Path(student_dir)

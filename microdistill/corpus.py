@@ -197,11 +197,28 @@ class FilterReport:
         return f"kept {self.kept} of {self.read} inputs (dropped: {self.dropped()})"
 
 
+def read_lines(path: Path) -> list[str]:
+    """The non-empty lines of a text file, or of stdin when `path` is '-' (inputs to label)."""
+    if str(path) == "-":
+        import sys
+
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not Path(path).is_file():
+        raise CorpusError(f"input file {path}: not found")
+    return [line for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def clean(text: str, strip: Iterable[re.Pattern]) -> str:
     """`text` with every strip pattern removed and runs of whitespace collapsed to one space."""
     for pattern in strip:
         text = pattern.sub(" ", text)
     return " ".join(text.split())
+
+
+def clean_inputs(task: Task, texts: Iterable[str]) -> list[str]:
+    """Texts cleaned as the corpus was (the task's strip patterns, collapsed whitespace)."""
+    strip = [re.compile(p) for p in task.inputs.strip]
+    return [clean(t, strip) for t in texts]
 
 
 def filter_inputs(items: list[Item], task: Task, tokenizer, source: str = "corpus") -> tuple[list[Item], FilterReport]:

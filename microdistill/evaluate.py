@@ -29,13 +29,14 @@ from microdistill.consistency import self_consistency
 from microdistill.console import say
 from microdistill.errors import UserError
 from microdistill.peers import PeerError, score_peers
-from microdistill.predict import generate, parse_or_none, predict
+from microdistill.predict import generate, predict
 from microdistill.speed import (PeakMemory, Timed, speed_size_memory, student_runner, teacher_file_bytes, teacher_runner,
                                 timing, weights_bytes)
 from microdistill.store import Record, ShardSet, StoreError
 from microdistill.students.data import Example, collate, load_split
 from microdistill.students.decoder import count_parameters
 from microdistill.students.saved import LoadedStudent, load_student
+from microdistill.task import parse_or_none
 from microdistill.teachers import TeacherError, load_teacher, preset_of
 
 TIMING_SAMPLE = 16  # the teacher is slow on a CPU; a few inputs give a stable median

@@ -17,15 +17,14 @@ same mask at a fraction of the cost (the teacher vocabulary can be 262k wide).
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Sequence
 
 import torch
 
-from microdistill.corpus import clean
+from microdistill.corpus import clean_inputs
 from microdistill.students.decoder import PAD
 from microdistill.students.saved import LoadedStudent
-from microdistill.task import EnumField, StringField, Task
+from microdistill.task import EnumField, StringField, Task, parse_or_none
 
 
 def predict(student: LoadedStudent, texts: Sequence[str], constrain: bool = True, batch_size: int = 64,
@@ -46,19 +45,6 @@ def predict(student: LoadedStudent, texts: Sequence[str], constrain: bool = True
         results.append({"text": text, "output": output, "fields": fields, "valid": fields is not None,
                         "truncated": len(x) > limit})
     return results
-
-
-def clean_inputs(task: Task, texts: Sequence[str]) -> list[str]:
-    """Texts cleaned as the corpus was (the task's strip patterns, collapsed whitespace)."""
-    strip = [re.compile(p) for p in task.inputs.strip]
-    return [clean(t, strip) for t in texts]
-
-
-def parse_or_none(task, output: str) -> dict[str, Any] | None:
-    try:
-        return task.parse(output)
-    except ValueError:
-        return None
 
 
 def generate(student: LoadedStudent, input_ids: Sequence[Sequence[int]], constrain: bool = True,

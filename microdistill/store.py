@@ -394,3 +394,20 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "timings": m.get("timings", {}),
         "filters": m.get("filters", {}),
     }
+
+
+def summary(info: dict[str, Any]) -> str:
+    """The lines `microdistill inspect` prints for an `inspect` result."""
+    c, v, t = info["counts"], info["vocab"], info["timings"]
+    lines = [f"{info['path']}: task {info['task']}, teacher {info['teacher']['name']} "
+             f"({'complete' if info['complete'] else 'incomplete: re-run extract to continue'})",
+             f"examples: {c['examples']} ({c['train']} train, {c['val']} val) in {c['shards']} shards, "
+             f"{info['bytes_per_example'] / 1024:.1f} KiB per example, {info['output_tokens_mean']:.1f} output tokens",
+             f"vocabulary: {v['kept']} kept output tokens ({v['required']} required, "
+             f"{v['coverage']:.2%} of teacher mass), {v['input']} input tokens"]
+    lines += [f"  {name}: " + ", ".join(f"{k} {n}" for k, n in counts.items()) for name, counts in info["labels"].items()]
+    lines += [f"  teacher vs human labels, {name}: {acc:.2%}" for name, acc in info["human_agreement"].items()]
+    if t:
+        lines.append(f"timings: {t.get('examples_per_s', 0):.2f} examples/s, {t.get('tokens_per_s', 0):.1f} tokens/s, "
+                     f"calibration {t.get('calibrate_s', 0):.1f} s, total {t.get('extract_s', 0):.1f} s")
+    return "\n".join(lines)

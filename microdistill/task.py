@@ -277,6 +277,14 @@ def _format_error(e: ValidationError) -> str:
     return f"{where}: {err['msg']}{more}"
 
 
+def parse_or_none(task: Task, output: str) -> dict[str, Any] | None:
+    """task.parse(output), or None when the output is not a valid answer."""
+    try:
+        return task.parse(output)
+    except ValueError:
+        return None
+
+
 def task_from_dict(data: Any, source: str = "<task>") -> Task:
     if not isinstance(data, dict):
         raise TaskError(f"task {source}: expected a YAML mapping at the top level")

@@ -10,5 +10,5 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The CPU build of torch first: a bare `torch` requirement could pull a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[teachers,students,test]"
+.venv/bin/python -m pip install --quiet -e ".[train,teachers,students,test]"
 echo "microdistill installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

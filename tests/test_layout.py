@@ -4,7 +4,7 @@ never imports torch, and no module grows past a readable size.
 Stage order (an earlier stage may be imported by a later one, never the reverse):
 
     errors, files, config, console < task < corpus < constrain, vocab < teachers < generation
-    < store < extract < students < losses < predict < evaluate < train < cost < report
+    < store < extract < students < runtime < losses < predict < evaluate < export < train < cost < report
     < forecast < compare < pipeline < cli
 
 Modules of one rank may not import each other, except in rank 0 (errors, files, config,
@@ -38,6 +38,7 @@ RANKS: list[tuple[str, ...]] = [
     ("calibrate",),
     ("extract",),
     ("students",),
+    ("runtime",),  # an exported student answered by onnxruntime: imports no torch
     ("losses",),
     ("predict",),
     ("confidence",),  # calibrated confidence per field: temperatures, ECE, the coverage curve
@@ -45,6 +46,7 @@ RANKS: list[tuple[str, ...]] = [
     ("speed",),  # speed, size and memory of student and teacher
     ("cascade",),  # the student when it is sure, the teacher otherwise
     ("evaluate",),
+    ("export",),  # a heads student to ONNX, checked against PyTorch
     ("train",),
     ("cost",),
     ("coverage",),  # the report's confidence section: reliability, agreement against coverage, its cost

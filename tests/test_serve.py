@@ -27,6 +27,7 @@ from microdistill.cascade import Cascade, TeacherLabeller, threshold_for
 from microdistill.confidence import (assess, coverage_curve, cross_fit, ece, fit_temperature, point_for, reliability,
                                      softmax)
 from microdistill.serve import MicroBatcher, RequestError, ServeConfig, Service
+from microdistill.students import StudentFolderError
 from microdistill.students.saved import load_student
 from microdistill.task import load_task
 from microdistill.train import TrainConfig, train
@@ -119,7 +120,8 @@ def test_training_writes_calibration_and_the_student_applies_it(student_dir):
         assert r["confidence"] == pytest.approx({f.name: float(p[i].max()) for f, p in zip(student.fields, probs)})
     (student_dir / "calibration.json").write_text(json.dumps({**cal, "temperatures": {"tone": -1}}))
     try:
-        with pytest.raises(Exception, match="calibration.json: unreadable"):
+        with pytest.raises(StudentFolderError, match="calibration.json: temperatures for unknown fields or not positive "
+                                                     "numbers: tone$"):
             load_student(student_dir)
     finally:
         (student_dir / "calibration.json").write_text(json.dumps(cal))

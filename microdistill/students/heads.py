@@ -33,12 +33,11 @@ from torch import Tensor, nn
 from microdistill.errors import UserError
 from microdistill.files import atomic_write_bytes, atomic_write_json
 from microdistill.store import Record, ShardSet
-from microdistill.students import FORMAT, StudentFolderError
+from microdistill.students import FORMAT, StudentFolderError, read_temperatures
 from microdistill.task import EnumField, Task
 
 KIND = "heads"
 MAX_LENGTH = 128  # WordPiece tokens per input; the task's inputs are far shorter
-CALIBRATION = "calibration.json"  # {"method": "temperature", "temperatures": {field: T}, ...}
 
 
 class HeadsError(UserError):
@@ -246,20 +245,4 @@ def load_heads(path: Path, cfg: dict[str, Any]) -> LoadedHeads:
     model.eval()
     meta = {k: v for k, v in cfg.items() if k not in ("encoder", "fields", "task")}
     fields = enum_fields(task, str(path))
-    return LoadedHeads(model, task, tokenizer, fields, meta, path, temperatures=read_temperatures(path, fields))
-
-
-def read_temperatures(path: Path, fields: list[EnumField]) -> dict[str, float] | None:
-    """The per-field temperatures of `path`/calibration.json, or None when the folder has none."""
-    file = path / CALIBRATION
-    if not file.is_file():
-        return None
-    try:
-        temps = json.loads(file.read_text())["temperatures"]
-        out = {f.name: float(temps[f.name]) for f in fields}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        raise StudentFolderError(f"{file}: unreadable ({type(e).__name__}: {e}); fit it again with "
-                                 f"microdistill calibrate-confidence --student {path}") from None
-    if not all(np.isfinite(t) and t > 0 for t in out.values()):
-        raise StudentFolderError(f"{file}: temperatures must be positive numbers, got {out}")
-    return out
+    return LoadedHeads(model, task, tokenizer, fields, meta, path, temperatures=read_temperatures(path, [f.name for f in fields]))

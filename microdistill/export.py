@@ -1,0 +1,186 @@
+"""Export a classifier-head student to ONNX for the torch-free runtime (runtime.py), checked for parity.
+
+    microdistill export --student runs/demo/student --out runs/demo/export [--quantize int8]
+
+One graph (torch.onnx.export, opset 17): input_ids and attention_mask int64 [B, L] with dynamic
+batch and length, one raw logits output per field. `--quantize int8` then quantises its weights
+(onnxruntime's dynamic quantisation: int8 weights, activations quantised per call). Before the
+folder appears, the export answers the held-out split of the student's shards beside PyTorch:
+the float32 graph must give the same answer on every input (else nothing is written), the int8
+one is written whatever it scores, with a warning below 99.5%. export.json records both, and
+parity.md lists every input answered differently.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from microdistill.console import say
+from microdistill.corpus import clean_inputs
+from microdistill.files import atomic_dir, atomic_write_bytes, atomic_write_json
+from microdistill.runtime import FORMAT, MANIFEST, VERSION, Exported, ExportError, load_exported, sha256_of
+from microdistill.store import ShardSet, StoreError
+from microdistill.students import CALIBRATION
+
+OPSET = 17
+PRECISIONS = ("float32", "int8")
+MIN_INT8_PARITY = 0.995  # the share of held-out answers an int8 export must keep to pass without a warning
+
+
+def export(student_dir: Path, out: Path, quantize: str | None = None, data: Path | None = None,
+           progress: bool = True) -> Path:
+    """Write the export folder `out` (replaced as a whole) of the heads student in `student_dir`;
+    `data`: the shard folder whose held-out split checks parity (default: the one it was trained on)."""
+    from microdistill.students.saved import load_student
+
+    precision = quantize or "float32"
+    if precision not in PRECISIONS:
+        raise ExportError(f"--quantize {quantize!r}: expected int8 (or nothing, for float32)")
+    student = load_student(Path(student_dir))
+    if student.kind != "heads":
+        raise ExportError(f"student folder {student_dir}: a {student.kind!r} student; export supports the heads kind "
+                          "only (train with --student heads)")
+    texts = parity_texts(student, data, progress)
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        to_onnx(student, tmp / "model.onnx")
+        for name in ("tokenizer.json", "task.yaml", CALIBRATION):
+            if (student.path / name).is_file():
+                shutil.copyfile(student.path / name, tmp / name)
+        write_manifest(tmp, student, "float32", {})
+        checks = {"float32": parity(student, load_exported(tmp), texts)}
+        if checks["float32"]["same"] < checks["float32"]["n"]:
+            first = checks["float32"]["differ"][0]
+            raise ExportError(f"the float32 ONNX graph answers {checks['float32']['n'] - checks['float32']['same']} of "
+                              f"{checks['float32']['n']} held-out inputs differently from PyTorch (first: "
+                              f"{first['text'][:80]!r}); nothing was written")
+        if precision == "int8":
+            quantize_int8(tmp / "model.onnx")
+            write_manifest(tmp, student, "int8", {})
+            checks["int8"] = parity(student, load_exported(tmp), texts)
+        atomic_write_bytes(tmp / "parity.md", parity_markdown(checks).encode())
+        write_manifest(tmp, student, precision, {k: {x: v for x, v in c.items() if x != "differ"} for k, c in checks.items()})
+    if precision == "int8" and checks["int8"]["rate"] < MIN_INT8_PARITY:
+        say(f"warning: the int8 export answers {checks['int8']['rate']:.2%} of {checks['int8']['n']} held-out inputs as "
+            f"PyTorch does, under {MIN_INT8_PARITY:.1%}; see {out / 'parity.md'} (the float32 export keeps 100%)")
+    c = checks[precision]
+    say(f"exported {precision} to {out}: {c['same']}/{c['n']} held-out answers as PyTorch's", progress)
+    return out
+
+
+def parity_texts(student, data: Path | None, progress: bool) -> list[str]:
+    """The held-out texts of `data`, or of the shards the student was trained on."""
+    recorded = (student.meta.get("shards") or {}).get("path")
+    if data is None and (recorded is None or not Path(recorded).is_dir()):
+        raise ExportError(f"student folder {student.path}: the shards it was trained on ({recorded}) are not found "
+                          "here; give them with --data SHARDS")
+    data = Path(data or recorded)
+    try:
+        shards = ShardSet(data)
+    except StoreError as e:
+        raise ExportError(f"--data: {e}") from None
+    want = (student.meta.get("shards") or {}).get("task_fingerprint")
+    if want and shards.manifest.get("task_fingerprint") != want:
+        raise ExportError(f"shard folder {data}: made for another task than the student's ({student.task.name!r}); "
+                          "give the shards it was trained on with --data")
+    texts = [r.text for r in shards.records("val")]
+    if not texts:
+        say(f"warning: shard folder {data} holds no held-out examples; parity is checked on its training split", progress)
+        texts = [r.text for r in shards.records("train")]
+    return texts
+
+
+def to_onnx(student, path: Path) -> None:
+    """Write the float32 graph of a heads student to `path`."""
+    import torch
+
+    class Graph(torch.nn.Module):
+        """The student as the graph sees it: a tuple of per-field logits."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return tuple(self.model(input_ids, attention_mask))
+
+    ids = torch.ones(2, 8, dtype=torch.long)
+    names = [f"logits_{k}" for k in range(len(student.fields))]
+    axes = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
+            **{n: {0: "batch"} for n in names}}
+    with warnings.catch_warnings(), torch.no_grad():
+        # the tracer warns about Python branches on shapes; parity below checks the graph on real lengths
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Graph(student.model).eval(), (ids, torch.ones_like(ids)), str(path), dynamo=False,
+                          input_names=["input_ids", "attention_mask"], output_names=names, dynamic_axes=axes,
+                          opset_version=OPSET)
+
+
+def quantize_int8(path: Path) -> None:
+    """Replace the float32 graph at `path` by one with int8 weights (dynamic quantisation).
+
+    One scale per output channel and 7-bit weight range: on the default run's 999 comments they kept
+    99.9% of PyTorch's answers against 99.6% with one scale per matrix and the full range (7 bits also
+    keep CPUs without VNNI from overflowing their 16-bit accumulators)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # its advice is for image models
+    with tempfile.TemporaryDirectory() as scratch:
+        q = Path(scratch) / "int8.onnx"
+        quantize_dynamic(str(path), str(q), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+        shutil.move(str(q), str(path))
+
+
+def write_manifest(folder: Path, student, precision: str, checks: dict[str, Any]) -> None:
+    import onnxruntime as ort
+
+    from microdistill.students.heads import MAX_LENGTH
+
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+             for p in sorted(folder.iterdir()) if p.name not in (MANIFEST, "parity.md")}
+    atomic_write_json(folder / MANIFEST, {
+        "format": FORMAT, "version": VERSION, "kind": "heads", "precision": precision, "opset": OPSET,
+        "onnxruntime": ort.__version__, "max_length": MAX_LENGTH,
+        "inputs": ["input_ids", "attention_mask"], "outputs": [f"logits_{k}" for k in range(len(student.fields))],
+        "fields": [{"name": f.name, "values": f.values} for f in student.fields],
+        "task": student.task.model_dump(mode="json"),
+        "student": {"path": str(student.path), "model_sha256": student.meta.get("model_sha256"),
+                    "shards": student.meta.get("shards")},
+        "files": files, "parity": checks,
+    })
+
+
+def parity(student, exported: Exported, texts: list[str]) -> dict[str, Any]:
+    """How often the export answers the (cleaned) texts as PyTorch does: {n, same, rate,
+    max_prob_diff (both calibrated alike), differ: [{text, torch, onnx}]}."""
+    cleaned = clean_inputs(student.task, texts)
+    ref = student.probabilities(cleaned)
+    got = exported.probabilities(cleaned)
+    answer = lambda probs, i: {f.name: f.values[int(p[i].argmax())] for f, p in zip(student.fields, probs)}  # noqa: E731
+    differ = [{"text": t, "torch": answer(ref, i), "onnx": answer(got, i)} for i, t in enumerate(texts)
+              if answer(ref, i) != answer(got, i)]
+    n = len(texts)
+    return {"n": n, "same": n - len(differ), "rate": (n - len(differ)) / n if n else 1.0,
+            "max_prob_diff": float(max(np.abs(a - b).max() for a, b in zip(ref, got))) if n else 0.0,
+            "differ": differ}
+
+
+def parity_markdown(checks: dict[str, dict[str, Any]]) -> str:
+    lines = ["# Parity with PyTorch on the held-out inputs", ""]
+    for precision, c in checks.items():
+        lines += [f"## {precision}: {c['same']}/{c['n']} answers the same ({c['rate']:.2%}), "
+                  f"largest probability difference {c['max_prob_diff']:.2e}", ""]
+        if c["differ"]:
+            lines += ["| text | PyTorch | ONNX |", "|---|---|---|"]
+            cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            lines += [f"| {cell(d['text'])} | {cell(d['torch'])} | {cell(d['onnx'])} |" for d in c["differ"]]
+            lines.append("")
+    return "\n".join(lines) + "\n"

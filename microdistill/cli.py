@@ -312,15 +312,18 @@ def extract(
                               "where this CPU runs it natively and it answers the calibration inputs as float32 does)."),
     field: str = typer.Option("text", help="Text field/column of the corpus."),
     label: list[str] = typer.Option([], help="Human label column for a task field, FIELD=COLUMN (repeatable)."),
+    part: Optional[str] = typer.Option(None, help="I/N: be worker I of N, all with the same --out (worker 0 "
+                                       "calibrates, the others wait for it); under torchrun, RANK/WORLD_SIZE."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Label a corpus with the teacher under the task's schema and store its logits as shards."""
     from microdistill.extract import ExtractConfig, extract as run_extract
+    from microdistill.parts import Part, from_env
 
     cfg = ExtractConfig(task=task, teacher=teacher, field=field, labels=_parse_pairs(label, "--label") or None,
                         limit=limit, batch_size=batch_size, vocab_size=vocab_size, calibration=calibration,
                         hidden_layer=hidden_layer, dtype=dtype)
-    path = run_extract(input, out, cfg, progress=not quiet)
+    path = run_extract(input, out, cfg, progress=not quiet, part=Part.parse(part) if part else from_env())
     typer.echo(f"shards: {path}")
 
 

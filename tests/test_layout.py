@@ -4,7 +4,7 @@ never imports torch, and no module grows past a readable size.
 Stage order (an earlier stage may be imported by a later one, never the reverse):
 
     errors, files, config, console < task < corpus < constrain, vocab < teachers < generation
-    < store < extract < students < losses < predict < evaluate < train < cost < report
+    < store < parts < extract < students < losses < predict < evaluate < train < cost < report
     < forecast < compare < pipeline < cli
 
 Modules of one rank may not import each other, except in rank 0 (errors, files, config,
@@ -36,6 +36,7 @@ RANKS: list[tuple[str, ...]] = [
     ("agreement",),  # how two labellers agree: pure functions over answers
     ("consistency",),  # the teacher's agreement with itself under meaning-keeping edits
     ("calibrate",),
+    ("parts",),  # extraction by several workers: who labels what, the shared calibration
     ("extract",),
     ("students",),
     ("losses",),
@@ -50,6 +51,7 @@ RANKS: list[tuple[str, ...]] = [
     ("compare",),
     ("pipeline",),
     ("cli",),
+    ("__main__",),  # `python -m microdistill`, as torchrun starts it
 ]
 RANK = {stage: i for i, group in enumerate(RANKS) for stage in group}
 SAME_RANK_OK = {0}  # ranks whose stages may import each other

@@ -70,11 +70,12 @@ def reuse_calibration(teacher: HFTeacher, task: Task, calib: Calibration, wanted
         return 0
     # a head that post-processes its logits (soft-capping, ...) breaks this shortcut: check one row
     probe = usable[0][1]
-    full = head_logits(teacher.model, probe.hidden[0][None], range(teacher.vocab_size))
+    full = head_logits(teacher.model, probe.hidden[0][None].to(teacher.model.device), range(teacher.vocab_size))
     if abs(float(torch.logsumexp(full, -1)[0]) - probe.lse[0]) > 1e-3:
         return 0
     for item, row, text, decisions in usable:
-        row.logits = list(head_logits(teacher.model, torch.stack(row.hidden), kept).half().numpy())
+        hidden = torch.stack(row.hidden).to(teacher.model.device)
+        row.logits = list(head_logits(teacher.model, hidden, kept).half().cpu().numpy())
         writer.add(make_record(task, teacher.tokenizer, item, row, text, decisions, kept_set, teacher.eos_id))
     return len(usable)
 
@@ -184,7 +185,7 @@ def _save_input_embeddings(teacher: HFTeacher, input_ids: Sequence[int], texts: 
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for b, q in enumerate(chunk):  # right padding: causal attention keeps real tokens exact
                 batch[b, :len(q)], mask[b, :len(q)] = torch.tensor(q), 1
-            states = states_after(teacher.model, layer, input_ids=batch, attention_mask=mask)
+            states = states_after(teacher.model, layer, input_ids=batch.to(weight.device), attention_mask=mask.to(weight.device))
             for b, q in enumerate(chunk):
                 at = torch.tensor([row_of[t] for t in q])
                 total.index_add_(0, at, states[b, :len(q)].double().cpu())

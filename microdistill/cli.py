@@ -205,8 +205,9 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint (same options)."),
     quiet: bool = typer.Option(False, help="No live progress line."),
 ) -> None:
-    """Train a student on teacher shards; Ctrl-C saves a checkpoint, --resume continues it exactly."""
+    """Train a student on teacher shards; Ctrl-C saves a checkpoint, --resume continues it exactly (torchrun: DDP)."""
     import json
+    import os
 
     from microdistill.train import TrainConfig, TrainingInterrupted, train as run_training
 
@@ -223,9 +224,9 @@ def train(
     except TrainingInterrupted as e:
         typer.secho(str(e), err=True)
         raise typer.Exit(130)
-    stats = json.loads((path / "training.json").read_text())
-    typer.echo(f"student saved in {path} ({stats['steps']} steps, {stats['wall_s']:.1f} s, "
-               f"{stats['tokens_per_s']:.0f} tokens/s)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        stats = json.loads((path / "training.json").read_text())
+        typer.echo(f"student saved in {path} ({stats['steps']} steps, {stats['wall_s']:.1f} s, {stats['tokens_per_s']:.0f} tokens/s)")
 
 
 @app.command()
@@ -317,15 +318,17 @@ def extract(
                               "where this CPU runs it natively and it answers the calibration inputs as float32 does)."),
     field: str = typer.Option("text", help="Text field/column of the corpus."),
     label: list[str] = typer.Option([], help="Human label column for a task field, FIELD=COLUMN (repeatable)."),
+    part: Optional[str] = typer.Option(None, help="I/N: worker I of N, all with this --out (default under torchrun: RANK/WORLD_SIZE)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Label a corpus with the teacher under the task's schema and store its logits as shards."""
     from microdistill.extract import ExtractConfig, extract as run_extract
+    from microdistill.parts import Part, from_env
 
     cfg = ExtractConfig(task=task, teacher=teacher, field=field, labels=_parse_pairs(label, "--label") or None,
                         limit=limit, batch_size=batch_size, vocab_size=vocab_size, calibration=calibration,
                         hidden_layer=hidden_layer, dtype=dtype)
-    path = run_extract(input, out, cfg, progress=not quiet)
+    path = run_extract(input, out, cfg, progress=not quiet, part=Part.parse(part) if part else from_env())
     typer.echo(f"shards: {path}")
 
 
@@ -337,7 +340,7 @@ def inspect(
     """Check a shard folder and summarise it: counts, labels, vocabulary, size, teacher, timings."""
     import json
 
-    from microdistill.store import inspect as run_inspect, summary
+    from microdistill.inspection import inspect as run_inspect, summary
 
     info = run_inspect(data)
     if json_out:

@@ -1,6 +1,7 @@
 """Extraction: label a corpus with the teacher and store its per-step logits as shards.
 
     microdistill extract --task reddit-comment --input comments.jsonl --out shards/
+    microdistill extract ... --out shards/ --part 1/4      # one of 4 workers (parts.py)
     microdistill inspect shards/
 
 Stages: read and filter the corpus; load the teacher; calibrate the kept output vocabulary on
@@ -29,6 +30,7 @@ from microdistill.calibrate import Calibration, batches, build_vocab, calibrate,
 from microdistill.corpus import Item, example_id, filter_inputs, read_corpus
 from microdistill.errors import UserError
 from microdistill.files import atomic_dir, atomic_write_bytes
+from microdistill.parts import WAIT_S, Part, check_root, open_part, root_fields, wait_for_root
 from microdistill.store import INPUT_EMBEDDINGS, Record, ShardSet, ShardWriter, StoreError
 from microdistill.task import Task, load_task
 from microdistill.teachers import DEFAULT_TEACHER, TeacherError, load_teacher
@@ -68,11 +70,12 @@ def reuse_calibration(teacher: HFTeacher, task: Task, calib: Calibration, wanted
         return 0
     # a head that post-processes its logits (soft-capping, ...) breaks this shortcut: check one row
     probe = usable[0][1]
-    full = head_logits(teacher.model, probe.hidden[0][None], range(teacher.vocab_size))
+    full = head_logits(teacher.model, probe.hidden[0][None].to(teacher.model.device), range(teacher.vocab_size))
     if abs(float(torch.logsumexp(full, -1)[0]) - probe.lse[0]) > 1e-3:
         return 0
     for item, row, text, decisions in usable:
-        row.logits = list(head_logits(teacher.model, torch.stack(row.hidden), kept).half().numpy())
+        hidden = torch.stack(row.hidden).to(teacher.model.device)
+        row.logits = list(head_logits(teacher.model, hidden, kept).half().cpu().numpy())
         writer.add(make_record(task, teacher.tokenizer, item, row, text, decisions, kept_set, teacher.eos_id))
     return len(usable)
 
@@ -182,7 +185,7 @@ def _save_input_embeddings(teacher: HFTeacher, input_ids: Sequence[int], texts: 
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for b, q in enumerate(chunk):  # right padding: causal attention keeps real tokens exact
                 batch[b, :len(q)], mask[b, :len(q)] = torch.tensor(q), 1
-            states = states_after(teacher.model, layer, input_ids=batch, attention_mask=mask)
+            states = states_after(teacher.model, layer, input_ids=batch.to(weight.device), attention_mask=mask.to(weight.device))
             for b, q in enumerate(chunk):
                 at = torch.tensor([row_of[t] for t in q])
                 total.index_add_(0, at, states[b, :len(q)].double().cpu())
@@ -234,11 +237,14 @@ class ExtractConfig(Options):
 
 
 def extract(input_path: str | Path, out_dir: str | Path, config: ExtractConfig | None = None, *,
-            task: Task | None = None, teacher: HFTeacher | None = None, progress: bool = True) -> Path:
+            task: Task | None = None, teacher: HFTeacher | None = None, progress: bool = True,
+            part: Part | None = None, wait_s: float = WAIT_S) -> Path:
     """Label the corpus at `input_path` with the teacher and write shards to `out_dir`.
 
     `task` and `teacher`, when given, are used instead of loading `config.task` / `config.teacher`
-    (a caller that already holds them). Returns `out_dir`.
+    (a caller that already holds them). With `part`, this process is one worker of several
+    (parts.py): worker 0 calibrates, the others wait for it up to `wait_s` seconds, and each
+    labels only its own inputs. Returns `out_dir`.
     """
     from microdistill.constrain import Grammar
     from microdistill.generation import Decoder
@@ -255,16 +261,26 @@ def extract(input_path: str | Path, out_dir: str | Path, config: ExtractConfig |
         layer = hidden_layer_of(teacher, cfg.hidden_layer)
     except TeacherError as e:  # a layer the teacher does not have: an extraction option
         raise ExtractError(str(e)) from None
-    writer, calib = _open_folder(out_dir, task, teacher, items, cfg, layer, progress)
+    check_root(out_dir, part)  # a folder that does not fit this worker fails before any work
+    if part is not None and part.index:
+        wait_for_root(out_dir, part, wait_s, progress)
+    writer, calib = _open_folder(out_dir, task, teacher, items, cfg, layer, progress,
+                                 root_fields(part) if part is not None else {})
     layer = writer.manifest.get("hidden_layer")
     _save_tokenizer(teacher.tokenizer, out_dir)
     wanted = items[:cfg.limit]
     if calib is not None:
         reused = reuse_calibration(teacher, task, calib, {example_id(it.text) for it in wanted}, writer)
         say(f"{reused} calibration answers used only kept tokens: stored without decoding again", progress)
+    filters = {**report.as_dict(), "corpus": str(input_path)}
+    if part is not None:  # the root holds the calibration answers; this worker labels its own inputs beside them
+        if not writer.manifest["complete"]:
+            writer.close(filters=filters)
+        done = writer.done_ids
+        writer = open_part(out_dir, writer.manifest, part)
+        wanted = [it for it in wanted if part.owns(example_id(it.text)) and example_id(it.text) not in done]
     todo = [it for it in wanted if example_id(it.text) not in writer.done_ids]
     timings = dict(writer.manifest.get("timings", {}))
-    filters = {**report.as_dict(), "corpus": str(input_path)}
     if todo:
         kept = writer.manifest["vocab"]["kept"]
         grammar = Grammar(task, teacher.tokenizer, teacher.vocab_size, teacher.eos_id, allowed=kept)
@@ -283,8 +299,9 @@ def extract(input_path: str | Path, out_dir: str | Path, config: ExtractConfig |
 
 
 def _open_folder(out_dir: Path, task: Task, teacher: HFTeacher, items: Sequence[Item], cfg: ExtractConfig,
-                 hidden_layer: int | None, progress: bool) -> tuple[ShardWriter, Calibration | None]:
-    """A writer on `out_dir`; a new folder gets its vocabulary from a calibration run first.
+                 hidden_layer: int | None, progress: bool, new_fields: dict[str, Any]) -> tuple[ShardWriter, Calibration | None]:
+    """A writer on `out_dir`; a new folder gets its vocabulary from a calibration run first, and
+    `new_fields` in its manifest.
 
     An existing folder keeps its vocabulary and hidden layer (resuming never changes what its
     examples hold) and must have been made with the same task, teacher and vocabulary size.
@@ -306,8 +323,9 @@ def _open_folder(out_dir: Path, task: Task, teacher: HFTeacher, items: Sequence[
         _save_input_embeddings(teacher, existing["vocab"]["input"], [it.text for it in items], out_dir,
                                replace=False, progress=progress)  # if missing
         teacher.to_dtype(dtype)  # the rest is labelled as the folder's first examples were
-        kept = {k: existing[k] for k in ("vocab", "hidden_layer", "dtype_check") if k in existing}
+        kept = {k: existing[k] for k in ("vocab", "hidden_layer", "dtype_check", "parts", "calibration_id") if k in existing}
         return ShardWriter(out_dir, {**header, **kept}), None
+    header.update(new_fields)
     if hidden_layer is not None:
         header["hidden_layer"] = hidden_layer
     t0 = time.perf_counter()

@@ -132,13 +132,14 @@ class Decoder:
         self.use_drafts, self.keep_hidden, self.hidden_layer = use_drafts, keep_hidden, hidden_layer
         self._hidden: torch.Tensor | None = None
         self.model = teacher.model
+        self.device = next(self.model.parameters()).device  # tensors are built on the CPU and sent there
         self.layout = prompt_layout(teacher, task)
         self.keep = None if keep_ids is None else torch.as_tensor(list(keep_ids), dtype=torch.long)
         self.pad_id = teacher.pad_id
         self.prefix_cache = None
         if self.layout.prefix_ids:
             with torch.inference_mode():
-                out = self.model(input_ids=torch.tensor([self.layout.prefix_ids]), use_cache=True)
+                out = self.model(input_ids=torch.tensor([self.layout.prefix_ids], device=self.device), use_cache=True)
             self.prefix_cache = out.past_key_values
 
     def rest_ids(self, text: str) -> list[int]:
@@ -188,13 +189,14 @@ class Decoder:
         pos = (p + torch.arange(width)).expand(n, width)
         cache = self._cache(n)
         # only each row's last real position needs the (vocabulary-wide, costly) output projection
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=(lens - 1)[:, None],
+        dev = self.device
+        out = self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), past_key_values=cache,
+                         use_cache=True, logits_to_keep=(lens - 1)[:, None].to(dev),
                          output_hidden_states=self.hidden_layer is not None)
         rows = [Generation() for _ in range(n)]
         if self.hidden_layer is not None:
-            real = attn[:, p:, None].float()  # [n, width, 1]
-            pooled = (out.hidden_states[self.hidden_layer].float() * real).sum(1) / real.sum(1)
+            real = attn[:, p:, None].float().to(dev)  # [n, width, 1]
+            pooled = ((out.hidden_states[self.hidden_layer].float() * real).sum(1) / real.sum(1)).cpu()
             for b, row in enumerate(rows):
                 row.input_hidden = pooled[b].half().numpy()
         state = self.grammar.batch(n)
@@ -221,7 +223,8 @@ class Decoder:
                 new_attn[b, : 1 + len(d)] = 1
             attn = torch.cat([attn, new_attn], dim=1)
             pos = next_pos[:, None] + torch.arange(chunk)
-            out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
+                             past_key_values=cache, use_cache=True)
         return DecodedBatch(rests, rows, cache, p, width)
 
     def _verify(self, rows: list[Generation], state, logits: torch.Tensor, drafts: dict[int, list[int]],
@@ -231,7 +234,7 @@ class Decoder:
         Every chosen token's raw logits are recorded. Returns, per row fed in this chunk, how many
         draft tokens were confirmed (their cache columns hold valid keys and values).
         """
-        raw = logits.float()
+        raw = logits.float().cpu()  # the grammar masks on the CPU
         lse = torch.logsumexp(raw, dim=-1)  # [n, W]
         kept = raw[:, :, self.keep].half().numpy() if self.keep is not None else None
         accepted: dict[int, int] = {}
@@ -244,7 +247,7 @@ class Decoder:
                 if mass is not None:
                     mass += torch.exp(raw[b, i] - lse[b, i]).double()
                 if self.keep_hidden:
-                    row.hidden.append(self._hidden[b, i].clone())
+                    row.hidden.append(self._hidden[b, i].cpu().clone())
                 token = int(state.mask_(raw[b, i : i + 1].clone(), rows=[b]).argmax())
                 row.output_ids.append(token)
                 state.accept(b, token)
@@ -287,13 +290,19 @@ class Decoder:
                 allow[b, 0, i, [past + a for a in ancestors] + [past + i]] = True
         dtype = next(self.model.parameters()).dtype  # an additive mask must match the model's dtype
         mask = torch.zeros(allow.shape, dtype=dtype).masked_fill_(~allow, torch.finfo(dtype).min)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=batch.cache, use_cache=True)
+        dev = self.device
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                         past_key_values=batch.cache, use_cache=True)
         logp = out.logits.float().log_softmax(-1)  # [n, width, V]
+        # only the scored tokens' log-probabilities leave the device, in one transfer
+        at = [(b, node, tok) for b, (_, scores) in enumerate(plans) for _, chain, cont in scores
+              for node, tok in zip(chain, cont)]
+        picked = iter(logp[tuple(torch.tensor(c, device=dev) for c in zip(*at))].cpu()) if at else iter(())
         result = []
         for b, (_, scores) in enumerate(plans):
             per_field: dict[str, list[float]] = {f.name: [] for f in fields}
             for name, chain, cont in scores:
-                per_field[name].append(float(sum(logp[b, node, tok] for node, tok in zip(chain, cont))))
+                per_field[name].append(float(sum(next(picked) for _ in cont)))
             result.append({k: torch.tensor(v).softmax(0).numpy().astype(np.float32) for k, v in per_field.items() if v})
         return result
 
@@ -330,7 +339,7 @@ def head_logits(model, hidden: torch.Tensor, ids: Sequence[int]) -> torch.Tensor
     post-process logits, e.g. soft-capping).
     """
     head = model.get_output_embeddings()
-    index = torch.as_tensor(list(ids), dtype=torch.long)
+    index = torch.as_tensor(list(ids), dtype=torch.long, device=head.weight.device)
     bias = head.bias[index] if getattr(head, "bias", None) is not None else None
     return torch.nn.functional.linear(hidden.to(head.weight.dtype), head.weight[index], bias).float()
 

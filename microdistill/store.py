@@ -20,6 +20,10 @@ in that order, from which a student can start its own input table: for the ids t
 the teacher's middle-layer state averaged over the id's occurrences; for the others, the
 teacher's input embedding row.
 
+A folder extracted by N workers (parts.py) has `parts: N` in its manifest and, beside the
+calibration answers in its own shards, `parts/I-of-N/` folders with their own manifest and
+shards; ShardSet reads them all as one folder (with_parts).
+
 Ragged arrays are stored concatenated with offsets. Text-only shards (sequence-level KD from a
 black-box teacher) omit `logits` and `lse`. Every file is written to a temporary name and
 renamed, and the manifest is rewritten after each shard: a crash loses at most the examples
@@ -31,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -123,8 +126,7 @@ def encode_shard(records: list[Record]) -> bytes:
 def decode_shard(data: bytes, path: Path) -> list[Record]:
     try:
         t = st_load(data)
-        with safe_open_bytes(data) as meta:
-            examples = json.loads(meta["examples"])
+        examples = json.loads(header_metadata(data)["examples"])
     except Exception as e:  # safetensors raises several types for damaged files
         raise StoreError(f"shard {path}: corrupted or not a microdistill shard ({type(e).__name__})") from None
     io, oo = t["input_offsets"], t["output_offsets"]
@@ -132,43 +134,67 @@ def decode_shard(data: bytes, path: Path) -> list[Record]:
     out = []
     for i, m in enumerate(examples):
         a, b = int(oo[i]), int(oo[i + 1])
-        out.append(
-            Record(
-                text=m["text"],
-                input_ids=t["input_ids"][io[i] : io[i + 1]],
-                output_ids=t["output_ids"][a:b],
-                output_text=m["output_text"],
-                fields=m["fields"],
-                logits=t["logits"][a:b] if "logits" in t else None,
-                lse=t["lse"][a:b] if "lse" in t else None,
-                decisions={n: t[f"decisions.{n}"][i] for n in dec_names},
-                labels=m.get("labels"),
-                hidden=t["hidden"][i] if "hidden" in t else None,
-                id=m["id"],
-                split=m["split"],
-            )
-        )
+        out.append(Record(
+            text=m["text"], input_ids=t["input_ids"][io[i] : io[i + 1]], output_ids=t["output_ids"][a:b],
+            output_text=m["output_text"], fields=m["fields"], logits=t["logits"][a:b] if "logits" in t else None,
+            lse=t["lse"][a:b] if "lse" in t else None, decisions={n: t[f"decisions.{n}"][i] for n in dec_names},
+            labels=m.get("labels"), hidden=t["hidden"][i] if "hidden" in t else None, id=m["id"], split=m["split"],
+        ))
     return out
 
 
-class safe_open_bytes:
-    """The safetensors header metadata of an in-memory file."""
-
-    def __init__(self, data: bytes):
-        n = int.from_bytes(data[:8], "little")
-        self.meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
-
-    def __enter__(self) -> dict[str, str]:
-        if self.meta.get("format") != FORMAT:
-            raise ValueError("wrong format tag")
-        return self.meta
-
-    def __exit__(self, *exc) -> None:
-        return None
+def header_metadata(data: bytes) -> dict[str, str]:
+    """The safetensors header metadata of an in-memory shard; ValueError when not a shard."""
+    meta = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {})
+    if meta.get("format") != FORMAT:
+        raise ValueError("wrong format tag")
+    return meta
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest.json of a shard folder (or of one part of it), as written."""
+    mpath = folder / "manifest.json"
+    if not folder.is_dir():
+        raise StoreError(f"shard folder {folder}: not found")
+    if not mpath.is_file():
+        raise StoreError(f"shard folder {folder}: no manifest.json (not a microdistill shard folder)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{mpath}: corrupted manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StoreError(f"{mpath}: not a {FORMAT} manifest (format={manifest.get('format')!r})")
+    return manifest
+
+
+def part_dir(root: Path, i: int, n: int) -> Path:
+    """Where worker i of n writes its part of the shard folder `root`."""
+    return Path(root) / "parts" / f"{i}-of-{n}"
+
+
+def with_parts(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a folder extracted in parts, as one: the root's shards (the calibration
+    answers) then each part's, their files named from the root; complete when every part is."""
+    shards, n, complete = list(manifest["shards"]), manifest["parts"], manifest.get("complete", False)
+    for i in range(n):
+        folder = part_dir(root, i, n)
+        if not (folder / "manifest.json").is_file():
+            complete = False
+            continue
+        part = read_manifest(folder)
+        if part.get("calibration_id") != manifest.get("calibration_id") or part.get("part") != [i, n]:
+            raise StoreError(f"{folder}: not part {i} of {n} of this folder's calibration (copied from another "
+                             f"extraction?); delete it and run worker {i} again")
+        shards += [{**s, "file": f"{folder.relative_to(root)}/{s['file']}"} for s in part["shards"]]
+        complete = complete and part.get("complete", False)
+    n_val = sum(s["n_val"] for s in shards)
+    counts = {"examples": sum(s["n"] for s in shards), "val": n_val}
+    return {**manifest, "shards": shards, "complete": complete,
+            "counts": {**counts, "train": counts["examples"] - n_val}}
 
 
 class ShardWriter:
@@ -179,7 +205,7 @@ class ShardWriter:
     teachers or tasks must never be mixed.
     """
 
-    must_match = ("format", "task_fingerprint", "teacher", "vocab", "signal")
+    must_match = ("format", "task_fingerprint", "teacher", "vocab", "signal", "part", "calibration_id")
 
     def __init__(self, out_dir: Path, header: dict[str, Any], shard_size: int = SHARD_SIZE):
         self.dir = Path(out_dir)
@@ -188,7 +214,7 @@ class ShardWriter:
         header = {**header, "format": FORMAT}
         path = self.dir / "manifest.json"
         if path.exists():
-            self.manifest = ShardSet(self.dir).manifest
+            self.manifest = read_manifest(self.dir)
             for key in self.must_match:
                 if self.manifest.get(key) != header.get(key):
                     raise StoreError(
@@ -250,17 +276,12 @@ class ShardSet:
 
     def __init__(self, path: Path, verify: bool = False):
         self.dir = Path(path)
-        mpath = self.dir / "manifest.json"
-        if not self.dir.is_dir():
-            raise StoreError(f"shard folder {self.dir}: not found")
-        if not mpath.is_file():
-            raise StoreError(f"shard folder {self.dir}: no manifest.json (not a microdistill shard folder)")
-        try:
-            self.manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StoreError(f"{mpath}: corrupted manifest ({e})") from None
-        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
-            raise StoreError(f"{mpath}: not a {FORMAT} manifest (format={self.manifest.get('format')!r})")
+        self.manifest = read_manifest(self.dir)
+        if "part" in self.manifest:
+            i, n = self.manifest["part"]
+            raise StoreError(f"{self.dir} is part {i} of {n} of the shard folder {self.dir.parent.parent}; use that folder")
+        if self.manifest.get("parts"):
+            self.manifest = with_parts(self.dir, self.manifest)
         for s in self.manifest["shards"]:
             p = self.dir / s["file"]
             if not p.is_file():
@@ -352,62 +373,3 @@ class ShardSet:
             what = f"{split} examples" if split else "examples"
             raise StoreError(f"shard folder {self.dir}: no {what}")
         return out
-
-
-# ---- inspection ----------------------------------------------------------------------------
-def inspect(path: str | Path) -> dict[str, Any]:
-    """Summary of a shard folder, after checking every shard against its manifest checksum."""
-    shards = ShardSet(Path(path), verify=True)
-    m = shards.manifest
-    for key in ("task", "teacher", "vocab"):
-        if key not in m:
-            raise StoreError(f"{shards.dir / 'manifest.json'}: no {key!r} entry (not written by microdistill extract)")
-    from microdistill.task import EnumField
-
-    task = shards.task()
-    records = list(shards.records())
-    per_field: dict[str, Counter] = {f.name: Counter() for f in task.output.fields if isinstance(f, EnumField)}
-    agree: Counter = Counter()
-    for r in records:
-        for name, counts in per_field.items():
-            counts[r.fields[name]] += 1
-        for name, value in (r.labels or {}).items():
-            if name in r.fields:
-                agree[name, str(r.fields[name]) == value] += 1
-    n = len(records)
-    total_bytes = sum(s["bytes"] for s in m["shards"])
-    return {
-        "path": str(shards.dir),
-        "task": task.name,
-        "teacher": m["teacher"],
-        "complete": bool(m.get("complete")),
-        "counts": {"examples": n, "train": sum(r.split == "train" for r in records),
-                   "val": sum(r.split == "val" for r in records), "shards": len(m["shards"])},
-        "labels": {name: dict(c.most_common()) for name, c in per_field.items()},
-        "human_agreement": {name: agree[name, True] / (agree[name, True] + agree[name, False])
-                            for name in sorted({k for k, _ in agree})},
-        "vocab": {"kept": len(m["vocab"]["kept"]), "required": m["vocab"]["n_required"],
-                  "input": len(m["vocab"]["input"]), "coverage": m["vocab"]["coverage"]},
-        "output_tokens_mean": float(np.mean([len(r.output_ids) for r in records])) if n else 0.0,
-        "bytes_per_example": total_bytes / n if n else 0.0,
-        "bytes": total_bytes,
-        "timings": m.get("timings", {}),
-        "filters": m.get("filters", {}),
-    }
-
-
-def summary(info: dict[str, Any]) -> str:
-    """The lines `microdistill inspect` prints for an `inspect` result."""
-    c, v, t = info["counts"], info["vocab"], info["timings"]
-    lines = [f"{info['path']}: task {info['task']}, teacher {info['teacher']['name']} "
-             f"({'complete' if info['complete'] else 'incomplete: re-run extract to continue'})",
-             f"examples: {c['examples']} ({c['train']} train, {c['val']} val) in {c['shards']} shards, "
-             f"{info['bytes_per_example'] / 1024:.1f} KiB per example, {info['output_tokens_mean']:.1f} output tokens",
-             f"vocabulary: {v['kept']} kept output tokens ({v['required']} required, "
-             f"{v['coverage']:.2%} of teacher mass), {v['input']} input tokens"]
-    lines += [f"  {name}: " + ", ".join(f"{k} {n}" for k, n in counts.items()) for name, counts in info["labels"].items()]
-    lines += [f"  teacher vs human labels, {name}: {acc:.2%}" for name, acc in info["human_agreement"].items()]
-    if t:
-        lines.append(f"timings: {t.get('examples_per_s', 0):.2f} examples/s, {t.get('tokens_per_s', 0):.1f} tokens/s, "
-                     f"calibration {t.get('calibrate_s', 0):.1f} s, total {t.get('extract_s', 0):.1f} s")
-    return "\n".join(lines)

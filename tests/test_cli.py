@@ -73,7 +73,7 @@ def test_extract_defaults_are_extract_config_defaults():
     matched, unmatched = matched_defaults("extract", ExtractConfig())
     assert_same("extract", matched)
     assert {RENAMED.get(k, (k,))[0] for k in matched} == {f.name for f in fields(ExtractConfig)}
-    assert unmatched == {"input", "out", "quiet"}
+    assert unmatched == {"input", "out", "part", "quiet"}  # --part: which worker, not what is extracted
 
 
 def test_eval_defaults_are_eval_config_defaults():

@@ -15,7 +15,7 @@ from synthetic import label, make_texts
 from microdistill import extract as extract_mod
 from microdistill.constrain import Grammar
 from microdistill.extract import ExtractConfig, ExtractError, extract
-from microdistill.store import inspect
+from microdistill.inspection import inspect
 from microdistill.generation import Decoder, prompt_layout
 from microdistill.store import ShardSet, ShardWriter, StoreError
 from microdistill.task import load_task

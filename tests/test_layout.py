@@ -4,8 +4,9 @@ never imports torch, and no module grows past a readable size.
 Stage order (an earlier stage may be imported by a later one, never the reverse):
 
     errors, files, config, console < task < corpus < constrain, vocab < teachers < generation
-    < store < extract < students < runtime < losses < predict < evaluate < export < train < cost < report
-    < forecast < compare < pipeline < cli
+    < store < parts < extract < students < runtime < losses < predict < confidence < cascade < evaluate
+    < export < train < cost < coverage < report
+    < forecast < compare < pipeline < serve < api < cli_serve < cli < __main__
 
 Modules of one rank may not import each other, except in rank 0 (errors, files, config,
 console) and within a package (teachers/, students/, train/).
@@ -33,9 +34,11 @@ RANKS: list[tuple[str, ...]] = [
     ("teachers",),
     ("generation",),
     ("store",),
+    ("inspection",),  # what a shard folder holds (the inspect verb)
     ("agreement",),  # how two labellers agree: pure functions over answers
     ("consistency",),  # the teacher's agreement with itself under meaning-keeping edits
     ("calibrate",),
+    ("parts",),  # extraction by several workers: who labels what, the shared calibration
     ("extract",),
     ("students",),
     ("runtime",),  # an exported student answered by onnxruntime: imports no torch
@@ -58,6 +61,7 @@ RANKS: list[tuple[str, ...]] = [
     ("api",),  # the HTTP API over it
     ("cli_serve",),  # the serving verbs, added to cli's app
     ("cli",),
+    ("__main__",),  # `python -m microdistill`, as torchrun starts it
 ]
 RANK = {stage: i for i, group in enumerate(RANKS) for stage in group}
 SAME_RANK_OK = {0}  # ranks whose stages may import each other

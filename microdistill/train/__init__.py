@@ -4,6 +4,7 @@
     loop.py        train(): set up, then one readable loop over train_step()
     checkpoint.py  exact resume: weights, optimiser, RNG states, data position
     log.py         metrics.jsonl and the live progress line
+    distributed.py torchrun ranks (DDP) and the device: each rank a slice of the global batch
     probe.py       the hidden-state probe (kept in checkpoints, never in the student folder)
     runs.py        train unless done; accuracy against the number of examples
 """

@@ -73,7 +73,7 @@ def load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg
     if path is None:
         raise TrainError(f"{out}: no checkpoint to resume from; run without --resume")
     try:
-        blob = torch.load(path, weights_only=True)
+        blob = torch.load(path, weights_only=True, map_location="cpu")  # a GPU run's checkpoint loads anywhere
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise TrainError(f"{path}: corrupted checkpoint ({type(e).__name__}); delete {path.parent} to start over") from None
     for key, value in fingerprint.items():

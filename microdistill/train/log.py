@@ -84,10 +84,14 @@ class Progress:
 
 
 class Silent:
-    """Progress that shows nothing (progress=False), so the loop never asks whether to show."""
+    """Progress that shows nothing and a log that keeps nothing (progress=False, or a rank other
+    than 0), so the loop never asks whether to show or write."""
 
     def __enter__(self) -> Silent:
         return self
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
 
     def step(self, r: dict[str, Any]) -> None:
         pass

@@ -30,19 +30,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from microdistill.files import atomic_write_json
-from microdistill.losses import curriculum_weight
+from microdistill.losses import curriculum_weight, total_loss
 from microdistill.store import ShardSet
 from microdistill.task import EnumField
 from microdistill.students.decoder import count_parameters
 from microdistill.train.checkpoint import has_run, load_checkpoint, save_checkpoint, shard_fingerprint
 from microdistill.train.config import TrainConfig, TrainError, TrainingInterrupted
-from microdistill.train.decoder import forward_loss, set_up_decoder
+from microdistill.train.decoder import set_up_decoder
+from microdistill.train.distributed import Ranks, start
 from microdistill.train.heads import set_up_heads
 from microdistill.train.log import MetricsLog, Progress, Silent
-from microdistill.train.probe import HiddenProbe
 from microdistill.train.setup import Setup
 
 
@@ -65,28 +64,29 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, b: Any, cfg: TrainConfig, step: int, total: int,
-               use_logits: bool, probe: HiddenProbe | None = None, loss: Callable = forward_loss) -> dict[str, Any]:
-    """One optimiser step at `step` of `total`: schedule, forward, backward, clipping, update.
-    `loss` is the student kind's loss per batch (the decoder's by default). Returns the step's
-    metrics row (without step/epoch/ms)."""
+def train_step(ranks: Ranks, opt: torch.optim.Optimizer, b: Any, cfg: TrainConfig, step: int, total: int,
+               use_logits: bool, weight: float = 1.0) -> tuple[dict[str, Any], int]:
+    """One optimiser step at `step` of `total`: schedule, forward (the student kind's loss, through
+    `ranks.wrap`), backward, clipping, update. `weight` 0 makes this rank's examples count for
+    nothing (see Ranks.my_slice). Returns the step's metrics row (without step/epoch/ms) over the
+    whole batch, all ranks together, and the number of sequence positions it held."""
     frac = step / total
     w_div = curriculum_weight(cfg.curriculum, frac, cfg.divergence_start, cfg.divergence_end) if use_logits else 0.0
     lr = lr_at(step, total, cfg)
     for group in opt.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    parts, acc = loss(model, b, cfg, w_div, frac, probe)
+    loss, s = ranks.step(b, cfg, w_div, frac, weight)
     opt.zero_grad(set_to_none=True)
-    parts["loss"].backward()
+    loss.backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], cfg.grad_clip)
     opt.step()
-    n = max(parts["n"], 1)
-    row = {"loss": parts["loss"].item(), "divergence": parts["divergence_sum"].item() / n,
-           "ce": parts["ce_sum"].item() / n, "acc": acc.item(), "lr": lr, "w_div": w_div}
-    if "hidden_sum" in parts:
-        row["hidden"] = (parts["hidden_sum"] / parts["hidden_n"]).item()
-    return row
+    n = max(s["n"], 1)
+    row = {"loss": float(total_loss(s, w_div, cfg.hidden_weight)), "divergence": s["divergence_sum"] / n,
+           "ce": s["ce_sum"] / n, "acc": s["correct"] / n, "lr": lr, "w_div": w_div}
+    if "hidden_sum" in s:
+        row["hidden"] = s["hidden_sum"] / s["hidden_n"]
+    return row, int(s["tokens"])
 
 
 class StopRequest:
@@ -136,28 +136,39 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
           progress: bool = True, on_step: Callable[[int], None] | None = None) -> Path:
     """Train a student on the shards in `data_dir`; returns `out_dir`, the student folder.
 
+    Under torchrun, each process is one rank of a DistributedDataParallel run (distributed.py).
     on_step(step) is called after every optimiser step (progress reporting, tests).
     Raises TrainingInterrupted (a KeyboardInterrupt) after saving a checkpoint on SIGINT/SIGTERM.
     """
+    ranks = start()
+    try:
+        return _train(ranks, Path(data_dir), Path(out_dir), config or TrainConfig(), resume, progress, on_step)
+    finally:
+        ranks.close()
+
+
+def _train(ranks: Ranks, data_dir: Path, out: Path, cfg: TrainConfig, resume: bool, progress: bool,
+           on_step: Callable[[int], None] | None) -> Path:
     started = time.perf_counter()
-    cfg = config or TrainConfig()
-    out = Path(out_dir)
-    run = set_up(data_dir, cfg, progress)
+    ranks.same_options({**cfg.to_dict(), "data": str(data_dir), "out": str(out), "resume": resume})
+    run = set_up(data_dir, cfg, progress and ranks.main)
     model, opt, probe, total, train_set = run.model, run.opt, run.probe, run.total, run.train_set
     fingerprint = shard_fingerprint(run.shards, len(train_set))
+    ranks.wrap(model, probe, run.loss)  # on its device first: a resumed optimiser's state follows the weights
     state = {"epoch": 0, "batch": 0, "step": 0, "tokens": 0, "train_s": 0.0, "wall_s": 0.0}
     if resume:
         state = load_checkpoint(out, model, opt, cfg, fingerprint, probe)
     elif has_run(out):
         raise TrainError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out, keep_until=state["step"])
-    bar = Progress(total, state["step"], run.title, cfg.divergence) if progress else Silent()
+    log = MetricsLog(out, keep_until=state["step"]) if ranks.main else Silent()
+    bar = Progress(total, state["step"], run.title, cfg.divergence) if progress and ranks.main else Silent()
     wall_before = state["wall_s"]
 
     def checkpoint() -> None:
         state["wall_s"] = wall_before + time.perf_counter() - started
-        save_checkpoint(out, model, opt, cfg, fingerprint, state, probe)
+        if ranks.main:
+            save_checkpoint(out, model, opt, cfg, fingerprint, state, probe)
 
     model.train()
     with StopRequest() as stop, bar, log:
@@ -165,39 +176,45 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
             batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, state["epoch"])
             while state["batch"] < len(batches) and state["step"] < total:
                 t0 = time.perf_counter()
-                b = run.collate([train_set[i] for i in batches[state["batch"]]])
-                row = train_step(model, opt, b, cfg, state["step"], total, run.use_logits, probe, run.loss)
+                mine, weight = ranks.my_slice(batches[state["batch"]])
+                b = ranks.to_device(run.collate([train_set[i] for i in mine]))
+                row, tokens = train_step(ranks, opt, b, cfg, state["step"], total, run.use_logits, weight)
                 ms = (time.perf_counter() - t0) * 1e3
                 state["step"] += 1
                 state["batch"] += 1
-                state["tokens"] += b.n_tokens
+                state["tokens"] += tokens
                 state["train_s"] += ms / 1e3
                 row = {"step": state["step"], "epoch": state["epoch"], **row, "ms": ms}
                 log.write(row)
                 bar.step(row)
                 if on_step is not None:
                     on_step(state["step"])
-                if stop.requested and state["batch"] < len(batches) and state["step"] < total:
+                # every rank stops at the same step, whichever got the signal
+                if ranks.any(stop.requested) and state["batch"] < len(batches) and state["step"] < total:
                     checkpoint()
                     raise TrainingInterrupted(f"interrupted at step {state['step']}/{total}; checkpoint saved in "
                                               f"{out / 'checkpoint'}; run again with --resume to continue")
             # End of an epoch, or of the step budget: evaluate, then checkpoint.
-            metrics = run.evaluate()
-            log.write({"step": state["step"], "epoch": state["epoch"], "eval": True, **metrics})
-            bar.epoch(state["epoch"], metrics)
+            if ranks.main:
+                metrics = ranks.on_cpu(model, run.evaluate)
+                log.write({"step": state["step"], "epoch": state["epoch"], "eval": True, **metrics})
+                bar.epoch(state["epoch"], metrics)
             state["epoch"] += 1
             state["batch"] = 0
             checkpoint()
-            if stop.requested and state["step"] < total:
+            if ranks.any(stop.requested) and state["step"] < total:
                 raise TrainingInterrupted(f"interrupted after {state['epoch']} epoch(s) (step {state['step']}/{total}); "
                                           f"checkpoint saved in {out / 'checkpoint'}; run again with --resume to continue")
     state["wall_s"] = wall_before + time.perf_counter() - started
-    run.save(out)
-    atomic_write_json(out / "training.json", {
-        "wall_s": round(state["wall_s"], 3), "train_s": round(state["train_s"], 3), "steps": state["step"],
-        "epochs": state["epoch"], "tokens": state["tokens"], "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1),
-        "examples": len(train_set), "parameters": count_parameters(model), "student": student_kind(cfg, run.shards),
-        "signal": "logits" if run.use_logits else "text", "config": cfg.to_dict(),
-        **run.info,
-    })
+    if ranks.main:
+        ranks.on_cpu(model, lambda: run.save(out))
+        atomic_write_json(out / "training.json", {
+            "wall_s": round(state["wall_s"], 3), "train_s": round(state["train_s"], 3), "steps": state["step"],
+            "epochs": state["epoch"], "tokens": state["tokens"],
+            "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1), "examples": len(train_set),
+            "parameters": count_parameters(model), "student": student_kind(cfg, run.shards),
+            "signal": "logits" if run.use_logits else "text", "config": cfg.to_dict(), "processes": ranks.world,
+            **run.info,
+        })
+    ranks.barrier()  # every rank returns once the student folder is complete
     return out

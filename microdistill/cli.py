@@ -68,7 +68,7 @@ def run(
     preset: str = typer.Option("micro", help="Decoder size preset: nano, micro, small, large."),
     epochs: int = typer.Option(20, help="Training epochs."),
     dropout: float = typer.Option(0.1, help="Dropout on the student's residual branches while training."),
-    hidden_weight: float = typer.Option(1.0, help="Weight of the hidden-state loss (0: off)."),
+    hidden_weight: float = typer.Option(1.0, help="Weight of the decoder student's hidden-state loss (0: off)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop training after this many steps."),
     seed: int = typer.Option(0, help="Random seed."),
     eval_teacher: bool = typer.Option(True, help="Time the teacher beside the student in the report."),
@@ -197,8 +197,8 @@ def train(
     signal: str = typer.Option("auto", help="Teacher signal: logits, text (CE only), or auto."),
     embed_init: str = typer.Option("teacher", help="Input embeddings: teacher (the teacher's rows, PCA to the "
                                    "student's width, when the shards hold them) or random."),
-    hidden_weight: float = typer.Option(1.0, help="Weight of the hidden-state loss when the shards hold the teacher's "
-                                        "input hidden states (0: off)."),
+    hidden_weight: float = typer.Option(1.0, help="Weight of the decoder student's hidden-state loss when the shards "
+                                        "hold the teacher's input hidden states (0: off)."),
     max_steps: Optional[int] = typer.Option(None, help="A fixed step budget instead of --epochs."),
     limit_train: Optional[int] = typer.Option(None, help="Use only the first N training examples."),
     eval_limit: Optional[int] = typer.Option(None, help="Evaluate on at most N held-out examples per epoch."),

@@ -71,28 +71,21 @@ class HeadsStudent(nn.Module):
 
     def forward(self, ids: Tensor, mask: Tensor) -> list[Tensor]:
         """One logits tensor [B, n_values] per field, in the task's field order."""
-        return self.forward_pooled(ids, mask)[0]
-
-    def forward_pooled(self, ids: Tensor, mask: Tensor) -> tuple[list[Tensor], Tensor]:
-        """forward's logits and the pooled input [B, D] they were read from (for the hidden-state probe)."""
-        pooled = self.pooled(ids, mask)
-        x = self.drop(pooled)
-        return [head(x) for head in self.heads], pooled
+        x = self.drop(self.pooled(ids, mask))
+        return [head(x) for head in self.heads]
 
 
 # ---- data ---------------------------------------------------------------------------------------
 @dataclass
 class HeadsBatch:
     """ids, mask [B, L]; target [B, F] the teacher's value index per field; teacher: per field
-    log P_teacher [B, n_values] from the decision points, or None (text-only shards); hidden
-    [B, H] the teacher's hidden state of each input, or None."""
+    log P_teacher [B, n_values] from the decision points, or None (text-only shards)."""
 
     ids: Tensor
     mask: Tensor
     target: Tensor
     teacher: list[Tensor] | None
     n_tokens: int
-    hidden: Tensor | None = None
 
 
 @dataclass
@@ -100,21 +93,19 @@ class HeadsExample:
     ids: list[int]
     target: list[int]
     decisions: list[np.ndarray] | None
-    hidden: np.ndarray | None = None
 
 
 def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [enc.ids[:MAX_LENGTH] for enc in tokenizer.encode_batch(list(texts))]
 
 
-def examples_of(records: Sequence[Record], tokenizer, fields: list[EnumField], use_decisions: bool,
-                use_hidden: bool = False) -> list[HeadsExample]:
+def examples_of(records: Sequence[Record], tokenizer, fields: list[EnumField], use_decisions: bool) -> list[HeadsExample]:
     ids = encode_texts(tokenizer, [r.text for r in records])
     out = []
     for r, x in zip(records, ids):
         target = [f.values.index(r.fields[f.name]) for f in fields]
         dec = [np.asarray(r.decisions[f.name], dtype=np.float32) for f in fields] if use_decisions else None
-        out.append(HeadsExample(x, target, dec, np.asarray(r.hidden, dtype=np.float32) if use_hidden else None))
+        out.append(HeadsExample(x, target, dec))
     return out
 
 
@@ -131,8 +122,7 @@ def collate_heads(examples: list[HeadsExample]) -> HeadsBatch:
         # log P over the values; a value the teacher gave no mass keeps a finite floor
         teacher = [torch.from_numpy(np.stack([e.decisions[k] for e in examples])).clamp_min(1e-12).log()
                    for k in range(len(examples[0].decisions))]
-    hidden = None if examples[0].hidden is None else torch.from_numpy(np.stack([e.hidden for e in examples]))
-    return HeadsBatch(ids, mask, target, teacher, int(mask.sum()), hidden)
+    return HeadsBatch(ids, mask, target, teacher, int(mask.sum()))
 
 
 # ---- the saved student -------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from microdistill.confidence import FOLDS, calibrate_confidence
@@ -22,14 +21,13 @@ from microdistill.store import ShardSet
 from microdistill.students.encoder import keep_layers, load_encoder, prune_embeddings, prune_vocabulary, tokenizer_from_json
 from microdistill.students.heads import HeadsBatch, HeadsStudent, collate_heads, enum_fields, examples_of, save_heads
 from microdistill.train.config import TrainConfig, TrainError
-from microdistill.train.probe import HiddenProbe
 from microdistill.train.setup import Setup, make_optimizer, seed_everything
 
 
 def heads_loss(model: HeadsStudent, b: HeadsBatch, cfg: TrainConfig, w_div: float, progress: float,
                probe=None) -> tuple[dict, torch.Tensor]:
     """The loss's sums over every field of the batch, and the share of decisions right."""
-    logits, pooled = model.forward_pooled(b.ids, b.mask)
+    logits = model(b.ids, b.mask)
     lam = taid_lambda(progress) if cfg.divergence == "taid" else None
     every = torch.ones(len(b.ids), dtype=torch.bool)
     sums = [output_sums(z, b.teacher[k] if b.teacher is not None else None, b.target[:, k], every,
@@ -37,9 +35,7 @@ def heads_loss(model: HeadsStudent, b: HeadsBatch, cfg: TrainConfig, w_div: floa
             for k, z in enumerate(logits)]
     parts = {key: sum(p[key] for p in sums) for key in ("divergence_sum", "ce_sum", "n")}
     parts["teacher"] = b.teacher is not None
-    if probe is not None and b.hidden is not None:
-        parts.update(probe.sums(pooled, b.hidden))
-    parts["loss"] = total_loss(parts, w_div, cfg.hidden_weight)
+    parts["loss"] = total_loss(parts, w_div)
     acc = torch.stack([z.argmax(-1) == b.target[:, k] for k, z in enumerate(logits)]).float().mean()
     return parts, acc
 
@@ -64,23 +60,20 @@ def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress:
     tok_json, old_ids = prune_vocabulary(encoder.tokenizer_json, [r.text for r in train_records])
     prune_embeddings(encoder.model, old_ids)
     tokenizer = tokenizer_from_json(tok_json)
-    use_hidden = use_logits and cfg.hidden_weight > 0 and shards.hidden_layer is not None
-    train_set = examples_of(train_records, tokenizer, fields, use_logits, use_hidden)
+    train_set = examples_of(train_records, tokenizer, fields, use_logits)
     val_set = examples_of(val_records, tokenizer, fields, False)
     seed_everything(cfg.seed)
     model = HeadsStudent(encoder.model, [len(f.values) for f in fields], cfg.dropout)
-    d = encoder.model.config.hidden_size
-    probe = HiddenProbe(d, np.stack([e.hidden for e in train_set])) if use_hidden else None
+
     total = cfg.max_steps or cfg.epochs * math.ceil(len(train_set) / cfg.batch_size)
     n = sum(p.numel() for p in model.parameters())
     return Setup(
-        shards, use_logits, train_set, model, probe,
-        make_optimizer(model, cfg, probe, pretrained=list(model.encoder.parameters())), total,
+        shards, use_logits, train_set, model, None,
+        make_optimizer(model, cfg, pretrained=list(model.encoder.parameters())), total,
         collate=collate_heads, loss=heads_loss,
         evaluate=lambda: evaluate_heads(model, fields, val_set, val_records, cfg.batch_size),
         save=lambda out: save_and_calibrate(model, tok_json, shards, out, encoder.source, cfg, progress),
-        info={"encoder": encoder.source, "input_pieces": len(old_ids), "layers": encoder.model.config.num_hidden_layers,
-              "hidden_layer": shards.hidden_layer if use_hidden else None},
+        info={"encoder": encoder.source, "input_pieces": len(old_ids), "layers": encoder.model.config.num_hidden_layers},
         title=f"heads: {n / 1e6:.1f}M parameters (encoder {cfg.encoder}, {len(old_ids)} input pieces, "
               f"{len(fields)} fields)")
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from microdistill.console import say
 from microdistill.corpus import clean_inputs
-from microdistill.files import atomic_dir, atomic_write_bytes, atomic_write_json
-from microdistill.runtime import FORMAT, MANIFEST, VERSION, Exported, ExportError, load_exported, sha256_of
+from microdistill.files import atomic_dir, atomic_write_bytes, atomic_write_json, file_sha256
+from microdistill.runtime import FORMAT, MANIFEST, VERSION, Exported, ExportError, load_exported
 from microdistill.store import ShardSet, StoreError
 from microdistill.students import CALIBRATION
 
@@ -144,7 +144,7 @@ def write_manifest(folder: Path, student, precision: str, checks: dict[str, Any]
 
     from microdistill.students.heads import MAX_LENGTH
 
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.iterdir()) if p.name not in (MANIFEST, "parity.md")}
     atomic_write_json(folder / MANIFEST, {
         "format": FORMAT, "version": VERSION, "kind": "heads", "precision": precision, "opset": OPSET,

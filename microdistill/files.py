@@ -6,6 +6,7 @@ name beside the target and renamed; folders are built under a temporary name and
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -94,3 +95,24 @@ def read_json(path: Path, what: str, error: type[UserError] = UserError) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: corrupted ({what}: {e})") from None
+
+
+def read_format(path: Path, fmt: str, kind: str, error: type[UserError]) -> dict[str, Any]:
+    """A JSON object whose "format" must be `fmt` (a shard manifest, a student config, an export
+    manifest), or a one-line error: corrupted, or not a `fmt` `kind`."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: corrupted {kind} ({e})") from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise error(f"{path}: not a {fmt} {kind} (format={obj.get('format') if isinstance(obj, dict) else None!r})")
+    return obj
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

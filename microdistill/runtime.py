@@ -21,7 +21,6 @@ This module imports onnxruntime, tokenizers, numpy and the package's pure-Python
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import numpy as np
 
 from microdistill.corpus import clean_inputs
 from microdistill.errors import UserError
+from microdistill.files import file_sha256, read_format
 from microdistill.students import read_temperatures
 from microdistill.students.encoder import tokenizer_from_json
 from microdistill.task import EnumField, Task, TaskError, task_from_dict
@@ -49,12 +49,6 @@ def is_export(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def session_options(threads: int | None = None):
@@ -150,12 +144,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not file.is_file():
         hint = " (a PyTorch student folder: export it with microdistill export)" if (path / "config.json").is_file() else ""
         raise ExportError(f"{path}: not an exported student, {MANIFEST} is missing{hint}")
-    try:
-        m = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{file}: corrupted ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ExportError(f"{file}: not a {FORMAT} manifest (format={m.get('format') if isinstance(m, dict) else None!r})")
+    m = read_format(file, FORMAT, "manifest", ExportError)
     if m.get("version") != VERSION:
         raise ExportError(f"{file}: export format version {m.get('version')!r}, this microdistill reads version {VERSION}; "
                           "export the student again with this version, or install the version that wrote it")
@@ -171,7 +160,7 @@ def check_files(path: Path, manifest: dict[str, Any]) -> None:
         f = path / name
         if not f.is_file():
             raise ExportError(f"export folder {path}: {name} is missing; export the student again")
-        if f.stat().st_size != meta.get("bytes") or sha256_of(f) != meta.get("sha256"):
+        if f.stat().st_size != meta.get("bytes") or file_sha256(f) != meta.get("sha256"):
             raise ExportError(f"{f}: does not match its sha256 in {MANIFEST} (damaged or replaced); export the student again")
 
 

@@ -46,7 +46,7 @@ from safetensors.numpy import save as st_save
 
 from microdistill.corpus import example_id
 from microdistill.errors import UserError
-from microdistill.files import atomic_write_bytes, atomic_write_json
+from microdistill.files import atomic_write_bytes, atomic_write_json, read_format
 
 FORMAT = "microdistill.shards/1"
 INPUT_EMBEDDINGS = "input_embeddings.safetensors"
@@ -162,13 +162,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise StoreError(f"shard folder {folder}: not found")
     if not mpath.is_file():
         raise StoreError(f"shard folder {folder}: no manifest.json (not a microdistill shard folder)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{mpath}: corrupted manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise StoreError(f"{mpath}: not a {FORMAT} manifest (format={manifest.get('format')!r})")
-    return manifest
+    return read_format(mpath, FORMAT, "manifest", StoreError)
 
 
 def part_dir(root: Path, i: int, n: int) -> Path:

@@ -16,7 +16,8 @@ from synthetic import make_shards, make_texts
 
 from microdistill.export import export, to_onnx
 from microdistill.predict import predict
-from microdistill.runtime import ExportError, load_exported, sha256_of
+from microdistill.files import file_sha256
+from microdistill.runtime import ExportError, load_exported
 from microdistill.store import ShardSet
 from microdistill.students.saved import load_student
 from microdistill.train import TrainConfig, train
@@ -101,7 +102,7 @@ def test_float32_answers_and_probabilities_equal_pytorch(float32, student, shard
     assert m["parity"] == {"float32": {"n": n_val, "same": n_val, "rate": 1.0, "max_prob_diff": pytest.approx(0, abs=1e-4)}}
     assert set(m["files"]) == {"model.onnx", "tokenizer.json", "task.yaml", "calibration.json"}  # training calibrates
     for name, f in m["files"].items():
-        assert f == {"bytes": (float32 / name).stat().st_size, "sha256": sha256_of(float32 / name)}
+        assert f == {"bytes": (float32 / name).stat().st_size, "sha256": file_sha256(float32 / name)}
     assert (float32 / "tokenizer.json").read_bytes() == (student.path / "tokenizer.json").read_bytes()
     assert "float32: " + f"{n_val}/{n_val}" in (float32 / "parity.md").read_text()
 
@@ -214,7 +215,7 @@ def test_damaged_and_foreign_folders_are_one_line_errors(float32, trained, tmp_p
     d = damaged("garbage")  # a broken graph whose manifest was rewritten to match it
     (d / "model.onnx").write_bytes(b"not a graph" * 100)
     m = json.loads((d / "export.json").read_text())
-    m["files"]["model.onnx"] = {"bytes": 1100, "sha256": sha256_of(d / "model.onnx")}
+    m["files"]["model.onnx"] = {"bytes": 1100, "sha256": file_sha256(d / "model.onnx")}
     (d / "export.json").write_text(json.dumps(m))
     with pytest.raises(ExportError, match=r"onnxruntime .* cannot run it"):
         load_exported(d)
@@ -224,7 +225,7 @@ def test_damaged_and_foreign_folders_are_one_line_errors(float32, trained, tmp_p
     onnx.save(graph, str(d / "model.onnx"))
     m = json.loads((d / "export.json").read_text())
     m["opset"] = 99
-    m["files"]["model.onnx"] = {"bytes": (d / "model.onnx").stat().st_size, "sha256": sha256_of(d / "model.onnx")}
+    m["files"]["model.onnx"] = {"bytes": (d / "model.onnx").stat().st_size, "sha256": file_sha256(d / "model.onnx")}
     (d / "export.json").write_text(json.dumps(m))
     with pytest.raises(ExportError, match=r"cannot run it \(opset 99, exported with onnxruntime .*install a newer onnxruntime"):
         load_exported(d)

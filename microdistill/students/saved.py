@@ -19,7 +19,6 @@ the size of the weights it belongs to, so a save cut short between the two is de
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import yaml
 
 from microdistill.students import FORMAT, StudentFolderError
-from microdistill.files import atomic_write_bytes, atomic_write_json, copy_tree_atomic
+from microdistill.files import atomic_write_bytes, atomic_write_json, copy_tree_atomic, read_format
 from microdistill.store import ShardSet, StoreError
 from microdistill.students.decoder import N_SPECIAL, Student, StudentConfig
 from microdistill.task import Task, TaskError, task_from_dict
@@ -193,10 +192,4 @@ def load_student(path: Path):
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StudentFolderError(f"{path}: corrupted ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        raise StudentFolderError(f"{path}: not a {FORMAT} config (format={cfg.get('format') if isinstance(cfg, dict) else None!r})")
-    return cfg
+    return read_format(path, FORMAT, "config", StudentFolderError)

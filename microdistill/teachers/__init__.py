@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from microdistill.teachers.presets import PRESETS, TeacherError, file_sha256, preset_gguf
+from microdistill.files import file_sha256
+from microdistill.teachers.presets import PRESETS, TeacherError, preset_gguf
 
 if TYPE_CHECKING:
     from microdistill.task import Task

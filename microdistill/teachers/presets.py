@@ -8,7 +8,6 @@ cache (`MICRODISTILL_CACHE`, default ~/.cache/microdistill) and checked against 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from microdistill.errors import UserError
+from microdistill.files import file_sha256
 
 
 class TeacherError(UserError):
@@ -65,12 +65,6 @@ def cache_root(cache_dir: Path | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "microdistill"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 

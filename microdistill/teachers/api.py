@@ -177,7 +177,7 @@ class ApiTeacher:
         import openai
 
         try:
-            models, _ = self._call("listing the served models", self.client.models.list, attempts=3)
+            models, _ = self._call("teacher", self.client.models.list, attempts=3)
         except openai.APIStatusError:
             return None  # a server without /models: the first call will tell
         served = {m.id: m for m in models.data}
@@ -239,7 +239,7 @@ class ApiTeacher:
         retries, problem = 0, ""
         for _ in range(JSON_ATTEMPTS):
             try:
-                resp, r = self._call("teacher call", self.client.chat.completions.create, **self._request(task, text))
+                resp, r = self._call("teacher", self.client.chat.completions.create, **self._request(task, text))
             except openai.NotFoundError as e:
                 raise TeacherError(f"teacher server at {self.url}: {_message(e)} (are the model name {self.model!r} "
                                    "and the /v1 base URL right?)") from None

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from synthetic import label, make_texts
 
+from microdistill.cost import CostConfig, RunFiles, api_usd_per_call, teacher_per_call
 from microdistill.extract import ExtractConfig, ExtractError, extract
 from microdistill.extract_api import decisions_from_steps
 from microdistill.store import ShardSet
@@ -101,6 +102,10 @@ def test_logits_shards_resume_without_asking_twice(server, corpus, tmp_path):
             assert math.isclose(p.sum(), 1, rel_tol=1e-5) and f.values[int(p.argmax())] == r.fields[f.name]
     usage = shards.manifest["api_usage"]
     assert usage["calls"] == 6 and usage["prompt_tokens_per_call"] > 50 and usage["completion_tokens_per_call"] > 5
+    # the cost verb prices the tokens the server counted
+    per_call = teacher_per_call(CostConfig(), RunFiles(shards=shards.dir), None)
+    expected = api_usd_per_call(usage["prompt_tokens_per_call"], usage["completion_tokens_per_call"], 0.15, 0.60)
+    assert math.isclose(per_call.usd, expected)
 
     ids = {r.id for r in shards.records()}
     shards = api_extract(corpus, tmp_path / "s", server)  # the rest of the corpus: only new inputs are asked
@@ -238,8 +243,11 @@ def test_vllm_answers_as_the_in_process_teacher(sample_corpus_32, tmp_path, one_
     assert worst <= DECISION_ATOL
 
 
-# vLLM reports log-probabilities after its structured-output mask: the step where a value starts
-# is normalised over the tokens the schema allows there, which cancels when the values are
-# normalised against each other; a value's later tokens are forced by the mask (probability 1)
-# where the raw teacher gives them a little less, and values outside the top-k count at a bound.
-DECISION_ATOL = 0.01
+# Measured: 2e-5 at most over the 32 inputs. Both sides run the same float32 weights, so what is
+# left is kernel rounding, and two differences of method: vLLM reports log-probabilities after
+# its structured-output mask (the step where values start is normalised over the tokens the
+# schema allows there, which cancels when values are normalised against each other, but a
+# value's later tokens count as certain where the raw teacher gives them a little less), and a
+# value outside the top-20 counts at an upper bound. 1e-3 leaves room for the rounding of other
+# CPUs while still failing on any real misreading (a wrong step or token moves a value by >0.01).
+DECISION_ATOL = 1e-3

@@ -160,6 +160,17 @@ def test_a_server_without_logprobs_gives_text_only_shards(server, corpus, tmp_pa
         assert r.logits is None and not r.decisions and r.fields == label(r.text)
 
 
+def test_students_train_on_both_kinds_of_api_shards(server, corpus, tmp_path, tiny_tokenizer_dir):
+    """Logits shards train with the divergence and CE, text-only ones with CE alone (signal auto)."""
+    from microdistill.train import TrainConfig, train
+
+    for model, signal in (("tiny", "logits"), ("tiny-nologprobs", "text")):
+        shards = api_extract(corpus, tmp_path / model, server, model=model, teacher_tokenizer=str(tiny_tokenizer_dir))
+        out = train(shards.dir, tmp_path / f"{model}-student", TrainConfig(preset="nano", max_steps=2, batch_size=8),
+                    progress=False)
+        assert json.loads((out / "training.json").read_text())["signal"] == signal
+
+
 def test_a_model_whose_tokenizer_is_unknown_gives_text_only_shards_in_a_stand_in(server, corpus, tmp_path):
     """No --teacher-tokenizer, not a preset's name, no `root` from the server: the default preset's
     tokenizer spells the answers, which a heads student never reads."""

@@ -2,6 +2,7 @@
 
     microdistill extract --task reddit-comment --input comments.jsonl --out shards/
     microdistill extract ... --out shards/ --part 1/4      # one of 4 workers (parts.py)
+    microdistill extract ... --teacher openai:MODEL --teacher-url URL   # a served teacher (extract_api.py)
     microdistill inspect shards/
 
 Stages: read and filter the corpus; load the teacher; calibrate the kept output vocabulary on

@@ -171,6 +171,7 @@ def test_students_train_on_both_kinds_of_api_shards(server, corpus, tmp_path, ti
         assert json.loads((out / "training.json").read_text())["signal"] == signal
 
 
+@pytest.mark.teacher  # the stand-in is the default preset's tokenizer
 def test_a_model_whose_tokenizer_is_unknown_gives_text_only_shards_in_a_stand_in(server, corpus, tmp_path):
     """No --teacher-tokenizer, not a preset's name, no `root` from the server: the default preset's
     tokenizer spells the answers, which a heads student never reads."""

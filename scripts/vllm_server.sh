@@ -49,14 +49,14 @@ serve() {
 
 run_tests() {
     setup
-    local log pid
-    log="$(mktemp)"
-    serve >"$log" 2>&1 &
-    pid=$!
-    trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -f "$log"' EXIT
+    # globals, not locals: the EXIT trap runs after this function has returned
+    SERVER_LOG="$(mktemp)"
+    serve >"$SERVER_LOG" 2>&1 &
+    SERVER_PID=$!
+    trap 'kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; rm -f "$SERVER_LOG"' EXIT
     for _ in $(seq 600); do  # model conversion on a first run, then ~45 s of start-up
         if curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then break; fi
-        if ! kill -0 "$pid" 2>/dev/null; then tail -n 30 "$log"; echo "vLLM did not start" >&2; exit 1; fi
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then tail -n 30 "$SERVER_LOG"; echo "vLLM did not start" >&2; exit 1; fi
         sleep 1
     done
     MICRODISTILL_VLLM_URL="http://127.0.0.1:$PORT/v1" PYTHONPATH="$PWD" "$PY" -m pytest -q -m vllm tests/test_api_teacher.py "$@"

@@ -306,7 +306,7 @@ def eval_(
 def extract(
     task: str = typer.Option("reddit-comment", help="Task preset name or YAML file."),
     input: Path = typer.Option(..., "--input", help="Corpus: .txt, .jsonl, .csv, .parquet or a HF datasets folder."),
-    teacher: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="Teacher preset (qwen2.5-coder-0.5b-instruct, gemma-3-270m), HF model folder or .gguf file."),
+    teacher: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="Teacher preset (qwen2.5-coder-0.5b-instruct, gemma-3-270m), HF model folder, .gguf file or openai:MODEL."),
     out: Path = typer.Option(..., help="Shard folder to write (re-run the same command to continue it)."),
     limit: Optional[int] = typer.Option(None, help="Extract only the first N inputs that pass the filters."),
     batch_size: int = typer.Option(16, help="Inputs decoded together by the teacher."),
@@ -318,6 +318,9 @@ def extract(
                               "where this CPU runs it natively and it answers the calibration inputs as float32 does)."),
     field: str = typer.Option("text", help="Text field/column of the corpus."),
     label: list[str] = typer.Option([], help="Human label column for a task field, FIELD=COLUMN (repeatable)."),
+    teacher_url: Optional[str] = typer.Option(None, help="OpenAI base URL of an openai:MODEL teacher (key: $MICRODISTILL_API_KEY)."),
+    teacher_tokenizer: Optional[str] = typer.Option(None, help="That model's tokenizer: preset, folder or .gguf (default: found)."),
+    concurrency: int = typer.Option(8, help="Calls in flight to an API teacher."),
     part: Optional[str] = typer.Option(None, help="I/N: worker I of N, all with this --out (default under torchrun: RANK/WORLD_SIZE)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
@@ -327,7 +330,8 @@ def extract(
 
     cfg = ExtractConfig(task=task, teacher=teacher, field=field, labels=_parse_pairs(label, "--label") or None,
                         limit=limit, batch_size=batch_size, vocab_size=vocab_size, calibration=calibration,
-                        hidden_layer=hidden_layer, dtype=dtype)
+                        hidden_layer=hidden_layer, dtype=dtype, teacher_url=teacher_url,
+                        teacher_tokenizer=teacher_tokenizer, concurrency=concurrency)
     path = run_extract(input, out, cfg, progress=not quiet, part=Part.parse(part) if part else from_env())
     typer.echo(f"shards: {path}")
 

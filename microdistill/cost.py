@@ -181,6 +181,16 @@ def measure_call_tokens(shards: Path, sample: int = TOKEN_SAMPLE) -> tuple[float
     return n_in / n, n_out / n
 
 
+def api_call_tokens(shards: Path) -> tuple[float, float] | None:
+    """Mean (prompt, output) tokens per call as an API teacher's server counted and billed them
+    (the shard manifest's `api_usage`, extract_api.py), or None for a local teacher's shards."""
+    path = Path(shards) / "manifest.json"
+    usage = read_json(path, "the shard folder's manifest").get("api_usage") if path.is_file() else None
+    if not usage or not usage.get("calls"):
+        return None
+    return float(usage["prompt_tokens_per_call"]), float(usage["completion_tokens_per_call"])
+
+
 def speed_usd_per_call(speed: dict, who: str, usd_per_hour: float, basis: str, path: Path) -> PerCall:
     """Cost per call from an evaluation report's `speed.<who>` at batch 1 or batched."""
     if basis == "latency":
@@ -198,7 +208,7 @@ def teacher_per_call(cfg: CostConfig, files: RunFiles, speed: tuple[dict, Path] 
         if n_in is None or n_out is None:
             if files.shards is None:
                 raise CostError("tokens per call unknown: pass a run folder, --shards, or --input-tokens and --output-tokens")
-            m_in, m_out = measure_call_tokens(files.shards)
+            m_in, m_out = api_call_tokens(files.shards) or measure_call_tokens(files.shards)
             n_in, n_out = n_in or m_in, n_out or m_out
         usd = api_usd_per_call(n_in, n_out, cfg.api_usd_per_m_input, cfg.api_usd_per_m_output)
         return PerCall(usd, f"API: {n_in:.0f} in x ${cfg.api_usd_per_m_input:g}/M + {n_out:.1f} out x ${cfg.api_usd_per_m_output:g}/M")

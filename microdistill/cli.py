@@ -26,6 +26,7 @@ app = typer.Typer(
     help="Distil one narrow LLM call into a tiny, fast student model.",
 )
 add_serving_verbs(app)  # export, serve, calibrate-confidence (cli_serve.py)
+TEACHER_URL_HELP = "OpenAI base URL of an openai:MODEL teacher (key: $MICRODISTILL_API_KEY)."
 
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -72,6 +73,8 @@ def run(
     max_steps: Optional[int] = typer.Option(None, help="Stop training after this many steps."),
     seed: int = typer.Option(0, help="Random seed."),
     eval_teacher: bool = typer.Option(True, help="Time the teacher beside the student in the report."),
+    teacher_url: Optional[str] = typer.Option(None, help=TEACHER_URL_HELP),
+    concurrency: int = typer.Option(8, help="Calls in flight to an API teacher."),
 ) -> None:
     """Extract, train and evaluate in one go, under runs/NAME/ (re-run to resume)."""
     from microdistill.evaluate import EvalConfig
@@ -83,7 +86,8 @@ def run(
     run_pipeline(RunConfig(
         name=name, root=str(root), input=str(input) if input else None,
         extract=ExtractConfig(task=task, teacher=teacher, field=field, labels=labels, limit=limit,
-                              batch_size=batch_size, vocab_size=vocab_size, hidden_layer=hidden_layer, dtype=dtype),
+                              batch_size=batch_size, vocab_size=vocab_size, hidden_layer=hidden_layer, dtype=dtype,
+                              teacher_url=teacher_url, concurrency=concurrency),
         train=TrainConfig(student=student, preset=preset, epochs=epochs, dropout=dropout, hidden_weight=hidden_weight,
                           max_steps=max_steps, seed=seed),
         eval=EvalConfig(time_teacher=eval_teacher),
@@ -318,7 +322,7 @@ def extract(
                               "where this CPU runs it natively and it answers the calibration inputs as float32 does)."),
     field: str = typer.Option("text", help="Text field/column of the corpus."),
     label: list[str] = typer.Option([], help="Human label column for a task field, FIELD=COLUMN (repeatable)."),
-    teacher_url: Optional[str] = typer.Option(None, help="OpenAI base URL of an openai:MODEL teacher (key: $MICRODISTILL_API_KEY)."),
+    teacher_url: Optional[str] = typer.Option(None, help=TEACHER_URL_HELP),
     teacher_tokenizer: Optional[str] = typer.Option(None, help="That model's tokenizer: preset, folder or .gguf (default: found)."),
     concurrency: int = typer.Option(8, help="Calls in flight to an API teacher."),
     part: Optional[str] = typer.Option(None, help="I/N: worker I of N, all with this --out (default under torchrun: RANK/WORLD_SIZE)."),

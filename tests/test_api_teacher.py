@@ -188,6 +188,28 @@ def test_a_server_without_json_schema_is_asked_plainly(server, corpus, tmp_path)
     assert "json_schema response format" in shards.manifest["api"]["notes"][0]
 
 
+def test_run_labels_through_the_api_teacher(server, corpus, tmp_path):
+    """`microdistill run --teacher openai:MODEL --teacher-url URL`: the whole pipeline with the teacher
+    behind HTTP; the report notes that a remote teacher is not timed on this machine."""
+    from typer.testing import CliRunner
+
+    from microdistill.cli import app
+
+    args = ["run", "--input", str(corpus), "--root", str(tmp_path), "--teacher", "openai:tiny", "--teacher-url",
+            server + "/v1", "--concurrency", "2", "--vocab-size", "200", "--student", "decoder", "--preset", "nano",
+            "--max-steps", "2", "--limit", "10"]
+    before = calls(server, "tiny")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "default"
+    shards = ShardSet(run / "shards")
+    assert len(shards) == 10 and shards.manifest["api_usage"]["calls"] == 10 == calls(server, "tiny") - before
+    assert all(r.fields == label(r.text) for r in shards.records())
+    saved = json.loads((run / "run.json").read_text())["config"]["extract"]
+    assert saved["teacher_url"] == server + "/v1" and saved["concurrency"] == 2
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["speed"]["student"]["p50_ms"] > 0 and any("openai:tiny" in n for n in report["notes"])
+
 # ---- one-line errors -------------------------------------------------------------------------
 def test_a_missing_or_refused_key(server, corpus, tmp_path, monkeypatch):
     with pytest.raises(TeacherError, match="needs an API key: set MICRODISTILL_API_KEY or OPENAI_API_KEY"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -78,6 +79,9 @@ def save_figure(fig, path: Path) -> Path:
     """Write a matplotlib figure as PNG atomically and release it."""
     import matplotlib.pyplot as plt
 
+    # Log-scale tick labels are mathtext, whose STIX fonts some matplotlib builds lack: the DejaVu
+    # fallback draws them well, so its warning (one per font, on every first plot) is noise.
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -150,3 +150,19 @@ def test_write_report_links_an_existing_cost_plot(tmp_path):
     assert "## Cost\n\nsome table" in (out / "report.md").read_text()
     # without a cost section there is no cost plot to link, even if the file is there
     assert "cost" not in write_report(make_report(), out, tmp_path / "none.jsonl")["plots"]
+
+
+def test_a_log_scale_plot_prints_no_font_warnings(tmp_path):
+    """Mathtext tick labels look for fonts some matplotlib builds lack; the fallback's warnings
+    must not reach the user's terminal (a fresh process: matplotlib warns once per process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from pathlib import Path; from matplotlib.figure import Figure; "
+            "from microdistill.files import save_figure; fig = Figure(); ax = fig.add_subplot(); "
+            "ax.plot([1, 10, 1000], [1, 2, 3]); ax.set_xscale('log'); save_figure(fig, Path(sys.argv[1]))")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.png")], capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).parent.parent)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "p.png").stat().st_size > 1000 and "findfont" not in p.stderr

@@ -7,8 +7,8 @@
     cascade.predict(["you are an idiot"])   # [{"fields", "output", "confidence", "answered_by", ...}]
 
 The student is anything with `.task`, `.fields` and `.predict(texts, batch_size)` returning
-LoadedHeads-style dicts with a "confidence" per field (a heads student folder, or another
-runtime of the same exported student). An input is escalated when its least sure field's
+LoadedHeads-style dicts with a "confidence" per field (a heads student folder, or an export
+folder of either kind, runtime.load_exported). An input is escalated when its least sure field's
 confidence is below the threshold; the teacher then answers it exactly as extraction asked it
 (constrained greedy decoding, speed.teacher_runner), and the answer says `answered_by`. The
 confidences reported are always the student's, so a client sees why a call was escalated.

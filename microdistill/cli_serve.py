@@ -17,19 +17,19 @@ import typer
 
 
 def export(
-    student: Path = typer.Option(..., help="Heads student folder (the --out of train)."),
+    student: Path = typer.Option(..., help="Student folder (the --out of train): heads, or a decoder of an enum-only task."),
     out: Path = typer.Option(..., help="Export folder to write (replaced as a whole, only once parity holds)."),
     quantize: Optional[str] = typer.Option(None, help="int8: quantise the weights (about 1/4 the size)."),
     data: Optional[Path] = typer.Option(None, help="Shard folder whose held-out split checks parity (default: the student's)."),
 ) -> None:
-    """Export a heads student to ONNX for the torch-free runtime, checked against PyTorch first."""
+    """Export a student to ONNX for the torch-free runtime, checked against PyTorch first."""
     from microdistill.export import export as run_export
 
     run_export(student, out, quantize=quantize, data=data)
 
 
 def serve(
-    student: Path = typer.Option(..., help="Student folder (a classifier-head student: it gives a confidence per field) or its export folder (no torch)."),
+    student: Path = typer.Option(..., help="Student folder (a classifier-head student: it gives a confidence per field) or an export folder (heads or decoder; no torch)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher for inputs the student is unsure of: preset, HF folder or .gguf."),
     min_confidence: Optional[float] = typer.Option(None, help="The student answers when every field's calibrated "
                                                    "confidence reaches this; the teacher answers the rest."),

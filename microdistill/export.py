@@ -1,14 +1,16 @@
-"""Export a classifier-head student to ONNX for the torch-free runtime (runtime.py), checked for parity.
+"""Export a student to ONNX for the torch-free runtime (runtime.py), checked for parity.
 
     microdistill export --student runs/demo/student --out runs/demo/export [--quantize int8]
 
-One graph (torch.onnx.export, opset 17): input_ids and attention_mask int64 [B, L] with dynamic
-batch and length, one raw logits output per field. `--quantize int8` then quantises its weights
-(onnxruntime's dynamic quantisation: int8 weights, activations quantised per call). Before the
-folder appears, the export answers the held-out split of the student's shards beside PyTorch:
-the float32 graph must give the same answer on every input (else nothing is written), the int8
-one is written whatever it scores, with a warning below 99.5%. export.json records both, and
-parity.md lists every input answered differently.
+A classifier-head student is one graph (torch.onnx.export, opset 17): input_ids and
+attention_mask int64 [B, L] with dynamic batch and length, one raw logits output per field. A
+decoder student of an enum-only task is two graphs, prefill and decode, and the automaton of the
+task's outputs that replaces xgrammar at run time (export_decoder.py). `--quantize int8` then
+quantises the weights of every graph (onnxruntime's dynamic quantisation: int8 weights,
+activations quantised per call). Before the folder appears, the export answers the held-out
+split of the student's shards beside PyTorch: the float32 graphs must give the same answer on
+every input (else nothing is written), the int8 ones are written whatever they score, with a
+warning below 99.5%. export.json records both, and parity.md lists every input answered differently.
 """
 
 from __future__ import annotations
@@ -21,21 +23,24 @@ from typing import Any
 
 import numpy as np
 
+from microdistill import export_decoder
 from microdistill.console import say
 from microdistill.corpus import clean_inputs
+from microdistill.export_decoder import OPSET  # one opset for every graph
 from microdistill.files import atomic_dir, atomic_write_bytes, atomic_write_json, file_sha256
 from microdistill.runtime import FORMAT, MANIFEST, VERSION, Exported, ExportError, load_exported
+from microdistill.runtime_decode import AUTOMATON
 from microdistill.store import ShardSet, StoreError
 from microdistill.students import CALIBRATION
 
-OPSET = 17
 PRECISIONS = ("float32", "int8")
 MIN_INT8_PARITY = 0.995  # the share of held-out answers an int8 export must keep to pass without a warning
 
 
 def export(student_dir: Path, out: Path, quantize: str | None = None, data: Path | None = None,
            progress: bool = True) -> Path:
-    """Write the export folder `out` (replaced as a whole) of the heads student in `student_dir`;
+    """Write the export folder `out` (replaced as a whole) of the student in `student_dir` (a heads
+    student, or a decoder of an enum-only task);
     `data`: the shard folder whose held-out split checks parity (default: the one it was trained on)."""
     from microdistill.students.saved import load_student
 
@@ -43,27 +48,25 @@ def export(student_dir: Path, out: Path, quantize: str | None = None, data: Path
     if precision not in PRECISIONS:
         raise ExportError(f"--quantize {quantize!r}: expected int8 (or nothing, for float32)")
     student = load_student(Path(student_dir))
-    if student.kind != "heads":
-        raise ExportError(f"student folder {student_dir}: a {student.kind!r} student; export supports the heads kind "
-                          "only (train with --student heads)")
+    if student.kind == "decoder":
+        export_decoder.check_exportable(student)
     texts = parity_texts(student, data, progress)
+    check = export_decoder.parity if student.kind == "decoder" else parity
     out = Path(out)
     with atomic_dir(out) as tmp:
-        to_onnx(student, tmp / "model.onnx")
-        for name in ("tokenizer.json", "task.yaml", CALIBRATION):
-            if (student.path / name).is_file():
-                shutil.copyfile(student.path / name, tmp / name)
+        graphs = write_graphs(student, tmp)
         write_manifest(tmp, student, "float32", {})
-        checks = {"float32": parity(student, load_exported(tmp), texts)}
+        checks = {"float32": check(student, load_exported(tmp), texts)}
         if checks["float32"]["same"] < checks["float32"]["n"]:
             first = checks["float32"]["differ"][0]
             raise ExportError(f"the float32 ONNX graph answers {checks['float32']['n'] - checks['float32']['same']} of "
                               f"{checks['float32']['n']} held-out inputs differently from PyTorch (first: "
                               f"{first['text'][:80]!r}); nothing was written")
         if precision == "int8":
-            quantize_int8(tmp / "model.onnx")
+            for name in graphs:
+                quantize_int8(tmp / name)
             write_manifest(tmp, student, "int8", {})
-            checks["int8"] = parity(student, load_exported(tmp), texts)
+            checks["int8"] = check(student, load_exported(tmp), texts)
         atomic_write_bytes(tmp / "parity.md", parity_markdown(checks).encode())
         write_manifest(tmp, student, precision, {k: {x: v for x, v in c.items() if x != "differ"} for k, c in checks.items()})
     if precision == "int8" and checks["int8"]["rate"] < MIN_INT8_PARITY:
@@ -94,6 +97,25 @@ def parity_texts(student, data: Path | None, progress: bool) -> list[str]:
         say(f"warning: shard folder {data} holds no held-out examples; parity is checked on its training split", progress)
         texts = [r.text for r in shards.records("train")]
     return texts
+
+
+def write_graphs(student, folder: Path) -> list[str]:
+    """The float32 graphs and the files the runtime reads beside them; the graphs' names."""
+    if student.kind == "decoder":
+        graphs = export_decoder.to_onnx(student, folder)
+        atomic_write_json(folder / AUTOMATON, export_decoder.automaton(student).to_dict())
+        copies = {"tokenizer.json": student.path / "tokenizer" / "tokenizer.json", "task.yaml": student.path / "task.yaml"}
+        if not copies["tokenizer.json"].is_file():
+            raise ExportError(f"{copies['tokenizer.json']}: not found; the runtime reads the teacher's fast tokenizer "
+                              "from it (a tokenizer without tokenizer.json cannot be exported)")
+    else:
+        to_onnx(student, folder / "model.onnx")
+        graphs = ["model.onnx"]
+        copies = {name: student.path / name for name in ("tokenizer.json", "task.yaml", CALIBRATION)}
+    for name, src in copies.items():
+        if src.is_file():
+            shutil.copyfile(src, folder / name)
+    return graphs
 
 
 def to_onnx(student, path: Path) -> None:
@@ -142,16 +164,19 @@ def quantize_int8(path: Path) -> None:
 def write_manifest(folder: Path, student, precision: str, checks: dict[str, Any]) -> None:
     import onnxruntime as ort
 
-    from microdistill.students.heads import MAX_LENGTH
-
     files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.iterdir()) if p.name not in (MANIFEST, "parity.md")}
+    if student.kind == "decoder":
+        kind = export_decoder.manifest(student)
+    else:
+        from microdistill.students.heads import MAX_LENGTH
+
+        kind = {"max_length": MAX_LENGTH, "inputs": ["input_ids", "attention_mask"],
+                "outputs": [f"logits_{k}" for k in range(len(student.fields))],
+                "fields": [{"name": f.name, "values": f.values} for f in student.fields]}
     atomic_write_json(folder / MANIFEST, {
-        "format": FORMAT, "version": VERSION, "kind": "heads", "precision": precision, "opset": OPSET,
-        "onnxruntime": ort.__version__, "max_length": MAX_LENGTH,
-        "inputs": ["input_ids", "attention_mask"], "outputs": [f"logits_{k}" for k in range(len(student.fields))],
-        "fields": [{"name": f.name, "values": f.values} for f in student.fields],
-        "task": student.task.model_dump(mode="json"),
+        "format": FORMAT, "version": VERSION, "kind": student.kind, "precision": precision, "opset": OPSET,
+        "onnxruntime": ort.__version__, **kind, "task": student.task.model_dump(mode="json"),
         "student": {"path": str(student.path), "model_sha256": student.meta.get("model_sha256"),
                     "shards": student.meta.get("shards")},
         "files": files, "parity": checks,

@@ -1,22 +1,35 @@
-"""The lean runtime: an exported classifier-head student answered by onnxruntime, without torch.
+"""The lean runtime: an exported student answered by onnxruntime, without torch.
 
     microdistill predict --student runs/demo/export "thanks, that fixed it!"
     from microdistill.runtime import load_exported   # load_exported("runs/demo/export").predict([...])
 
-An export folder (written by export.py) holds
+An export folder (written by export.py) holds, for a classifier-head student ("kind": "heads"),
 
     model.onnx       inputs input_ids, attention_mask int64 [B, L]; one raw logits output [B, n_values]
                      per field, in the task's field order (float32 weights, or int8 ones)
     tokenizer.json   the student's WordPiece tokenizer
+    calibration.json optional: {"method": "temperature", "temperatures": {field: T}}; each field's
+                     logits are divided by its T before the softmax (absent: T = 1)
+
+and for a decoder student of an enum-only task ("kind": "decoder", runtime_decode.py)
+
+    prefill.onnx     input ids -> the first output token's logits and the KV cache (export_decoder.py)
+    decode.onnx      one output token and the cache -> the next token's logits and the grown cache
+    automaton.json   per state of the task's finite output language, the kept output tokens the
+                     grammar allows and where each leads: xgrammar's masks, without xgrammar
+    tokenizer.json   the teacher's tokenizer (inputs are its ids inside the student's input vocabulary)
+
+and, whatever the kind,
+
     task.yaml        the task, for people to read (export.json's copy is the one loaded)
     export.json      format and version, kind, fields and values, task, opset, the onnxruntime that
                      exported it, each file's size and sha256, precision, parity with PyTorch
     parity.md        every held-out input where the export answers differently from PyTorch
-    calibration.json optional: {"method": "temperature", "temperatures": {field: T}}; each field's
-                     logits are divided by its T before the softmax (absent: T = 1)
 
-This module imports onnxruntime, tokenizers, numpy and the package's pure-Python parts only, so
-`pip install microdistill` (no torch) can load and answer with an export.
+Both kinds answer through the same interface: kind, task, fields, path, tokenizer and
+predict(texts) -> one result dict per text with a confidence per field. This module imports
+onnxruntime, tokenizers, numpy and the package's pure-Python parts only, so `pip install
+microdistill` (no torch) can load and answer with an export.
 """
 
 from __future__ import annotations
@@ -32,12 +45,15 @@ import numpy as np
 from microdistill.corpus import clean_inputs
 from microdistill.errors import UserError
 from microdistill.files import file_sha256, read_format
+from microdistill.runtime_decode import AUTOMATON, ExportedDecoder, TokenAutomaton
 from microdistill.students import read_temperatures
 from microdistill.students.encoder import tokenizer_from_json
 from microdistill.task import EnumField, Task, TaskError, task_from_dict
 
 FORMAT, VERSION = "microdistill.export", 1
 MANIFEST = "export.json"
+# the files each kind cannot run without, graphs first (export.json lists every file it wrote)
+REQUIRED = {"heads": ("model.onnx",), "decoder": ("prefill.onnx", "decode.onnx", AUTOMATON)}
 
 
 class ExportError(UserError):
@@ -74,7 +90,7 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Exported:
-    """An export folder ready to answer: predict() gives the same results as the PyTorch student's."""
+    """A heads export folder ready to answer: predict() gives the same results as the PyTorch student's."""
 
     session: Any  # onnxruntime.InferenceSession
     tokenizer: Any  # tokenizers.Tokenizer
@@ -154,8 +170,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def check_files(path: Path, manifest: dict[str, Any]) -> None:
     """Every file export.json lists is present with its recorded size and sha256."""
     files = manifest.get("files")
-    if not isinstance(files, dict) or "model.onnx" not in files:
-        raise ExportError(f"{path / MANIFEST}: lists no model.onnx (a damaged manifest); export the student again")
+    missing = [n for n in REQUIRED.get(manifest.get("kind"), ()) if not isinstance(files, dict) or n not in files]
+    if missing:
+        raise ExportError(f"{path / MANIFEST}: lists no {', '.join(missing)} (a damaged manifest); export the student again")
     for name, meta in files.items():
         f = path / name
         if not f.is_file():
@@ -170,43 +187,71 @@ def expect_task(task: Task, expected: str | None, where: Path) -> None:
         raise ExportError(f"student {where} does the task {task.name!r}, not {expected!r}")
 
 
-def load_exported(path: Path, task: str | None = None, threads: int | None = None) -> Exported:
+def load_exported(path: Path, task: str | None = None, threads: int | None = None) -> Exported | ExportedDecoder:
     """The export folder `path`, verified (format, version, file hashes) and ready to predict.
 
     task: the task name the caller expects (an error when the student does another).
     threads: onnxruntime intra-op threads (default: the cores, up to 4).
     """
-    import onnxruntime as ort
-
     path = Path(path)
     m = read_manifest(path)
-    if m.get("kind") != "heads":
-        raise ExportError(f"{path / MANIFEST}: a {m.get('kind')!r} export, which this version cannot run (it runs 'heads')")
+    if m.get("kind") not in REQUIRED:
+        raise ExportError(f"{path / MANIFEST}: a {m.get('kind')!r} export, which this version cannot run "
+                          f"(it runs {' and '.join(map(repr, REQUIRED))})")
     check_files(path, m)
     try:
         t = task_from_dict(m["task"], f"in {path / MANIFEST}")
         fields = list(t.output.fields)
-        if [[f.name, f.values] for f in fields] != [[f["name"], f["values"]] for f in m["fields"]]:
+        if [[f.name, getattr(f, "values", None)] for f in fields] != [[f["name"], f["values"]] for f in m["fields"]]:
             raise ExportError(f"{path / MANIFEST}: its fields do not match its task; export the student again")
+        expect_task(t, task, path)
+        sessions = [session(path / name, m, threads) for name in REQUIRED[m["kind"]] if name.endswith(".onnx")]
+        if m["kind"] == "decoder":
+            return load_decoder(path, m, t, sessions)
         max_length = int(m["max_length"])
     except TaskError as e:
         raise ExportError(str(e)) from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ExportError(f"{path / MANIFEST}: missing or bad entry ({type(e).__name__}: {e})") from None
-    expect_task(t, task, path)
     temperatures = read_temperatures(path, [f.name for f in fields]) or {}
-    try:
-        session = ort.InferenceSession(str(path / "model.onnx"), session_options(threads), providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types for bad graphs and unknown opsets
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ExportError(f"{path / 'model.onnx'}: onnxruntime {ort.__version__} cannot run it (opset {m.get('opset')}, "
-                          f"exported with onnxruntime {m.get('onnxruntime')}): {reason}; install a newer onnxruntime "
-                          "or export again") from None
-    try:
-        tokenizer = tokenizer_from_json(json.loads((path / "tokenizer.json").read_text()))
-    except Exception as e:  # tokenizers raises its own types for damaged files
-        raise ExportError(f"{path / 'tokenizer.json'}: cannot be loaded ({type(e).__name__})") from None
-    outputs = [o.name for o in session.get_outputs()]
+    tokenizer = load_tokenizer(path)
+    outputs = [o.name for o in sessions[0].get_outputs()]
     if len(outputs) != len(fields):
         raise ExportError(f"{path / 'model.onnx'}: {len(outputs)} outputs for {len(fields)} fields; export the student again")
-    return Exported(session, tokenizer, t, fields, max_length, temperatures, m, path)
+    return Exported(sessions[0], tokenizer, t, fields, max_length, temperatures, m, path)
+
+
+def session(file: Path, m: dict[str, Any], threads: int | None):
+    """An onnxruntime session of the graph `file`, or a one-line error saying why it cannot run."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(file), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for bad graphs and unknown opsets
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{file}: onnxruntime {ort.__version__} cannot run it (opset {m.get('opset')}, "
+                          f"exported with onnxruntime {m.get('onnxruntime')}): {reason}; install a newer onnxruntime "
+                          "or export again") from None
+
+
+def load_tokenizer(path: Path):
+    """The folder's tokenizer.json as a `tokenizers.Tokenizer` (no padding or truncation)."""
+    try:
+        return tokenizer_from_json(json.loads((path / "tokenizer.json").read_text()))
+    except Exception as e:  # tokenizers raises its own types for damaged files
+        raise ExportError(f"{path / 'tokenizer.json'}: cannot be loaded ({type(e).__name__})") from None
+
+
+def load_decoder(path: Path, m: dict[str, Any], task: Task, sessions: list) -> ExportedDecoder:
+    """The decoder export of folder `path` (manifest `m`), its graphs already open."""
+    v = m["vocab"]
+    try:
+        automaton = TokenAutomaton.from_dict(json.loads((path / AUTOMATON).read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise ExportError(f"{path / AUTOMATON}: unreadable ({type(e).__name__}: {e}); export the student again") from None
+    kept = np.asarray(v["kept"], dtype=np.int64)
+    top = max((k for e in automaton.edges for k in e), default=0)
+    if int(v["eos"]) not in kept.tolist() or automaton.eos != kept.tolist().index(int(v["eos"])) or top >= len(kept):
+        raise ExportError(f"{path / AUTOMATON}: does not fit the kept vocabulary of {MANIFEST}; export the student again")
+    return ExportedDecoder(*sessions, load_tokenizer(path), task, automaton, kept, [int(i) for i in v["input"]],
+                           int(v["input_offset"]), int(v["pad"]), int(m["max_input"]), int(m["budget"]), m, path)

@@ -4,8 +4,8 @@ never imports torch, and no module grows past a readable size.
 Stage order (an earlier stage may be imported by a later one, never the reverse):
 
     errors, files, config, console < task < corpus < constrain, vocab < teachers < generation
-    < store < parts < extract_api < extract < students < runtime < losses < predict < confidence < cascade < evaluate
-    < export < train < cost < coverage < report
+    < store < parts < extract_api < extract < students < runtime_decode < runtime < losses < predict
+    < confidence < cascade < evaluate < export_decoder < export < train < cost < coverage < report
     < forecast < compare < pipeline < serve < api < cli_serve < cli < __main__
 
 Modules of one rank may not import each other, except in rank 0 (errors, files, config,
@@ -42,6 +42,7 @@ RANKS: list[tuple[str, ...]] = [
     ("extract_api",),  # extraction through an OpenAI-compatible server (extract.py hands it API teachers)
     ("extract",),
     ("students",),
+    ("runtime_decode",),  # an exported decoder's token automaton and greedy decoding (runtime loads it): no torch
     ("runtime",),  # an exported student answered by onnxruntime: imports no torch
     ("losses",),
     ("predict",),
@@ -50,7 +51,8 @@ RANKS: list[tuple[str, ...]] = [
     ("speed",),  # speed, size and memory of student and teacher
     ("cascade",),  # the student when it is sure, the teacher otherwise
     ("evaluate",),
-    ("export",),  # a heads student to ONNX, checked against PyTorch
+    ("export_decoder",),  # a decoder student's two graphs and token automaton, checked against PyTorch and xgrammar
+    ("export",),  # a student to ONNX, checked against PyTorch
     ("train",),
     ("cost",),
     ("coverage",),  # the report's confidence section: reliability, agreement against coverage, its cost

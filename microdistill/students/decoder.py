@@ -342,7 +342,8 @@ class Student(nn.Module):
         new_valid = torch.arange(n, device=tok.device)[None, :] < lengths[:, None]
         causal = torch.ones(n, n, dtype=torch.bool, device=tok.device).tril()
         # Padding follows the real tokens of its row, so the causal part never lets it reach them.
-        mask = torch.cat([cache.valid[:, None, None, :].expand(B, 1, n, len(cache)), causal.expand(B, 1, n, n)], -1)
+        # expand(-1) rather than len(cache): a traced graph (export_decoder.py) keeps the cache length dynamic
+        mask = torch.cat([cache.valid[:, None, None, :].expand(-1, -1, n, -1), causal.expand(B, 1, n, n)], -1)
         pos = cache.pos[:, None] + torch.arange(n, device=tok.device)
         h, kv = self._run(self._embed(self.embed_out, tok), pos, mask, cache)
         return self._logits(h), KVCache(kv, torch.cat([cache.valid, new_valid], 1), cache.pos + lengths)

@@ -2,16 +2,17 @@
 
     python benchmarks/student_vs_teacher.py --student runs/default/student --data runs/default/shards
     python benchmarks/student_vs_teacher.py --run runs/default          # the same, from a run folder
+    python benchmarks/student_vs_teacher.py --student HEADS --student DECODER --data SHARDS   # both kinds
 
 All models answer the held-out texts of --data. Each is measured in its own fresh process, so
 peak memory (the process's peak resident set) and cold start (process start to the first
 answer, imports and loading included) are its own: the teacher as it labelled the shards
 (bfloat16 when extraction chose it, prompt-prefix KV cache, constrained greedy decoding) on the
-first --teacher-inputs texts; the heads student through predict.predict; its float32 and int8
-exports through runtime.py, whose process never imports torch. Latency is per text at batch 1
+first --teacher-inputs texts; each --student (heads or decoder) through predict.predict; its
+float32 and int8 exports through runtime.py, whose process never imports torch. Latency is per text at batch 1
 after one warm-up call; throughput is --throughput-inputs texts (the held-out ones, repeated)
-at batch 64 (the teacher: its texts in one batch). A last row runs the int8 export with every
-input padded to 128 tokens, to show what length bucketing buys. Prints a Markdown table.
+at batch 64 (the teacher: its texts in one batch). For a heads student a last row runs the int8
+export with every input padded to 128 tokens, to show what length bucketing buys. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def worker(kind: str, path: Path, data: Path, texts: list[str], batched: list[st
 
         exported = load_exported(path)
         fn = (lambda t: exported.predict(t, batch_size=64)) if kind == "onnx" else padded(exported)
-        info = {"file_bytes": (path / "model.onnx").stat().st_size, "parity": exported.manifest["parity"]}
+        info = {"file_bytes": sum(f.stat().st_size for f in path.glob("*.onnx")), "parity": exported.manifest["parity"]}
         batch = 64
     fn(texts[:1])
     info["cold_start_s"] = time.time() - started
@@ -125,7 +126,8 @@ def measure(kind: str, path: Path, data: Path, texts: list[str], batched: list[s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--student", type=Path, help="a heads student folder")
+    ap.add_argument("--student", type=Path, action="append", default=[],
+                    help="a student folder, heads or decoder (repeatable: each gets its rows)")
     ap.add_argument("--data", type=Path, help="the shard folder it was trained on")
     ap.add_argument("--run", type=Path, help="a run folder: --student RUN/student --data RUN/shards")
     ap.add_argument("--teacher-inputs", type=int, default=16, help="held-out texts the teacher answers (it is slow)")
@@ -139,7 +141,7 @@ def main() -> None:
         print(json.dumps(worker(job["kind"], Path(job["path"]), Path(job["data"]), job["texts"], job["batched"],
                                 job["started"])))
         return
-    student, data = args.student or args.run / "student", args.data or args.run / "shards"
+    students, data = args.student or [args.run / "student"], args.data or args.run / "shards"
 
     from microdistill.evaluate import eval_split
     from microdistill.export import export
@@ -148,18 +150,21 @@ def main() -> None:
     shards = ShardSet(data)
     texts = [r.text for r in shards.load(eval_split(shards)[0])]
     batched = (texts * (args.throughput_inputs // len(texts) + 1))[:args.throughput_inputs]
-    exports = args.exports or Path(tempfile.mkdtemp())
-    for precision in ("float32", "int8"):
-        if not (exports / precision / "export.json").is_file():
-            export(student, exports / precision, quantize=None if precision == "float32" else "int8", data=data)
     rows = {}
     if not args.no_teacher:
         few = texts[:args.teacher_inputs]
-        rows["teacher"] = measure("teacher", student, data, few, few)
-    rows["student, PyTorch"] = measure("torch", student, data, texts, batched)
-    rows["student, ONNX float32"] = measure("onnx", exports / "float32", data, texts, batched)
-    rows["student, ONNX int8"] = measure("onnx", exports / "int8", data, texts, batched)
-    rows["ONNX int8, padded to 128"] = measure("onnx-padded", exports / "int8", data, texts, batched)
+        rows["teacher"] = measure("teacher", students[0], data, few, few)
+    for student in students:
+        kind = json.loads((student / "config.json").read_text()).get("kind", "decoder")
+        exports = (args.exports or Path(tempfile.mkdtemp())) / kind
+        for precision in ("float32", "int8"):
+            if not (exports / precision / "export.json").is_file():
+                export(student, exports / precision, quantize=None if precision == "float32" else "int8", data=data)
+        rows[f"{kind}, PyTorch"] = measure("torch", student, data, texts, batched)
+        rows[f"{kind}, ONNX float32"] = measure("onnx", exports / "float32", data, texts, batched)
+        rows[f"{kind}, ONNX int8"] = measure("onnx", exports / "int8", data, texts, batched)
+        if kind == "heads":
+            rows["heads, ONNX int8, padded to 128"] = measure("onnx-padded", exports / "int8", data, texts, batched)
     print(table(rows, len(texts), args.teacher_inputs))
 
 

@@ -8,7 +8,8 @@ Every student trains on the train split of `--data` with the run's options (20 e
 0.1) and one seed at a time; the peers (peers.py) learn from the same teacher answers. Each is
 scored on the held-out split of `--data` and, with `--also`, on every example of other shard
 folders labelled by the same teacher: text from elsewhere, none of it seen in training (the
-generalisation that matters). A `--variant LABEL:OPTION=VALUE,...` adds a student trained with those
+generalisation that matters). `--held-out` scores on another folder's held-out split, so runs on
+nested corpora compare on one set. A `--variant LABEL:OPTION=VALUE,...` adds a student trained with those
 training options (TrainConfig's names) on top of the same defaults. Exact match of the whole answer; mean over seeds with a 95% interval (t-distribution
 over the seeds' scores) and the Wilson interval of the pooled count. Finished students are
 reused, so an interrupted benchmark continues. Writes `results.json` and `results.md` in `--out`.
@@ -72,13 +73,19 @@ def main() -> None:
     ap.add_argument("--peers", default="tfidf,encoder")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--held-out", type=Path, default=None,
+                    help="score on the held-out split of this shard folder instead (e.g. a larger one by the same "
+                         "teacher: split by input hash, its held-out inputs are never in --data's training split)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     home = ShardSet(args.data)
     task = home.task()
     train_records = list(home.records("train"))[: args.limit_train]
-    targets = {"held-out": list(home.records("val"))}
     seen = {r.id for r in train_records}
+    held_out = list((ShardSet(args.held_out) if args.held_out else home).records("val"))
+    if seen & {r.id for r in held_out}:
+        raise SystemExit(f"{args.held_out}: its held-out split shares inputs with the training split of {args.data}")
+    targets = {"held-out": held_out}
     targets |= {str(p): [r for r in ShardSet(p).records() if r.id not in seen] for p in args.also}
     rows = []
     variants = [(kind, {"student": kind}) for kind in args.students.split(",") if kind]

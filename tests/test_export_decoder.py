@@ -11,15 +11,13 @@ import numpy as np
 import pytest
 import torch
 from synthetic import make_shards, make_texts
-from test_export import LONG, cli, served_without_torch
+from test_export import LONG, cli, float32, int8, served_without_torch, student, val_texts  # noqa: F401, F811 (fixtures)
 
 from microdistill.export import export
 from microdistill.files import file_sha256
 from microdistill.predict import _allowed, _pad, predict
 from microdistill.runtime import ExportError, load_exported
 from microdistill.runtime_decode import DONE, TokenAutomaton
-from microdistill.store import ShardSet
-from microdistill.students.saved import load_student
 from microdistill.train import TrainConfig, train
 
 TEXTS = make_texts(24, seed=7) + [LONG, "  you   are\tan idiot  ", ""]
@@ -44,25 +42,6 @@ def trained(shards, tmp_path_factory):
                for k, v in load_file(str(folder / "model.safetensors")).items()}
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "microdistill.student/1"})
     return folder
-
-
-@pytest.fixture(scope="module")
-def student(trained):
-    return load_student(trained)
-
-
-@pytest.fixture(scope="module")
-def float32(trained, tmp_path_factory):
-    return export(trained, tmp_path_factory.mktemp("dexport") / "f32", progress=False)
-
-
-@pytest.fixture(scope="module")
-def int8(trained, tmp_path_factory):
-    return export(trained, tmp_path_factory.mktemp("dexport") / "i8", quantize="int8", progress=False)
-
-
-def val_texts(shards) -> list[str]:
-    return [r.text for r in ShardSet(shards).records("val")]
 
 
 def same(a: dict, b: dict) -> bool:

@@ -141,7 +141,9 @@ def main() -> None:
         print(json.dumps(worker(job["kind"], Path(job["path"]), Path(job["data"]), job["texts"], job["batched"],
                                 job["started"])))
         return
-    students, data = args.student or [args.run / "student"], args.data or args.run / "shards"
+    # absolute: the workers run from the repository root
+    students = [p.resolve() for p in args.student or [args.run / "student"]]
+    data = (args.data or args.run / "shards").resolve()
 
     from microdistill.evaluate import eval_split
     from microdistill.export import export

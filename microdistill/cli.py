@@ -276,7 +276,7 @@ def eval_(
     batch_size: int = typer.Option(64, help="Student batch size while scoring."),
     peers: bool = typer.Option(True, help="Also train and score the peer baselines (TF-IDF and frozen-encoder "
                                "logistic regressions) on the same teacher answers."),
-    consistency_inputs: int = typer.Option(32, help="Held-out inputs the timed teacher answers again under "
+    consistency_inputs: int = typer.Option(100, help="Held-out inputs the timed teacher answers again under "
                                            "meaning-preserving edits: its self-consistency, the ceiling (0: off)."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
     quiet: bool = typer.Option(False, help="No progress lines."),

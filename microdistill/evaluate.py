@@ -56,7 +56,7 @@ class EvalConfig(Options):
     timing_inputs: int = TIMING_SAMPLE  # inputs both models are timed on
     batch_size: int = 64  # student batch size while scoring
     peers: bool = True  # score the peer baselines (peers.py) on the same split
-    consistency_inputs: int = 32  # held-out inputs the timed teacher answers again, edited (0: off)
+    consistency_inputs: int = 100  # held-out inputs the timed teacher answers again, edited (0: off)
 
     def __post_init__(self) -> None:
         if not isinstance(self.consistency_inputs, int) or self.consistency_inputs < 0:

@@ -15,7 +15,7 @@ import torch
 
 from microdistill.console import progress as progress_bar
 from microdistill.console import say
-from microdistill.corpus import Item
+from microdistill.corpus import Item, by_length
 from microdistill.task import Task
 from microdistill.teachers.hf import HFTeacher, bfloat16_is_fast
 from microdistill.vocab import build_input_vocab, coverage, kept_token_strings, required_tokens, select_kept
@@ -29,9 +29,7 @@ MIN_SAME = 0.98  # bfloat16 must answer as float32 does on this share of the cal
 def batches(decoder: "Decoder", items: Sequence[Item], size: int) -> Iterator[tuple[list[Item], list[list[int]]]]:
     """Items in batches of neighbours by prompt length, so rows in a batch need little padding."""
     rests = [decoder.rest_ids(it.text) for it in items]
-    order = sorted(range(len(items)), key=lambda i: len(rests[i]))
-    for k in range(0, len(order), size):
-        chunk = order[k : k + size]
+    for chunk in by_length([len(r) for r in rests], size):
         yield [items[i] for i in chunk], [rests[i] for i in chunk]
 
 

@@ -20,7 +20,7 @@ import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from microdistill.errors import UserError
 from microdistill.task import Task
@@ -213,6 +213,16 @@ def clean(text: str, strip: Iterable[re.Pattern]) -> str:
     for pattern in strip:
         text = pattern.sub(" ", text)
     return " ".join(text.split())
+
+
+def by_length(lengths: Sequence[int], size: int) -> Iterator[list[int]]:
+    """Indices of inputs with these lengths in batches of `size`, shortest first, so each batch
+    padded to its own longest row holds little padding."""
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for start in range(0, len(order), size):
+        yield order[start:start + size]
 
 
 def clean_inputs(task: Task, texts: Iterable[str]) -> list[str]:

@@ -26,7 +26,7 @@ import torch
 
 from microdistill.corpus import clean_inputs
 from microdistill.predict import _allowed, _pad, predict, step_budget
-from microdistill.runtime import ExportError
+from microdistill.runtime import ExportError, softmax
 from microdistill.runtime_decode import TokenAutomaton, free_fields
 from microdistill.students.decoder import N_SPECIAL, PAD, KVCache
 from microdistill.vocab import token_bytes
@@ -152,7 +152,6 @@ def first_step_diff(student, exported, texts: list[str], batch_size: int = 64) -
         x = _pad(rows[start:start + batch_size])
         with torch.no_grad():
             ref = student.model.prefill(x)[0][:, :K].float().softmax(-1).numpy()
-        z = exported.prefill.run(None, {"input_ids": x.numpy()})[0][:, :K]
-        got = np.exp(z - z.max(-1, keepdims=True))
-        worst = max(worst, float(np.abs(got / got.sum(-1, keepdims=True) - ref).max()))
+        got = softmax(exported.prefill.run(None, {"input_ids": x.numpy()})[0][:, :K])
+        worst = max(worst, float(np.abs(got - ref).max()))
     return worst

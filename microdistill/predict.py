@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from microdistill.corpus import clean_inputs
+from microdistill.corpus import by_length, clean_inputs
 from microdistill.students.decoder import PAD
 from microdistill.students.saved import LoadedStudent
 from microdistill.task import EnumField, StringField, Task, parse_or_none
@@ -55,8 +55,6 @@ def generate(student: LoadedStudent, input_ids: Sequence[Sequence[int]], constra
     drafts: under the grammar, check the tokens it forces next in the same model call (the same
     outputs in fewer calls; False decodes one token per call).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     index = student.input_index
     rows: list[list[int]] = []
     for n, ids in enumerate(input_ids):
@@ -64,13 +62,11 @@ def generate(student: LoadedStudent, input_ids: Sequence[Sequence[int]], constra
             rows.append([index[int(i)] for i in ids])
         except KeyError as e:
             raise ValueError(f"input {n}: teacher token {e.args[0]} is not in the student's input vocabulary") from None
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out: list[list[int]] = [[] for _ in rows]
     was_training = student.model.training
     student.model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+        for chunk in by_length([len(r) for r in rows], batch_size):
             for i, ids in zip(chunk, _generate_batch(student, [rows[i] for i in chunk], constrain, drafts)):
                 out[i] = ids
     finally:

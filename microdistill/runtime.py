@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from microdistill.corpus import clean_inputs
+from microdistill.corpus import by_length, clean_inputs
 from microdistill.errors import UserError
 from microdistill.files import file_sha256, read_format
 from microdistill.runtime_decode import AUTOMATON, ExportedDecoder, TokenAutomaton
@@ -63,8 +63,6 @@ class ExportError(UserError):
 def is_export(path: Path) -> bool:
     """Whether `path` is meant to be an export folder (it has export.json)."""
     return (Path(path) / MANIFEST).is_file()
-
-
 
 
 def session_options(threads: int | None = None):
@@ -106,12 +104,8 @@ class Exported:
         """Per field, raw logits [N, n_values] for token ids (already truncated). Inputs are run
         shortest first and each batch is padded only to its own longest row; padding never changes
         a row's answer (the mask keeps it out of attention and the mean)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = [np.zeros((len(ids), len(f.values)), np.float32) for f in self.fields]
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+        for chunk in by_length([len(x) for x in ids], batch_size):
             width = max(len(ids[i]) for i in chunk)
             x = np.zeros((len(chunk), width), np.int64)
             mask = np.zeros((len(chunk), width), np.int64)

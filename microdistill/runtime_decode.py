@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from microdistill.corpus import clean_inputs
+from microdistill.corpus import by_length, clean_inputs
 from microdistill.task import EnumField, Task, parse_or_none
 from microdistill.vocab import InputEncoder
 
@@ -232,13 +232,9 @@ class ExportedDecoder:
         """Per input (teacher ids, truncated), the greedy output's teacher ids without EOS, and each
         field's probability [n_fields] (None when the output did not finish). Inputs run shortest
         first in batches padded to their own longest row, as predict.generate runs them."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         rows = [[self.input_index[int(i)] for i in x] for x in ids]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         out: list[tuple[list[int], np.ndarray | None]] = [([], None)] * len(rows)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+        for chunk in by_length([len(r) for r in rows], batch_size):
             for i, r in zip(chunk, self._generate_batch([rows[i] for i in chunk])):
                 out[i] = r
         return out

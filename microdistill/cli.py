@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from microdistill.cli_serve import add_serving_verbs
+from microdistill.cli_study import add_study_verbs
 from microdistill.errors import UserError, user_message
 
 
@@ -26,7 +27,10 @@ app = typer.Typer(
     help="Distil one narrow LLM call into a tiny, fast student model.",
 )
 add_serving_verbs(app)  # export, serve, calibrate-confidence (cli_serve.py)
+add_study_verbs(app)  # inspect, compare (cli_study.py)
 TEACHER_URL_HELP = "OpenAI base URL of an openai:MODEL teacher (key: $MICRODISTILL_API_KEY)."
+ENCODER_HELP = ("Body of a heads student: minilm, a model folder, or teacher (the teacher's first blocks, pruned; "
+                "teacher:SPEC for another copy of it).")
 
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -67,6 +71,7 @@ def run(
     student: str = typer.Option("auto", help="Student kind: heads (enum fields: a pretrained encoder with one "
                                 "softmax per field), decoder (any output), or auto (heads when every field is an enum)."),
     preset: str = typer.Option("micro", help="Decoder size preset: nano, micro, small, large."),
+    encoder: str = typer.Option("minilm", help=ENCODER_HELP),
     epochs: int = typer.Option(20, help="Training epochs."),
     dropout: float = typer.Option(0.1, help="Dropout on the student's residual branches while training."),
     hidden_weight: float = typer.Option(1.0, help="Weight of the decoder student's hidden-state loss (0: off)."),
@@ -88,8 +93,8 @@ def run(
         extract=ExtractConfig(task=task, teacher=teacher, field=field, labels=labels, limit=limit,
                               batch_size=batch_size, vocab_size=vocab_size, hidden_layer=hidden_layer, dtype=dtype,
                               teacher_url=teacher_url, concurrency=concurrency),
-        train=TrainConfig(student=student, preset=preset, epochs=epochs, dropout=dropout, hidden_weight=hidden_weight,
-                          max_steps=max_steps, seed=seed),
+        train=TrainConfig(student=student, preset=preset, encoder=encoder, epochs=epochs, dropout=dropout,
+                          hidden_weight=hidden_weight, max_steps=max_steps, seed=seed),
         eval=EvalConfig(time_teacher=eval_teacher),
     ))
 
@@ -178,8 +183,9 @@ def train(
     student: str = typer.Option("decoder", help="Student kind: decoder (any output) or heads (enum fields: a "
                                 "pretrained encoder with one softmax per field)."),
     preset: str = typer.Option("micro", help="Decoder size preset: nano, micro, small, large."),
-    encoder: str = typer.Option("minilm", help="Pretrained encoder of a heads student: minilm or a model folder."),
-    encoder_layers: Optional[int] = typer.Option(None, help="Keep only the encoder's first N layers (faster)."),
+    encoder: str = typer.Option("minilm", help=ENCODER_HELP),
+    encoder_layers: Optional[int] = typer.Option(None, help="Keep only the body's first N layers (faster; teacher: 2)."),
+    mlp_width: Optional[int] = typer.Option(None, help="A teacher body's MLP width, pruned by activation importance (1024)."),
     epochs: int = typer.Option(10, help="Passes over the training split."),
     batch_size: int = typer.Option(32, help="Examples per optimiser step."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (linear warm-up, then cosine)."),
@@ -216,7 +222,8 @@ def train(
     from microdistill.train import TrainConfig, TrainingInterrupted, train as run_training
 
     cfg = TrainConfig(
-        student=student, preset=preset, encoder=encoder, encoder_layers=encoder_layers, epochs=epochs, batch_size=batch_size, lr=lr,
+        student=student, preset=preset, encoder=encoder, encoder_layers=encoder_layers, mlp_width=mlp_width, epochs=epochs,
+        batch_size=batch_size, lr=lr,
         min_lr_ratio=min_lr_ratio, warmup_frac=warmup_frac, weight_decay=weight_decay, grad_clip=grad_clip,
         pretrained_lr_ratio=pretrained_lr_ratio, dropout=dropout, seed=seed, divergence=divergence,
         temperature=temperature, beta=beta, alpha=alpha, curriculum=curriculum, divergence_start=divergence_start,
@@ -338,70 +345,6 @@ def extract(
                         teacher_tokenizer=teacher_tokenizer, concurrency=concurrency)
     path = run_extract(input, out, cfg, progress=not quiet, part=Part.parse(part) if part else from_env())
     typer.echo(f"shards: {path}")
-
-
-@app.command()
-def inspect(
-    data: Path = typer.Argument(..., metavar="DIR", help="Shard folder written by extract."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-) -> None:
-    """Check a shard folder and summarise it: counts, labels, vocabulary, size, teacher, timings."""
-    import json
-
-    from microdistill.inspection import inspect as run_inspect, summary
-
-    info = run_inspect(data)
-    if json_out:
-        typer.echo(json.dumps(info, indent=1, ensure_ascii=False))
-        return
-    typer.echo(summary(info))
-
-
-@app.command()
-def compare(
-    data: Optional[Path] = typer.Option(None, help="Shard folder written by extract."),
-    out: Optional[Path] = typer.Option(None, help="Comparison folder: one student folder per configuration and the report."),
-    configs: str = typer.Option("curriculum,ce,kd", help="Comma-separated named configurations (see --list)."),
-    plan: Optional[Path] = typer.Option(None, help="YAML list of runs (name, optional base, TrainConfig fields) instead of --configs."),
-    preset: str = typer.Option("micro", help="Student size preset for every run."),
-    max_steps: Optional[int] = typer.Option(None, help="The same step budget for every run."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs for every run instead of a step budget (default 10)."),
-    seed: int = typer.Option(0, help="Random seed for every run."),
-    limit_train: Optional[int] = typer.Option(None, help="Use only the first N training examples."),
-    sizes: Optional[str] = typer.Option(None, help="Also train on the first N examples for each N, e.g. 100,200,400 (accuracy vs data)."),
-    sizes_for: Optional[str] = typer.Option(None, help="Only these configurations get the --sizes curve (default: all)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size for every run (default: train's)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate for every run (default: train's)."),
-    eval_limit: Optional[int] = typer.Option(None, help="Evaluate on at most N held-out examples per epoch."),
-    list_: bool = typer.Option(False, "--list", help="List the named configurations and exit."),
-    quiet: bool = typer.Option(False, help="No live progress."),
-) -> None:
-    """Train several distillation configurations on the same data and budget -> compare.md, curves.png, compare.json."""
-    from microdistill.compare import CONFIGS, compare as run_compare, load_plan
-
-    if list_:
-        for name, (what, _) in CONFIGS.items():
-            typer.echo(f"{name:12s} {what}")
-        return
-    if data is None or out is None:
-        fail("compare needs --data (a shard folder) and --out (a folder for the runs and the report)")
-    try:
-        size_list = [int(s) for s in sizes.split(",") if s.strip()] if sizes else None
-    except ValueError:
-        fail(f"--sizes {sizes!r}: expected comma-separated numbers of training examples, e.g. 100,200,400")
-    entries = load_plan(plan) if plan else [c.strip() for c in configs.split(",") if c.strip()]
-    common = {k: v for k, v in (("batch_size", batch_size), ("lr", lr), ("eval_limit", eval_limit)) if v is not None}
-    result = run_compare(data, out, entries, preset=preset, max_steps=max_steps, epochs=epochs, seed=seed,
-                         sizes=size_list, progress=not quiet, limit_train=limit_train, common=common,
-                         sizes_for=[c.strip() for c in sizes_for.split(",") if c.strip()] if sizes_for else None)
-    v = result["verdict"]
-    for r in result["runs"]:
-        typer.echo(f"{r['name']:12s} exact match {r['exact_match']:.2%}  token accuracy {r['token_acc']:.2%}  "
-                   f"{r['steps']} steps  {r['wall_s']:.1f} s")
-    if v["runner_up"] is not None:
-        typer.echo(f"winner: {v['winner']} (over {v['runner_up']}: exact match {100 * v['margin']:+.2f} points, "
-                   f"standard error {100 * v['margin_se']:.2f}; token accuracy {100 * v['token_margin']:+.2f} points)")
-    typer.echo(f"report: {out / 'compare.md'}")
 
 
 def main() -> None:

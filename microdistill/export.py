@@ -50,6 +50,9 @@ def export(student_dir: Path, out: Path, quantize: str | None = None, data: Path
     student = load_student(Path(student_dir))
     if student.kind == "decoder":
         export_decoder.check_exportable(student)
+    elif (student.meta.get("inputs") or {}).get("tokenizer") == "teacher":
+        raise ExportError(f"student folder {student_dir}: its body is cut from the teacher, which this version does not "
+                          "export (it exports heads students on a pretrained encoder); serve the folder with PyTorch")
     texts = parity_texts(student, data, progress)
     check = export_decoder.parity if student.kind == "decoder" else parity
     out = Path(out)

@@ -129,6 +129,21 @@ def test_run_refuses_a_bad_training_option_before_any_work(tmp_path, corpus, tin
     assert not (tmp_path / "runs").exists()  # no folder, no extraction
 
 
+def test_run_cli_distils_into_a_body_cut_from_the_teacher(tmp_path, corpus, tiny_teacher_dir):
+    """`run --encoder teacher`: the heads student's body is the run's own teacher, cut and pruned."""
+    result = CliRunner().invoke(app, ["run", "--input", str(corpus), "--teacher", str(tiny_teacher_dir), "--root",
+                                      str(tmp_path / "runs"), "--label", "toxicity=tox", "--encoder", "teacher",
+                                      "--epochs", "2", "--no-eval-teacher"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "runs" / "default"
+    config = json.loads((folder / "student" / "config.json").read_text())
+    assert config["kind"] == "heads" and config["inputs"]["tokenizer"] == "teacher"
+    assert config["encoder"]["source"] == f"teacher:{tiny_teacher_dir.name}" and config["training"]["encoder"] == "teacher"
+    assert json.loads((folder / "run.json").read_text())["config"]["train"]["encoder"] == "teacher"
+    report = json.loads((folder / "eval" / "report.json").read_text())
+    assert report["student"]["kind"] == "heads" and report["valid_json_constrained"] == 1.0
+
+
 def test_run_cli_missing_input_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(app, ["run", "--input", str(tmp_path / "nope.txt"), "--root", str(tmp_path)])
     assert result.exit_code != 0

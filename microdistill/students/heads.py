@@ -11,7 +11,9 @@ it is always valid; each field's softmax probability is its confidence.
 
 The folder (kind "heads") holds model.safetensors, config.json (kind, the encoder's config,
 the fields and their values, the task, the shards' summary, the training options),
-tokenizer.json (the pruned WordPiece tokenizer) and task.yaml; calibration.json, when present
+tokenizer.json (the pruned WordPiece tokenizer) and task.yaml; a body cut from the teacher
+(teacher_body.py) has the teacher's tokenizer/ instead, and config.json's "inputs" lists the
+teacher id of each input row. calibration.json, when present
 (confidence.py), holds one temperature per field that divides that field's logits before the
 softmax, so the confidences are calibrated (the answers never change: T > 0 keeps the argmax).
 """
@@ -31,9 +33,10 @@ import yaml
 from torch import Tensor, nn
 
 from microdistill.errors import UserError
-from microdistill.files import atomic_write_bytes, atomic_write_json
+from microdistill.files import atomic_write_bytes, atomic_write_json, copy_tree_atomic
 from microdistill.store import Record, ShardSet
 from microdistill.students import FORMAT, StudentFolderError, read_temperatures
+from microdistill.students.teacher_body import TeacherTokens
 from microdistill.task import EnumField, Task
 
 KIND = "heads"
@@ -95,8 +98,16 @@ class HeadsExample:
     decisions: list[np.ndarray] | None
 
 
+def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The body's input ids of each text, untruncated: from a WordPiece `tokenizers.Tokenizer`
+    (special tokens included), or from the teacher's tokenizer for a body cut from the teacher."""
+    if isinstance(tokenizer, TeacherTokens):
+        return tokenizer.ids(texts)
+    return [enc.ids for enc in tokenizer.encode_batch(list(texts))]
+
+
 def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    return [enc.ids[:MAX_LENGTH] for enc in tokenizer.encode_batch(list(texts))]
+    return [x[:MAX_LENGTH] for x in token_ids(tokenizer, texts)]
 
 
 def examples_of(records: Sequence[Record], tokenizer, fields: list[EnumField], use_decisions: bool) -> list[HeadsExample]:
@@ -132,7 +143,7 @@ class LoadedHeads:
 
     model: HeadsStudent
     task: Task
-    tokenizer: Any  # tokenizers.Tokenizer
+    tokenizer: Any  # tokenizers.Tokenizer (WordPiece), or TeacherTokens for a body cut from the teacher
     fields: list[EnumField]
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
@@ -165,7 +176,7 @@ class LoadedHeads:
         """One result per text: {text, output (canonical JSON), fields, valid, truncated, confidence}."""
         if not texts:
             return []
-        full = [enc.ids for enc in self.tokenizer.encode_batch(list(texts))]  # tokenised once, on the hot path
+        full = token_ids(self.tokenizer, texts)  # tokenised once, on the hot path
         probs = self._probabilities([x[:MAX_LENGTH] for x in full], batch_size)
         lengths = [len(x) for x in full]
         results = []
@@ -177,22 +188,29 @@ class LoadedHeads:
         return results
 
 
-def save_heads(model: HeadsStudent, tokenizer_json: dict, shards: ShardSet, path: Path, encoder_source: str,
+def save_heads(model: HeadsStudent, tokens: dict | TeacherTokens, shards: ShardSet, path: Path, encoder_source: str,
                extra: dict[str, Any] | None = None) -> Path:
-    """Write the student folder `path` (see the module docstring); config.json last."""
+    """Write the student folder `path` (see the module docstring); config.json last. `tokens`: the
+    pruned WordPiece tokenizer.json, or the TeacherTokens of a body cut from the teacher."""
     from safetensors.torch import save
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     task = shards.task()
     weights = save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, metadata={"format": FORMAT})
-    atomic_write_bytes(path / "tokenizer.json", json.dumps(tokenizer_json, ensure_ascii=False).encode())
+    if isinstance(tokens, TeacherTokens):
+        copy_tree_atomic(shards.dir / "tokenizer", path / "tokenizer")
+        inputs = {"tokenizer": "teacher", "vocab": [int(i) for i in tokens.input_vocab]}
+    else:
+        atomic_write_bytes(path / "tokenizer.json", json.dumps(tokens, ensure_ascii=False).encode())
+        inputs = {"tokenizer": "wordpiece"}
     atomic_write_bytes(path / "task.yaml", yaml.safe_dump(task.model_dump(), sort_keys=False, allow_unicode=True).encode())
     atomic_write_bytes(path / "model.safetensors", weights)
     m = shards.manifest
     atomic_write_json(path / "config.json", {
         "format": FORMAT, "kind": KIND,
         "encoder": {"source": encoder_source, "config": model.encoder.config.to_dict(), "dropout": model.drop.p},
+        "inputs": inputs,
         "fields": [{"name": f.name, "values": f.values} for f in enum_fields(task, str(path))],
         "task": task.model_dump(),
         "shards": {"path": str(shards.dir), "task_fingerprint": m.get("task_fingerprint"), "teacher": m.get("teacher"),
@@ -206,13 +224,14 @@ def save_heads(model: HeadsStudent, tokenizer_json: dict, shards: ShardSet, path
 def load_heads(path: Path, cfg: dict[str, Any]) -> LoadedHeads:
     """A heads folder whose config.json (`cfg`) has been read and checked by saved.load_student."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     from microdistill.students.encoder import tokenizer_from_json
     from microdistill.task import task_from_dict
 
-    for name in ("model.safetensors", "tokenizer.json", "task.yaml"):
-        if not (path / name).is_file():
+    teacher_inputs = (cfg.get("inputs") or {}).get("tokenizer") == "teacher"
+    for name in ("model.safetensors", "tokenizer" if teacher_inputs else "tokenizer.json", "task.yaml"):
+        if not (path / name).exists():
             raise StudentFolderError(f"student folder {path}: {name} is missing (not a complete student folder)")
     try:
         enc = cfg["encoder"]
@@ -229,7 +248,11 @@ def load_heads(path: Path, cfg: dict[str, Any]) -> LoadedHeads:
     model = HeadsStudent(AutoModel.from_config(config), sizes, dropout)
     try:
         model.load_state_dict(load_file(str(weights)))
-        tokenizer = tokenizer_from_json(json.loads((path / "tokenizer.json").read_text()))
+        if teacher_inputs:
+            tokenizer = TeacherTokens(AutoTokenizer.from_pretrained(str(path / "tokenizer")),
+                                      [int(i) for i in cfg["inputs"]["vocab"]])
+        else:
+            tokenizer = tokenizer_from_json(json.loads((path / "tokenizer.json").read_text()))
     except Exception as e:  # safetensors, torch and tokenizers raise several types for damaged files
         raise StudentFolderError(f"student folder {path}: cannot be loaded ({type(e).__name__})") from None
     model.eval()

@@ -34,7 +34,9 @@ class TrainConfig(Options):
     student: str = "decoder"
     preset: str = "micro"  # decoder size: nano, micro, small, large
     encoder: str = "minilm"  # the heads student's pretrained encoder: a preset or a folder (students/encoder.py)
-    encoder_layers: int | None = None  # keep only the encoder's first N layers (faster, see encoder.keep_layers)
+    # "teacher" cuts the body from the teacher's first blocks instead (students/teacher_body.py)
+    encoder_layers: int | None = None  # keep only the body's first N layers (faster; a teacher body: 2 when unset)
+    mlp_width: int | None = None  # a teacher body's MLP width after pruning by activation importance (1024 when unset)
     epochs: int = 10
     batch_size: int = 32
     lr: float = 2e-3  # peak; tiny models tolerate (and need) more than LLM-scale rates
@@ -77,7 +79,7 @@ class TrainConfig(Options):
         need(self.embed_init in EMBED_INITS, "embed_init", f"choose {' or '.join(EMBED_INITS)}")
         for name in ("epochs", "batch_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be a positive integer")
-        for name in ("max_steps", "limit_train", "eval_limit", "encoder_layers"):
+        for name in ("max_steps", "limit_train", "eval_limit", "encoder_layers", "mlp_width"):
             v = getattr(self, name)
             need(v is None or (isinstance(v, int) and v >= 1), name, "must be a positive integer or unset")
         need(0 < self.lr < 1, "lr", "must be in (0, 1)")

@@ -3,8 +3,9 @@
 Per field, the loss is the decoder's per token: `w_div·T²·D(p_teacher ‖ p_student) + (1 -
 w_div)·CE(teacher's value)`, with p_teacher the teacher's probability of each allowed value at
 the field's decision point; the fields' sums add up and `losses.total_loss` divides once. The
-pretrained encoder learns at lr·pretrained_lr_ratio, the new heads at lr. The saved folder
-gets its per-field temperatures (confidence.py) fitted on the held-out split, when there is one.
+body (a pretrained encoder, or one cut from the teacher: students/teacher_body.py) learns at
+lr·pretrained_lr_ratio, the new heads at lr. The saved folder gets its per-field temperatures
+(confidence.py) fitted on the held-out split, when there is one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from microdistill.evaluate import evaluate_heads
 from microdistill.losses import output_sums, taid_lambda, total_loss
 from microdistill.store import ShardSet
 from microdistill.students.encoder import keep_layers, load_encoder, prune_embeddings, prune_vocabulary, tokenizer_from_json
+from microdistill.students.teacher_body import cut_teacher, is_teacher_spec
 from microdistill.students.heads import HeadsBatch, HeadsStudent, collate_heads, enum_fields, examples_of, save_heads
 from microdistill.train.config import TrainConfig, TrainError
 from microdistill.train.setup import Setup, make_optimizer, seed_everything
@@ -53,17 +55,25 @@ def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress:
     if use_logits and any(set(r.decisions) != {f.name for f in fields} for r in train_records + val_records):
         raise TrainError(f"shard folder {shards.dir}: examples without the teacher's decision points (older or "
                          "text-only shards); extract again, or train on the teacher's text alone with --signal text")
-    say(f"loading the pretrained encoder {cfg.encoder}", progress)
-    encoder = load_encoder(cfg.encoder)
-    if cfg.encoder_layers is not None:
-        keep_layers(encoder.model, cfg.encoder_layers)
-    tok_json, old_ids = prune_vocabulary(encoder.tokenizer_json, [r.text for r in train_records])
-    prune_embeddings(encoder.model, old_ids)
-    tokenizer = tokenizer_from_json(tok_json)
+    texts = [r.text for r in train_records]
+    if is_teacher_spec(cfg.encoder):
+        body, tokens, name = cut_teacher(cfg.encoder, shards, texts, cfg.encoder_layers, cfg.mlp_width, progress)
+        tokenizer, source, pieces = tokens, f"teacher:{name}", len(tokens.input_vocab)
+    else:
+        say(f"loading the pretrained encoder {cfg.encoder}", progress)
+        encoder = load_encoder(cfg.encoder)
+        body, source = encoder.model, encoder.source
+        if cfg.encoder_layers is not None:
+            keep_layers(body, cfg.encoder_layers)
+        if cfg.mlp_width is not None:
+            raise TrainError("training option mlp_width is for a body cut from the teacher (--encoder teacher)")
+        tokens, old_ids = prune_vocabulary(encoder.tokenizer_json, texts)
+        prune_embeddings(body, old_ids)
+        tokenizer, pieces = tokenizer_from_json(tokens), len(old_ids)
     train_set = examples_of(train_records, tokenizer, fields, use_logits)
     val_set = examples_of(val_records, tokenizer, fields, False)
     seed_everything(cfg.seed)
-    model = HeadsStudent(encoder.model, [len(f.values) for f in fields], cfg.dropout)
+    model = HeadsStudent(body, [len(f.values) for f in fields], cfg.dropout)
     total = cfg.max_steps or cfg.epochs * math.ceil(len(train_set) / cfg.batch_size)
     n = sum(p.numel() for p in model.parameters())
     return Setup(
@@ -71,16 +81,16 @@ def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress:
         make_optimizer(model, cfg, pretrained=list(model.encoder.parameters())), total,
         collate=collate_heads, loss=heads_loss,
         evaluate=lambda: evaluate_heads(model, fields, val_set, val_records, cfg.batch_size),
-        save=lambda out: save_and_calibrate(model, tok_json, shards, out, encoder.source, cfg, progress),
-        info={"encoder": encoder.source, "input_pieces": len(old_ids), "layers": encoder.model.config.num_hidden_layers},
-        title=f"heads: {n / 1e6:.1f}M parameters (encoder {cfg.encoder}, {len(old_ids)} input pieces, "
-              f"{len(fields)} fields)")
+        save=lambda out: save_and_calibrate(model, tokens, shards, out, source, cfg, progress),
+        info={"encoder": source, "input_pieces": pieces, "layers": body.config.num_hidden_layers},
+        title=f"heads: {n / 1e6:.1f}M parameters (encoder {source}, {body.config.num_hidden_layers} layers, "
+              f"{pieces} input pieces, {len(fields)} fields)")
 
 
-def save_and_calibrate(model: HeadsStudent, tok_json: dict, shards: ShardSet, out, encoder_source: str,
+def save_and_calibrate(model: HeadsStudent, tokens, shards: ShardSet, out, encoder_source: str,
                        cfg: TrainConfig, progress: bool) -> None:
     """Write the student folder, then its calibration.json when the shards hold enough held-out inputs."""
-    save_heads(model, tok_json, shards, out, encoder_source, extra={"training": cfg.to_dict()})
+    save_heads(model, tokens, shards, out, encoder_source, extra={"training": cfg.to_dict()})
     if shards.manifest.get("counts", {}).get("val", 0) >= 2 * FOLDS:
         calibrate_confidence(out, shards.dir, progress)
     else:

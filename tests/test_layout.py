@@ -6,7 +6,7 @@ Stage order (an earlier stage may be imported by a later one, never the reverse)
     errors, files, config, console < task < corpus < constrain, vocab < teachers < generation
     < store < parts < extract_api < extract < students < runtime_decode < runtime < losses < predict
     < confidence < cascade < evaluate < export_decoder < export < train < cost < coverage < report
-    < forecast < compare < pipeline < serve < api < cli_serve < cli < __main__
+    < forecast < compare < pipeline < serve < api < cli_serve, cli_study < cli < __main__
 
 Modules of one rank may not import each other, except in rank 0 (errors, files, config,
 console) and within a package (teachers/, students/, train/).
@@ -62,7 +62,7 @@ RANKS: list[tuple[str, ...]] = [
     ("pipeline",),
     ("serve",),  # the cascade behind micro-batching workers
     ("api",),  # the HTTP API over it
-    ("cli_serve",),  # the serving verbs, added to cli's app
+    ("cli_serve", "cli_study"),  # the serving verbs, and the verbs that study shards and options, added to cli's app
     ("cli",),
     ("__main__",),  # `python -m microdistill`, as torchrun starts it
 ]

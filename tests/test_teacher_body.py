@@ -34,7 +34,7 @@ def texts_of(shards) -> list[str]:
 
 def test_full_width_cut_computes_what_the_teachers_first_blocks_compute(shards, tiny_teacher_dir):
     """Cutting keeps the first blocks' weights and the used input rows: at full MLP width the body
-    maps a text to the teacher's own states after those blocks (then its final norm)."""
+    maps a text to the teacher's own states after those blocks."""
     body, tokens, _ = cut_teacher(f"teacher:{tiny_teacher_dir}", ShardSet(shards), texts_of(shards), 1, 64, False)
     assert len(body.layers) == 1 and body.config.num_hidden_layers == 1
     assert body.get_input_embeddings().weight.shape[0] == len(tokens.input_vocab) < 600
@@ -47,10 +47,26 @@ def test_full_width_cut_computes_what_the_teachers_first_blocks_compute(shards, 
     assert [tokens.input_vocab[i] for i in ids] != tokens.tokenizer.encode(text, add_special_tokens=False)
     assert tokens.tokenizer.decode([tokens.input_vocab[i] for i in ids]) == text
     first = tokens.ids([texts_of(shards)[0]])[0]  # a training text: every token is a row, states match exactly
-    want = teacher.model.norm(teacher(torch.tensor([[tokens.input_vocab[i] for i in first]]),
-                                      output_hidden_states=True).hidden_states[1])
-    got = body(input_ids=torch.tensor([first]), attention_mask=torch.ones(1, len(first), dtype=torch.long)).last_hidden_state
+    want = after_block(teacher.model.layers[0], teacher, input_ids=torch.tensor([[tokens.input_vocab[i] for i in first]]))
+    got = after_block(body.layers[0], body, input_ids=torch.tensor([first]),
+                      attention_mask=torch.ones(1, len(first), dtype=torch.long))
     assert torch.allclose(got, want, atol=1e-5)
+    # the final norm's gain is rescaled so that every channel leaves with RMS 1 over the training inputs
+    assert not torch.allclose(body.norm.weight, teacher.model.norm.weight)
+    states = torch.cat([body(input_ids=torch.tensor([x]), attention_mask=torch.ones(1, len(x), dtype=torch.long))
+                        .last_hidden_state[0] for x in tokens.ids(texts_of(shards))])
+    assert torch.allclose(states.pow(2).mean(0).sqrt(), torch.ones(states.shape[1]), atol=1e-3)
+
+
+def after_block(block, model, **inputs) -> torch.Tensor:
+    """The states `block` passes on when `model` runs `inputs` (before any final norm)."""
+    seen = []
+    hook = block.register_forward_hook(lambda module, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        model(**inputs)
+    finally:
+        hook.remove()
+    return seen[0]
 
 
 def test_mlp_pruning_keeps_the_most_active_neurons(shards, tiny_teacher_dir, tmp_path):

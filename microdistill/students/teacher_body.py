@@ -87,8 +87,20 @@ def mlp_linears(block: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:
     return [mlp.gate_proj, mlp.up_proj], mlp.down_proj
 
 
+def padded(ids: list[list[int]], batch_size: int = 16):
+    """(input_ids, attention_mask) [B, L] batches of the non-empty sequences of `ids`."""
+    ids = [x for x in ids if x]
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i:i + batch_size]
+        x = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for row, seq in enumerate(chunk):
+            x[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+        yield x, mask
+
+
 @torch.no_grad()
-def mlp_importance(body: nn.Module, ids: list[list[int]], batch_size: int = 16) -> list[torch.Tensor]:
+def mlp_importance(body: nn.Module, ids: list[list[int]]) -> list[torch.Tensor]:
     """Per block, the mean |activation| [intermediate] of each MLP hidden neuron over every real
     token of `ids` (teacher ids): what flows into down_proj."""
     blocks = blocks_of(body)
@@ -104,15 +116,7 @@ def mlp_importance(body: nn.Module, ids: list[list[int]], batch_size: int = 16) 
 
     handles = [mlp_linears(b)[1].register_forward_pre_hook(hook(k)) for k, b in enumerate(blocks)]
     try:
-        for i in range(0, len(ids), batch_size):
-            chunk = [x for x in ids[i:i + batch_size] if x]
-            if not chunk:
-                continue
-            width = max(map(len, chunk))
-            x = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for row, seq in enumerate(chunk):
-                x[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+        for x, mask in padded(ids):
             mask_now[:] = [mask]
             body(input_ids=x, attention_mask=mask)
             count += int(mask.sum())
@@ -120,6 +124,27 @@ def mlp_importance(body: nn.Module, ids: list[list[int]], batch_size: int = 16) 
         for h in handles:
             h.remove()
     return [s / max(count, 1) for s in sums]
+
+
+@torch.no_grad()
+def standardise_output(body: nn.Module, ids: list[list[int]]) -> None:
+    """Rescale the final norm's gain so that every output channel has RMS 1 over the real tokens of
+    `ids`. That gain was learnt for the teacher's last block; after its first blocks it leaves a few
+    channels ~30x the rest, and the new heads, moved by Adam at one rate for all weights, swing on them."""
+    norm = getattr(body, "norm", None)
+    if not isinstance(getattr(norm, "weight", None), nn.Parameter):
+        return
+    sq, count = torch.zeros(body.config.hidden_size), 0
+    for x, mask in padded(ids):
+        h = body(input_ids=x, attention_mask=mask).last_hidden_state
+        sq += (h.float() ** 2 * mask.unsqueeze(-1)).sum((0, 1))
+        count += int(mask.sum())
+    rms = (sq / max(count, 1)).sqrt().clamp_min(1e-6)
+    w = norm.weight.data
+    gain = w.clone()
+    w.zero_()  # a norm that scales by (1 + weight), as Gemma's, still answers with weight 0
+    offset = float(norm(torch.ones(1, w.numel())).abs().max() > 0)
+    w.copy_((gain + offset) / rms - offset)
 
 
 def prune_mlp(block: nn.Module, keep: torch.Tensor) -> None:
@@ -181,6 +206,7 @@ def cut_teacher(spec: str, shards, texts: Sequence[str], layers: int | None, mlp
         for block, score in zip(body.layers, mlp_importance(body, teacher_ids)):
             prune_mlp(block, score.topk(mlp_width).indices)
         config.intermediate_size = mlp_width
+    standardise_output(body, teacher_ids)
     emb = body.get_input_embeddings()
     blocks_size = sum(p.numel() for p in body.parameters()) - emb.weight.numel()
     tokens = TeacherTokens(tokenizer, input_rows(tokenizer, teacher_ids, (BUDGET - blocks_size) // config.hidden_size))

@@ -180,8 +180,8 @@ def test_cli_reports_a_bad_plan_in_one_line(tmp_path, shards):
     assert proc.stderr.strip().splitlines() == [
         f"error: plan {plan}, run 'odd': unknown field 'warmup'; expected TrainConfig fields "
         "(alpha, batch_size, beta, curriculum, divergence, divergence_end, divergence_start, dropout, embed_init, encoder, "
-        "encoder_layers, epochs, eval_limit, grad_clip, hidden_weight, limit_train, lr, max_steps, min_lr_ratio, preset, "
-        "pretrained_lr_ratio, seed, signal, student, tail, temperature, warmup_frac, weight_decay)"]
+        "encoder_layers, epochs, eval_limit, grad_clip, hidden_weight, limit_train, lr, max_steps, min_lr_ratio, mlp_width, "
+        "preset, pretrained_lr_ratio, seed, signal, student, tail, temperature, warmup_frac, weight_decay)"]
     assert not (tmp_path / "cmp").exists()  # nothing trained before the plan was checked
 
 

@@ -103,6 +103,21 @@ def test_input_rows_keep_bytes_and_the_most_frequent_tokens_within_the_budget(ti
     assert input_rows(tiny_tokenizer, ids, 0) == always  # bytes and specials whatever the budget: any text encodes
 
 
+def test_the_whole_student_stays_within_the_parameter_budget(shards, tiny_teacher_dir, monkeypatch):
+    """When the corpus uses more tokens than the budget leaves rows for, the rarest go (input_rows):
+    body and heads together fit."""
+    import microdistill.students.teacher_body as teacher_body
+
+    cfg = TrainConfig(student="heads", encoder=f"teacher:{tiny_teacher_dir}", max_steps=1, batch_size=8)
+    full = set_up(shards, cfg, progress=False).model
+    rows = full.encoder.get_input_embeddings().weight.shape[0]
+    budget = sum(p.numel() for p in full.parameters()) - 10 * 32  # room for 10 rows fewer
+    monkeypatch.setattr(teacher_body, "BUDGET", budget)
+    cut = set_up(shards, cfg, progress=False).model
+    assert sum(p.numel() for p in cut.parameters()) <= budget
+    assert cut.encoder.get_input_embeddings().weight.shape[0] == rows - 10
+
+
 def test_trains_saves_and_loads_through_the_cli(shards, tiny_teacher_dir, tmp_path):
     out = tmp_path / "cut"
     run = lambda *a: subprocess.run([sys.executable, "-m", "microdistill.cli", *a], capture_output=True, text=True,  # noqa: E731
@@ -128,6 +143,8 @@ def test_trains_saves_and_loads_through_the_cli(shards, tiny_teacher_dir, tmp_pa
     r = run("predict", "--student", str(out), *texts)
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     assert r.returncode == 0 and [x["fields"] for x in lines] == [p["fields"] for p in predict(student, texts)]
+    # the body's config names no special token: its ids index the teacher's table, not the pruned rows
+    assert all(config["encoder"]["config"].get(f"{k}_token_id") is None for k in ("bos", "eos", "pad"))
     r = run("eval", "--student", str(out), "--data", str(shards), "--no-teacher", "--json", "--quiet", "--limit", "6")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["student"]["kind"] == "heads"

@@ -9,10 +9,11 @@ transformer blocks (depth pruning), then each block's MLP keeps the `mlp_width` 
 with the largest mean activation |act(gate·x)·(up·x)| over the training inputs (width pruning
 by activation importance), and the input embedding keeps the rows of the tokens the training
 inputs use, the 256 byte tokens and the specials (vocab.build_input_vocab), so any text still
-encodes. Attention and the residual width stay whole. The body stays within 15M parameters: when
-the inputs use more tokens than the rows the blocks leave room for, the rarest are spelled in
-bytes. For the 0.5B Qwen teacher, two blocks at width 1,024 hold 9.2M parameters, which leaves
-room for ~6,400 input rows; the teacher has 494M.
+encodes. Attention and the residual width stay whole. The student, body and heads, stays within
+15M parameters: when the inputs use more tokens than the rows the rest leaves room for, the
+rarest are spelled in bytes. For the 0.5B Qwen teacher, two blocks at width 1,024 hold 9.2M
+parameters, which leaves room for ~6,400 input rows; the teacher has 494M. Last, the final
+norm's gain is rescaled to the cut body's outputs (`standardise_output`).
 
 The body reads the teacher's tokenizer (`TeacherTokens`); the classifier-head student
 (heads.py) puts its heads on the mean of the final states, and its folder keeps the teacher's
@@ -36,7 +37,7 @@ from microdistill.vocab import InputEncoder, build_input_vocab
 TEACHER = "teacher"  # --encoder teacher: the body is cut from the teacher that labelled the shards
 DEFAULT_LAYERS = 2
 DEFAULT_MLP_WIDTH = 1024
-BUDGET = 15_000_000  # parameters of the cut body: the input rows get what the blocks leave
+BUDGET = 15_000_000  # parameters of the student (body and heads): the input rows get what the rest leaves
 
 
 class TeacherBodyError(UserError):
@@ -170,9 +171,10 @@ def input_rows(tokenizer, ids: list[list[int]], most: int) -> list[int]:
 
 
 def cut_teacher(spec: str, shards, texts: Sequence[str], layers: int | None, mlp_width: int | None,
-                progress: bool = True) -> tuple[nn.Module, TeacherTokens, str]:
+                progress: bool = True, outputs: int = 0) -> tuple[nn.Module, TeacherTokens, str]:
     """(the pruned body, its tokenizer, the teacher's name) from teacher `spec` (`teacher`: the one
-    that labelled `shards`; `teacher:SPEC`: another spec with the same tokenizer), measured on `texts`."""
+    that labelled `shards`; `teacher:SPEC`: another spec with the same tokenizer), measured on `texts`.
+    `outputs`: how many logits the heads on top give, whose weights count within the budget too."""
     from microdistill.teachers import load_teacher, preset_of
 
     recorded = shards.manifest.get("teacher") or {}
@@ -208,13 +210,14 @@ def cut_teacher(spec: str, shards, texts: Sequence[str], layers: int | None, mlp
         config.intermediate_size = mlp_width
     standardise_output(body, teacher_ids)
     emb = body.get_input_embeddings()
-    blocks_size = sum(p.numel() for p in body.parameters()) - emb.weight.numel()
-    tokens = TeacherTokens(tokenizer, input_rows(tokenizer, teacher_ids, (BUDGET - blocks_size) // config.hidden_size))
+    others = sum(p.numel() for p in body.parameters()) - emb.weight.numel() + (config.hidden_size + 1) * outputs
+    tokens = TeacherTokens(tokenizer, input_rows(tokenizer, teacher_ids, (BUDGET - others) // config.hidden_size))
 
     # pruned in place: a subclass (Gemma's scaled embedding) keeps its behaviour
     emb.weight = nn.Parameter(emb.weight.data[torch.as_tensor(tokens.input_vocab, dtype=torch.long)].clone())
     emb.num_embeddings, emb.padding_idx = len(tokens.input_vocab), None
     config.vocab_size = len(tokens.input_vocab)
-    config.pad_token_id = None  # no row of the pruned table is reserved for padding: the mask hides pads
+    # no row of the pruned table is reserved for padding (the mask hides pads); the body never generates
+    config.pad_token_id = config.bos_token_id = config.eos_token_id = None
     body.requires_grad_(True)
     return body.float(), tokens, teacher.name

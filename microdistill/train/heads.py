@@ -57,7 +57,8 @@ def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress:
                          "text-only shards); extract again, or train on the teacher's text alone with --signal text")
     texts = [r.text for r in train_records]
     if is_teacher_spec(cfg.encoder):
-        body, tokens, name = cut_teacher(cfg.encoder, shards, texts, cfg.encoder_layers, cfg.mlp_width, progress)
+        body, tokens, name = cut_teacher(cfg.encoder, shards, texts, cfg.encoder_layers, cfg.mlp_width, progress,
+                                         outputs=sum(len(f.values) for f in fields))
         tokenizer, source, pieces = tokens, f"teacher:{name}", len(tokens.input_vocab)
     else:
         say(f"loading the pretrained encoder {cfg.encoder}", progress)

@@ -147,6 +147,7 @@ def main() -> None:
 
     from microdistill.evaluate import eval_split
     from microdistill.export import export
+    from microdistill.runtime import ExportError
     from microdistill.store import ShardSet
 
     shards = ShardSet(data)
@@ -161,10 +162,14 @@ def main() -> None:
         # rows and export folders by kind; numbered when two students are of one kind, so neither overwrites
         label = kind if kinds.count(kind) == 1 else f"{kind}-{n}"
         exports = (args.exports or Path(tempfile.mkdtemp())) / label
-        for precision in ("float32", "int8"):
-            if not (exports / precision / "export.json").is_file():
-                export(student, exports / precision, quantize=None if precision == "float32" else "int8", data=data)
         rows[f"{label}, PyTorch"] = measure("torch", student, data, texts, batched)
+        try:
+            for precision in ("float32", "int8"):
+                if not (exports / precision / "export.json").is_file():
+                    export(student, exports / precision, quantize=None if precision == "float32" else "int8", data=data)
+        except ExportError as e:  # e.g. a body cut from the teacher: timed in PyTorch only
+            print(f"{label}: PyTorch only, {e}", file=sys.stderr)
+            continue
         rows[f"{label}, ONNX float32"] = measure("onnx", exports / "float32", data, texts, batched)
         rows[f"{label}, ONNX int8"] = measure("onnx", exports / "int8", data, texts, batched)
         if kind == "heads":

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from microdistill.console import say
+from microdistill.corpus import by_length
 from microdistill.errors import UserError
 from microdistill.vocab import InputEncoder, build_input_vocab
 
@@ -89,14 +90,13 @@ def mlp_linears(block: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:
 
 
 def padded(ids: list[list[int]], batch_size: int = 16):
-    """(input_ids, attention_mask) [B, L] batches of the non-empty sequences of `ids`."""
+    """(input_ids, attention_mask) [B, L] batches of the non-empty sequences of `ids`, shortest first."""
     ids = [x for x in ids if x]
-    for i in range(0, len(ids), batch_size):
-        chunk = ids[i:i + batch_size]
-        x = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
+    for chunk in by_length([len(x) for x in ids], batch_size):
+        x = torch.zeros(len(chunk), max(len(ids[i]) for i in chunk), dtype=torch.long)
         mask = torch.zeros_like(x)
-        for row, seq in enumerate(chunk):
-            x[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+        for row, i in enumerate(chunk):
+            x[row, :len(ids[i])], mask[row, :len(ids[i])] = torch.tensor(ids[i]), 1
         yield x, mask
 
 
@@ -104,22 +104,18 @@ def padded(ids: list[list[int]], batch_size: int = 16):
 def mlp_importance(body: nn.Module, ids: list[list[int]]) -> list[torch.Tensor]:
     """Per block, the mean |activation| [intermediate] of each MLP hidden neuron over every real
     token of `ids` (teacher ids): what flows into down_proj."""
-    blocks = blocks_of(body)
-    sums = [torch.zeros(mlp_linears(b)[1].in_features) for b in blocks]
+    downs = [mlp_linears(b)[1] for b in blocks_of(body)]
+    sums = [torch.zeros(d.in_features) for d in downs]
+    seen: dict[int, torch.Tensor] = {}  # block -> the input of its down_proj in the current batch
+    handles = [d.register_forward_pre_hook(lambda module, args, k=k: seen.__setitem__(k, args[0]))
+               for k, d in enumerate(downs)]
     count = 0
-    mask_now: list[torch.Tensor] = []
-
-    def hook(k):
-        def add(module, args):
-            m = mask_now[0].unsqueeze(-1).to(args[0].dtype)
-            sums[k].add_((args[0].abs() * m).sum((0, 1)).float())
-        return add
-
-    handles = [mlp_linears(b)[1].register_forward_pre_hook(hook(k)) for k, b in enumerate(blocks)]
     try:
         for x, mask in padded(ids):
-            mask_now[:] = [mask]
             body(input_ids=x, attention_mask=mask)
+            m = mask.unsqueeze(-1)
+            for k, acts in seen.items():
+                sums[k] += (acts.abs() * m).sum((0, 1)).float()
             count += int(mask.sum())
     finally:
         for h in handles:

@@ -32,6 +32,7 @@ from microdistill.runtime import FORMAT, MANIFEST, VERSION, Exported, ExportErro
 from microdistill.runtime_decode import AUTOMATON
 from microdistill.store import ShardSet, StoreError
 from microdistill.students import CALIBRATION
+from microdistill.students.teacher_body import TeacherTokens
 
 PRECISIONS = ("float32", "int8")
 MIN_INT8_PARITY = 0.995  # the share of held-out answers an int8 export must keep to pass without a warning
@@ -50,7 +51,7 @@ def export(student_dir: Path, out: Path, quantize: str | None = None, data: Path
     student = load_student(Path(student_dir))
     if student.kind == "decoder":
         export_decoder.check_exportable(student)
-    elif (student.meta.get("inputs") or {}).get("tokenizer") == "teacher":
+    elif isinstance(student.tokenizer, TeacherTokens):
         raise ExportError(f"student folder {student_dir}: its body is cut from the teacher, which this version does not "
                           "export (it exports heads students on a pretrained encoder); serve the folder with PyTorch")
     texts = parity_texts(student, data, progress)

@@ -61,13 +61,13 @@ def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress:
                                          outputs=sum(len(f.values) for f in fields))
         tokenizer, source, pieces = tokens, f"teacher:{name}", len(tokens.input_vocab)
     else:
+        if cfg.mlp_width is not None:
+            raise TrainError("training option mlp_width is for a body cut from the teacher (--encoder teacher)")
         say(f"loading the pretrained encoder {cfg.encoder}", progress)
         encoder = load_encoder(cfg.encoder)
         body, source = encoder.model, encoder.source
         if cfg.encoder_layers is not None:
             keep_layers(body, cfg.encoder_layers)
-        if cfg.mlp_width is not None:
-            raise TrainError("training option mlp_width is for a body cut from the teacher (--encoder teacher)")
         tokens, old_ids = prune_vocabulary(encoder.tokenizer_json, texts)
         prune_embeddings(body, old_ids)
         tokenizer, pieces = tokenizer_from_json(tokens), len(old_ids)

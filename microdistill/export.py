@@ -15,6 +15,7 @@ warning below 99.5%. export.json records both, and parity.md lists every input a
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import warnings
@@ -27,7 +28,7 @@ from microdistill import export_decoder
 from microdistill.console import say
 from microdistill.corpus import clean_inputs
 from microdistill.export_decoder import OPSET  # one opset for every graph
-from microdistill.files import atomic_dir, atomic_write_bytes, atomic_write_json, file_sha256
+from microdistill.files import atomic_dir, check_output_folder, atomic_write_bytes, atomic_write_json, file_sha256
 from microdistill.runtime import FORMAT, MANIFEST, VERSION, Exported, ExportError, load_exported
 from microdistill.runtime_decode import AUTOMATON
 from microdistill.store import ShardSet, StoreError
@@ -40,14 +41,16 @@ MIN_INT8_PARITY = 0.995  # the share of held-out answers an int8 export must kee
 
 def export(student_dir: Path, out: Path, quantize: str | None = None, data: Path | None = None,
            progress: bool = True) -> Path:
-    """Write the export folder `out` (replaced as a whole) of the student in `student_dir` (a heads
-    student, or a decoder of an enum-only task);
+    """Write the export folder `out` (replaced as a whole: new, empty, or an earlier export) of the
+    student in `student_dir` (a heads student, or a decoder of an enum-only task);
     `data`: the shard folder whose held-out split checks parity (default: the one it was trained on)."""
     from microdistill.students.saved import load_student
 
     precision = quantize or "float32"
     if precision not in PRECISIONS:
         raise ExportError(f"--quantize {quantize!r}: expected int8 (or nothing, for float32)")
+    check_output_folder(out, "--out", MANIFEST, FORMAT, "an export folder",
+                        {"student": student_dir, "shard": data or trained_on(Path(student_dir))}, ExportError)
     student = load_student(Path(student_dir))
     if student.kind == "decoder":
         export_decoder.check_exportable(student)
@@ -79,6 +82,14 @@ def export(student_dir: Path, out: Path, quantize: str | None = None, data: Path
     c = checks[precision]
     say(f"exported {precision} to {out}: {c['same']}/{c['n']} held-out answers as PyTorch's", progress)
     return out
+
+
+def trained_on(student_dir: Path) -> Path | None:
+    """The shard folder a student folder records (read before the student loads), if any."""
+    try:
+        return Path(json.loads((student_dir / "config.json").read_text())["shards"]["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # load_student says what is wrong with the folder
 
 
 def parity_texts(student, data: Path | None, progress: bool) -> list[str]:

@@ -69,6 +69,33 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_output_folder(out: Path, flag: str, marker: str, fmt: str, what: str, inputs: dict[str, Path | None],
+                        error: type[UserError]) -> Path:
+    """`out` resolved, if a verb that replaces it as a whole may write there: not one of the verb's
+    `inputs` ({name: folder}) nor a folder holding one; not a file; new, empty, or `what` (e.g. "an
+    export folder") that the verb wrote before, its `marker` file saying `"format": fmt`. Anything
+    else is a one-line error before any work starts, so a mistyped --out never deletes a folder."""
+    out = Path(out).resolve()
+    for name, folder in inputs.items():
+        if folder is None:
+            continue
+        folder = Path(folder).resolve()
+        if out == folder or out in folder.parents:
+            relation = "is" if out == folder else "holds"
+            raise error(f"{flag} {out}: {relation} the {name} folder this reads ({folder}); choose another {flag}")
+    if out.is_file():
+        raise error(f"{flag} {out}: is a file; give a folder to write {what} in")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            mine = json.loads((out / marker).read_text()).get("format") == fmt
+        except (OSError, ValueError, AttributeError):
+            mine = False
+        if not mine:
+            raise error(f"{flag} {out}: holds other files ({marker} missing or of another format), not {what}; "
+                        f"choose a new or empty folder, or {what} to replace")
+    return out
+
+
 def copy_tree_atomic(src: Path, dst: Path) -> None:
     """Replace folder `dst` by a copy of `src` (see atomic_dir)."""
     with atomic_dir(dst) as tmp:

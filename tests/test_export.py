@@ -297,3 +297,29 @@ def test_what_cannot_be_exported_is_a_one_line_error(trained, shards, tmp_path):
     with pytest.raises(ExportError, match="--quantize 'int4': expected int8"):
         export(trained, tmp_path / "m", quantize="int4", progress=False)
     assert not (tmp_path / "m").exists()
+
+
+def test_export_never_replaces_a_folder_it_did_not_write(trained, shards, float32, tmp_path):
+    """--out pointing at the student, at its shards, at a folder holding them or at any folder with
+    other files is refused in one line before any work, and nothing in it changes; an earlier
+    export folder is replaced."""
+    def snapshot(folder):
+        return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "todo.txt").write_text("not an export")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = {trained: "is the student folder", shards: "is the shard folder", trained.parent: "holds the student folder",
+             keep: "not an export folder", afile: "is a file"}
+    for out, message in cases.items():
+        before = snapshot(out) if out.is_dir() else out.read_bytes()
+        r = cli("export", "--student", str(trained), "--out", str(out))
+        assert r.returncode == 2 and r.stderr.startswith("error: --out ") and message in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert (snapshot(out) if out.is_dir() else out.read_bytes()) == before
+    again = tmp_path / "again"
+    shutil.copytree(float32, again)
+    export(trained, again, quantize="int8", progress=False)  # an export folder is the one thing it replaces
+    assert json.loads((again / "export.json").read_text())["precision"] == "int8"

@@ -186,6 +186,8 @@ def train(
     encoder: str = typer.Option("minilm", help=ENCODER_HELP),
     encoder_layers: Optional[int] = typer.Option(None, help="Keep only the body's first N layers (faster; teacher: 2)."),
     mlp_width: Optional[int] = typer.Option(None, help="A teacher body's MLP width, pruned by activation importance (1024)."),
+    input_vocab: str = typer.Option("full", help="A pretrained encoder's input vocabulary: full (every piece it "
+                                    "knows) or corpus (the pieces the training inputs use: a smaller file)."),
     epochs: int = typer.Option(10, help="Passes over the training split."),
     batch_size: int = typer.Option(32, help="Examples per optimiser step."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (linear warm-up, then cosine)."),
@@ -222,7 +224,8 @@ def train(
     from microdistill.train import TrainConfig, TrainingInterrupted, train as run_training
 
     cfg = TrainConfig(
-        student=student, preset=preset, encoder=encoder, encoder_layers=encoder_layers, mlp_width=mlp_width, epochs=epochs,
+        student=student, preset=preset, encoder=encoder, encoder_layers=encoder_layers, mlp_width=mlp_width,
+        input_vocab=input_vocab, epochs=epochs,
         batch_size=batch_size, lr=lr,
         min_lr_ratio=min_lr_ratio, warmup_frac=warmup_frac, weight_decay=weight_decay, grad_clip=grad_clip,
         pretrained_lr_ratio=pretrained_lr_ratio, dropout=dropout, seed=seed, divergence=divergence,

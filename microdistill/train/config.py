@@ -14,6 +14,7 @@ from microdistill.losses import CURRICULA, DIVERGENCES
 from microdistill.students.decoder import PRESET_ALIASES, PRESETS
 
 EMBED_INITS = ("teacher", "random")
+INPUT_VOCABS = ("full", "corpus")
 STUDENTS = ("decoder", "heads", "auto")  # auto: heads when every field is an enum, else the decoder
 
 
@@ -37,6 +38,9 @@ class TrainConfig(Options):
     # "teacher" cuts the body from the teacher's first blocks instead (students/teacher_body.py)
     encoder_layers: int | None = None  # keep only the body's first N layers (faster; a teacher body: 2 when unset)
     mlp_width: int | None = None  # a teacher body's MLP width after pruning by activation importance (1024 when unset)
+    # a pretrained encoder's input vocabulary: "full" keeps every piece it learnt to read; "corpus" keeps
+    # the pieces the training inputs use (a smaller file, but new words reach it as unfamiliar fragments)
+    input_vocab: str = "full"
     epochs: int = 10
     batch_size: int = 32
     lr: float = 2e-3  # peak; tiny models tolerate (and need) more than LLM-scale rates
@@ -77,6 +81,7 @@ class TrainConfig(Options):
         need(self.curriculum in CURRICULA, "curriculum", f"choose one of {', '.join(CURRICULA)}")
         need(self.signal in ("auto", "logits", "text"), "signal", "choose auto, logits or text")
         need(self.embed_init in EMBED_INITS, "embed_init", f"choose {' or '.join(EMBED_INITS)}")
+        need(self.input_vocab in INPUT_VOCABS, "input_vocab", f"choose {' or '.join(INPUT_VOCABS)}")
         for name in ("epochs", "batch_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be a positive integer")
         for name in ("max_steps", "limit_train", "eval_limit", "encoder_layers", "mlp_width"):

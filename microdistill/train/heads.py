@@ -19,6 +19,7 @@ from microdistill.console import say
 from microdistill.evaluate import evaluate_heads
 from microdistill.losses import output_sums, taid_lambda, total_loss
 from microdistill.store import ShardSet
+from microdistill.students.decoder import compute_parameters
 from microdistill.students.encoder import keep_layers, load_encoder, prune_embeddings, prune_vocabulary, tokenizer_from_json
 from microdistill.students.teacher_body import cut_teacher, is_teacher_spec
 from microdistill.students.heads import HeadsBatch, HeadsStudent, collate_heads, enum_fields, examples_of, save_heads
@@ -43,8 +44,8 @@ def heads_loss(model: HeadsStudent, b: HeadsBatch, cfg: TrainConfig, w_div: floa
 
 
 def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress: bool) -> Setup:
-    """The classifier-head student on a pretrained encoder with its vocabulary pruned to the
-    training inputs, and an optimiser that moves the encoder slowly."""
+    """The classifier-head student on a pretrained encoder (its whole input vocabulary, or the pieces
+    the training inputs use), and an optimiser that moves the encoder slowly."""
     fields = enum_fields(shards.task(), f"shard folder {shards.dir}")
     if cfg.tail:
         raise TrainError("training option tail=True is for the decoder student; heads score only the allowed values")
@@ -68,15 +69,17 @@ def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress:
         body, source = encoder.model, encoder.source
         if cfg.encoder_layers is not None:
             keep_layers(body, cfg.encoder_layers)
-        tokens, old_ids = prune_vocabulary(encoder.tokenizer_json, texts)
-        prune_embeddings(body, old_ids)
-        tokenizer, pieces = tokenizer_from_json(tokens), len(old_ids)
+        tokens = {**encoder.tokenizer_json, "truncation": None, "padding": None}  # callers pad and cut their batches
+        if cfg.input_vocab == "corpus":
+            tokens, old_ids = prune_vocabulary(tokens, texts)
+            prune_embeddings(body, old_ids)
+        tokenizer, pieces = tokenizer_from_json(tokens), body.config.vocab_size
     train_set = examples_of(train_records, tokenizer, fields, use_logits)
     val_set = examples_of(val_records, tokenizer, fields, False)
     seed_everything(cfg.seed)
     model = HeadsStudent(body, [len(f.values) for f in fields], cfg.dropout)
     total = cfg.max_steps or cfg.epochs * math.ceil(len(train_set) / cfg.batch_size)
-    n = sum(p.numel() for p in model.parameters())
+    n = compute_parameters(model)
     return Setup(
         shards, use_logits, train_set, model, None,
         make_optimizer(model, cfg, pretrained=list(model.encoder.parameters())), total,
@@ -84,7 +87,7 @@ def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress:
         evaluate=lambda: evaluate_heads(model, fields, val_set, val_records, cfg.batch_size),
         save=lambda out: save_and_calibrate(model, tokens, shards, out, source, cfg, progress),
         info={"encoder": source, "input_pieces": pieces, "layers": body.config.num_hidden_layers},
-        title=f"heads: {n / 1e6:.1f}M parameters (encoder {source}, {body.config.num_hidden_layers} layers, "
+        title=f"heads: {n / 1e6:.1f}M compute parameters (encoder {source}, {body.config.num_hidden_layers} layers, "
               f"{pieces} input pieces, {len(fields)} fields)")
 
 

@@ -35,7 +35,7 @@ from microdistill.files import atomic_write_json
 from microdistill.losses import curriculum_weight, total_loss
 from microdistill.store import ShardSet
 from microdistill.task import EnumField
-from microdistill.students.decoder import count_parameters
+from microdistill.students.decoder import compute_parameters, count_parameters
 from microdistill.train.checkpoint import has_run, load_checkpoint, save_checkpoint, shard_fingerprint
 from microdistill.train.config import TrainConfig, TrainError, TrainingInterrupted
 from microdistill.train.decoder import set_up_decoder
@@ -212,7 +212,7 @@ def _train(ranks: Ranks, data_dir: Path, out: Path, cfg: TrainConfig, resume: bo
             "wall_s": round(state["wall_s"], 3), "train_s": round(state["train_s"], 3), "steps": state["step"],
             "epochs": state["epoch"], "tokens": state["tokens"],
             "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1), "examples": len(train_set),
-            "parameters": count_parameters(model), "student": student_kind(cfg, run.shards),
+            "parameters": count_parameters(model), "compute_parameters": compute_parameters(model), "student": student_kind(cfg, run.shards),
             "signal": "logits" if run.use_logits else "text", "config": cfg.to_dict(), "processes": ranks.world,
             **run.info,
         })

@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from microdistill.extract import ExtractConfig, extract
-from microdistill.pipeline import sample_corpus
-from microdistill.store import ShardSet
+from microdistill.extract.local import ExtractConfig, extract
+from microdistill.flows.run import sample_corpus
+from microdistill.data.shards import ShardSet
 from microdistill.teachers import DEFAULT_TEACHER
 
 

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from microdistill.files import save_figure
+from microdistill.core.files import save_figure
 
 
 def main() -> None:

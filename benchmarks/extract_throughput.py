@@ -16,14 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from microdistill.constrain import Grammar
-from microdistill.corpus import filter_inputs, read_corpus
-from microdistill.calibrate import build_vocab, calibrate
-from microdistill.extract import decode_into
-from microdistill.generation import Decoder
-from microdistill.pipeline import sample_corpus
-from microdistill.store import ShardWriter
-from microdistill.task import load_task
+from microdistill.core.grammar import Grammar
+from microdistill.data.corpus import filter_inputs, read_corpus
+from microdistill.extract.prepare import build_vocab, calibrate
+from microdistill.extract.local import decode_into
+from microdistill.teachers.decoding import Decoder
+from microdistill.flows.run import sample_corpus
+from microdistill.data.shards import ShardWriter
+from microdistill.core.task import load_task
 from microdistill.teachers import DEFAULT_TEACHER, load_teacher
 
 

@@ -25,11 +25,11 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from microdistill.agreement import wilson_interval
-from microdistill.peers import fit_predict
-from microdistill.predict import predict
-from microdistill.store import ShardSet
-from microdistill.students.saved import load_student
+from microdistill.evaluate.agreement import wilson_interval
+from microdistill.evaluate.peers import fit_predict
+from microdistill.students.decoder.predict import predict
+from microdistill.data.shards import ShardSet
+from microdistill.students.decoder.folder import load_student
 from microdistill.train import TrainConfig, train_once
 
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}  # two-sided 95% t quantiles by degrees of freedom

@@ -23,9 +23,9 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from microdistill.corpus import clean_inputs
-from microdistill.runtime import load_exported, session_options
-from microdistill.store import ShardSet
+from microdistill.data.corpus import clean_inputs
+from microdistill.runtime.load import load_exported, session_options
+from microdistill.data.shards import ShardSet
 
 
 def head_nodes(model: onnx.ModelProto, outputs: list[str]) -> list[str]:

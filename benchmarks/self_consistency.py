@@ -14,9 +14,9 @@ import json
 import time
 from pathlib import Path
 
-from microdistill.consistency import self_consistency
-from microdistill.speed import teacher_runner
-from microdistill.store import ShardSet
+from microdistill.evaluate.consistency import self_consistency
+from microdistill.evaluate.speed import teacher_runner
+from microdistill.data.shards import ShardSet
 from microdistill.teachers import load_teacher
 
 

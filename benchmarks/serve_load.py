@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from microdistill.store import ShardSet
+from microdistill.data.shards import ShardSet
 
 
 def free_port() -> int:

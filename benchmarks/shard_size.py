@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from microdistill.store import ShardSet
+from microdistill.data.shards import ShardSet
 from microdistill.teachers import DEFAULT_TEACHER, load_teacher
 from microdistill.teachers.hf import HFTeacher
 
@@ -50,8 +50,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.shards
         if path is None:
-            from microdistill.extract import ExtractConfig, extract
-            from microdistill.pipeline import sample_corpus
+            from microdistill.extract.local import ExtractConfig, extract
+            from microdistill.flows.run import sample_corpus
 
             teacher = load_teacher(args.teacher)
             path = extract(sample_corpus(), Path(tmp) / "shards", ExtractConfig(limit=args.n, calibration=min(args.n, 64)),

@@ -49,9 +49,9 @@ def timing(fn, texts: list[str], batched: list[str], batch: int) -> dict:
 def worker(kind: str, path: Path, data: Path, texts: list[str], batched: list[str], started: float) -> dict:
     """Load one model, answer once (cold start), then time it; runs in its own process."""
     if kind == "teacher":
-        from microdistill.evaluate import manifest_teacher
-        from microdistill.speed import teacher_file_bytes, teacher_runner
-        from microdistill.store import ShardSet
+        from microdistill.evaluate.evaluation import manifest_teacher
+        from microdistill.evaluate.speed import teacher_file_bytes, teacher_runner
+        from microdistill.data.shards import ShardSet
         from microdistill.teachers import load_teacher
 
         shards = ShardSet(data)
@@ -63,15 +63,15 @@ def worker(kind: str, path: Path, data: Path, texts: list[str], batched: list[st
         info = {"dtype": dtype, "file_bytes": teacher_file_bytes(teacher)}
         batch = len(batched)
     elif kind == "torch":
-        from microdistill.predict import predict
-        from microdistill.students.saved import load_student
+        from microdistill.students.decoder.predict import predict
+        from microdistill.students.decoder.folder import load_student
 
         student = load_student(path)
         fn = lambda t: predict(student, t, batch_size=64)  # noqa: E731
         info = {"file_bytes": (path / "model.safetensors").stat().st_size}
         batch = 64
     else:
-        from microdistill.runtime import load_exported
+        from microdistill.runtime.load import load_exported
 
         exported = load_exported(path)
         fn = (lambda t: exported.predict(t, batch_size=64)) if kind == "onnx" else padded(exported)
@@ -145,10 +145,10 @@ def main() -> None:
     students = [p.resolve() for p in args.student or [args.run / "student"]]
     data = (args.data or args.run / "shards").resolve()
 
-    from microdistill.evaluate import eval_split
-    from microdistill.export import export
-    from microdistill.runtime import ExportError
-    from microdistill.store import ShardSet
+    from microdistill.evaluate.evaluation import eval_split
+    from microdistill.export.heads import export
+    from microdistill.runtime.load import ExportError
+    from microdistill.data.shards import ShardSet
 
     shards = ShardSet(data)
     texts = [r.text for r in shards.load(eval_split(shards)[0])]

@@ -17,8 +17,8 @@ import time
 import numpy as np
 import torch
 
-from microdistill.students.data import Example, collate
-from microdistill.students.decoder import N_SPECIAL, Student, config_for, count_parameters
+from microdistill.students.decoder.data import Example, collate
+from microdistill.students.decoder.model import N_SPECIAL, Student, config_for, count_parameters
 from microdistill.train import TrainConfig, train_step
 from microdistill.train.setup import make_optimizer
 

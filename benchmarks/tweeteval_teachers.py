@@ -20,8 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from microdistill.extract import ExtractConfig, extract
-from microdistill.store import ShardSet
+from microdistill.extract.local import ExtractConfig, extract
+from microdistill.data.shards import ShardSet
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tweeteval_corpus import OFFENSIVE, ROOT, SENTIMENT, rows  # noqa: E402

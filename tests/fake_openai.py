@@ -41,7 +41,7 @@ KEY = "secret"
 def make_app(tokenizer_dir: str) -> FastAPI:
     from transformers import AutoTokenizer
 
-    from microdistill.vocab import token_bytes
+    from microdistill.data.vocab import token_bytes
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     eos = tok.convert_tokens_to_ids("<|im_end|>")

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save as st_save
 
-from microdistill.store import INPUT_EMBEDDINGS, Record, ShardWriter, atomic_write_bytes
-from microdistill.task import load_task
-from microdistill.vocab import build_input_vocab
+from microdistill.data.shards import INPUT_EMBEDDINGS, Record, ShardWriter, atomic_write_bytes
+from microdistill.core.task import load_task
+from microdistill.data.vocab import build_input_vocab
 
 INSULTS = ["idiot", "troll", "worthless", "stupid"]
 PRAISE = ["thanks", "lovely", "great", "love"]

@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 from synthetic import label, make_texts
 
-from microdistill.cost import CostConfig, RunFiles, api_usd_per_call, teacher_per_call
-from microdistill.extract import ExtractConfig, ExtractError, extract
-from microdistill.extract_api import decisions_from_steps
-from microdistill.store import ShardSet
-from microdistill.task import load_task
+from microdistill.plan.cost import CostConfig, RunFiles, api_usd_per_call, teacher_per_call
+from microdistill.extract.local import ExtractConfig, ExtractError, extract
+from microdistill.extract.served import decisions_from_steps
+from microdistill.data.shards import ShardSet
+from microdistill.core.task import load_task
 from microdistill.teachers import TeacherError
 
 TASK = load_task("reddit-comment")
@@ -248,7 +248,7 @@ def test_an_unreachable_server_is_one_line_from_the_cli(corpus, tmp_path):
 # ---- vLLM serving the default teacher --------------------------------------------------------
 @pytest.fixture(scope="module")
 def sample_corpus_32(tmp_path_factory):
-    from microdistill.pipeline import sample_corpus
+    from microdistill.flows.run import sample_corpus
 
     rows = [json.loads(line) for line in Path(sample_corpus()).read_text().splitlines()[:32]]
     path = tmp_path_factory.mktemp("sample") / "comments.jsonl"

@@ -15,10 +15,10 @@ import typer.main
 from typer.testing import CliRunner
 
 from microdistill.cli import app, main
-from microdistill.cost import CostConfig
-from microdistill.evaluate import EvalConfig
-from microdistill.extract import ExtractConfig
-from microdistill.pipeline import RunConfig
+from microdistill.plan.cost import CostConfig
+from microdistill.evaluate.evaluation import EvalConfig
+from microdistill.extract.local import ExtractConfig
+from microdistill.flows.run import RunConfig
 from microdistill.train import TrainConfig
 
 COMMANDS = typer.main.get_command(app).commands
@@ -90,7 +90,7 @@ def test_cost_defaults_are_cost_config_defaults():
     assert_same("cost", matched)
     assert {f.name for f in fields(CostConfig)} | {"task", "teacher", "preset"} == set(matched)
     # the rest are arguments of forecast.cost_analysis: same defaults there
-    from microdistill.forecast import cost_analysis
+    from microdistill.plan.forecast import cost_analysis
 
     signature = inspect.signature(cost_analysis).parameters
     for name in ("sample", "train_steps", "target_agreement", "points"):
@@ -129,21 +129,21 @@ def _config_built(args: list[str]):
 
 
 def test_verbs_build_default_configs(monkeypatch, tmp_path):
-    import microdistill.extract
-    import microdistill.forecast
-    import microdistill.pipeline
-    import microdistill.report
+    import microdistill.extract.local
+    import microdistill.plan.forecast
+    import microdistill.flows.run
+    import microdistill.report.evaluation
     import microdistill.train
 
     _capture(monkeypatch, microdistill.train, "train", 2)
     assert _config_built(["train", "--data", str(tmp_path), "--out", str(tmp_path / "s")]) == TrainConfig()
-    _capture(monkeypatch, microdistill.extract, "extract", 2)
+    _capture(monkeypatch, microdistill.extract.local, "extract", 2)
     assert _config_built(["extract", "--input", str(tmp_path), "--out", str(tmp_path / "x")]) == ExtractConfig()
-    _capture(monkeypatch, microdistill.report, "make_report", 3)
+    _capture(monkeypatch, microdistill.report.evaluation, "make_report", 3)
     assert _config_built(["eval", "--student", str(tmp_path), "--data", str(tmp_path)]) == EvalConfig()
-    _capture(monkeypatch, microdistill.pipeline, "run", 0)
+    _capture(monkeypatch, microdistill.flows.run, "run", 0)
     assert _config_built(["run"]) == RunConfig()
-    _capture(monkeypatch, microdistill.forecast, "cost_analysis", 1)
+    _capture(monkeypatch, microdistill.plan.forecast, "cost_analysis", 1)
     assert _config_built(["cost", str(tmp_path)]) == CostConfig()
 
 

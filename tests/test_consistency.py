@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from microdistill.agreement import wilson_interval
-from microdistill.consistency import EDITS, double_space, first_case, punctuation, self_consistency
+from microdistill.evaluate.agreement import wilson_interval
+from microdistill.evaluate.consistency import EDITS, double_space, first_case, punctuation, self_consistency
 
 
 # ---- the edits ------------------------------------------------------------------------------------
@@ -123,8 +123,8 @@ REAL = ["you idiot", "Thanks so much, this fixed my problem!", "what a lovely da
 
 
 def test_runs_end_to_end_with_the_tiny_teacher(tiny_teacher_dir):
-    from microdistill.speed import teacher_runner
-    from microdistill.task import load_task
+    from microdistill.evaluate.speed import teacher_runner
+    from microdistill.core.task import load_task
     from microdistill.teachers import load_teacher
 
     task = load_task("reddit-comment")

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from microdistill.corpus import CorpusError, FilterReport, Item, filter_inputs, read_corpus
-from microdistill.task import task_from_dict
+from microdistill.data.corpus import CorpusError, FilterReport, Item, filter_inputs, read_corpus
+from microdistill.core.task import task_from_dict
 
 ROWS = [
     {"body": "first comment here", "label": 1, "other": "x"},

@@ -11,15 +11,15 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import microdistill.forecast as forecast_mod
+import microdistill.plan.forecast as forecast_mod
 import microdistill.train.runs as runs_mod
-from microdistill.cost import (
+from microdistill.plan.cost import (
     Analysis, CostConfig, CostError, OneOff, PerCall, RunFiles, Throughput, analyse, api_usd_per_call, estimate_time,
     measure_call_tokens, throughput_from_logs,
 )
-from microdistill.extract import ExtractConfig
-from microdistill.forecast import forecast, measure_throughput, pilot, plan_from_forecast, plot_forecast
-from microdistill.report import cost_section_markdown, write_cost
+from microdistill.extract.local import ExtractConfig
+from microdistill.plan.forecast import forecast, measure_throughput, pilot, plan_from_forecast, plot_forecast
+from microdistill.report.evaluation import cost_section_markdown, write_cost
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -97,7 +97,7 @@ def test_analyse_falls_back_to_stage_logs_and_local_throughput(tmp_path):
 def test_measured_tokens_per_call(tmp_path, tiny_tokenizer):
     from synthetic import make_shards
 
-    from microdistill.store import ShardSet
+    from microdistill.data.shards import ShardSet
 
     shards = make_shards(tmp_path / "shards", tiny_tokenizer, n=12)
     records = ShardSet(shards).load()
@@ -205,7 +205,7 @@ def test_pilot_trains_fractions_and_reads_exact_match(tmp_path, tiny_tokenizer, 
         Path(out_dir, "training.json").write_text(json.dumps({**TRAINING, "config": config.to_dict()}))
 
     monkeypatch.setattr(runs_mod, "train", fake_train)
-    from microdistill.store import ShardSet
+    from microdistill.data.shards import ShardSet
 
     n_train = ShardSet(shards).manifest["counts"]["train"]
     points = pilot(shards, tmp_path / "pilot")

@@ -25,7 +25,7 @@ CFG = dict(preset="nano", epochs=2, batch_size=11, eval_limit=3, hidden_weight=1
 # optionally a SIGINT to itself after a step, as a signal that reaches one rank only would.
 SCRIPT = """
 import json, os, signal, sys
-from microdistill.errors import UserError
+from microdistill.core.errors import UserError
 from microdistill.train import TrainConfig, TrainingInterrupted, train
 data, out, cfg, per_rank, stop_at, resume = json.loads(sys.argv[1])
 rank = os.environ["RANK"]

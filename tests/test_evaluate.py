@@ -14,15 +14,15 @@ import pytest
 import torch
 from synthetic import make_shards
 
-from microdistill.agreement import (
+from microdistill.evaluate.agreement import (
     INVALID, agreement, confusion, exact_by_certainty, field_agreement, human_accuracy, teacher_certainty,
     wilson_interval,
 )
-from microdistill.evaluate import EvalConfig, EvalError, eval_split
-from microdistill.speed import PeakMemory, timing
-from microdistill.report import make_report
-from microdistill.store import Record, ShardSet, ShardWriter
-from microdistill.task import load_task
+from microdistill.evaluate.evaluation import EvalConfig, EvalError, eval_split
+from microdistill.evaluate.speed import PeakMemory, timing
+from microdistill.report.evaluation import make_report
+from microdistill.data.shards import Record, ShardSet, ShardWriter
+from microdistill.core.task import load_task
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -183,8 +183,8 @@ def evaluated(trained, tiny_teacher_dir):
 
 def _by_hand(student_dir, shards_dir):
     """Exact match and teacher-forced token accuracy on the val split, one example at a time."""
-    from microdistill.predict import predict
-    from microdistill.students.saved import load_student
+    from microdistill.students.decoder.predict import predict
+    from microdistill.students.decoder.folder import load_student
 
     s = load_student(student_dir)
     records = list(ShardSet(shards_dir).records("val"))
@@ -274,7 +274,7 @@ def test_shards_from_a_real_extraction_time_their_own_teacher(tmp_path, tiny_tea
     vocabulary exactly as extraction ran it (so it reproduces the shards), and priced."""
     from synthetic import make_texts
 
-    from microdistill.extract import ExtractConfig, extract
+    from microdistill.extract.local import ExtractConfig, extract
     from microdistill.train import TrainConfig, train
 
     corpus = tmp_path / "corpus.jsonl"
@@ -288,7 +288,7 @@ def test_shards_from_a_real_extraction_time_their_own_teacher(tmp_path, tiny_tea
     assert r["valid_json_constrained"] == 1.0
     assert not any("tokenizer" in n for n in r["notes"])  # same tokenizer: timed on the kept vocabulary
     # the ceiling: the teacher asked the held-out inputs again, edited; and the peers beside the student
-    from microdistill.consistency import EDITS
+    from microdistill.evaluate.consistency import EDITS
 
     ceiling = r["teacher_consistency"]
     held_out = list(ShardSet(shards).records("val"))[:32]

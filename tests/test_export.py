@@ -15,12 +15,12 @@ import pytest
 import torch
 from synthetic import make_shards, make_texts
 
-from microdistill.export import export, to_onnx
-from microdistill.predict import predict
-from microdistill.files import file_sha256
-from microdistill.runtime import ExportError, load_exported
-from microdistill.store import ShardSet
-from microdistill.students.saved import load_student
+from microdistill.export.heads import export, to_onnx
+from microdistill.students.decoder.predict import predict
+from microdistill.core.files import file_sha256
+from microdistill.runtime.load import ExportError, load_exported
+from microdistill.data.shards import ShardSet
+from microdistill.students.decoder.folder import load_student
 from microdistill.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,7 +253,7 @@ def test_damaged_and_foreign_folders_are_one_line_errors(float32, trained, tmp_p
 
 
 def test_failed_parity_writes_nothing_and_keeps_the_old_export(trained, float32, shards, tmp_path, monkeypatch):
-    import microdistill.export as export_mod
+    import microdistill.export.heads as export_mod
 
     def flipped(student, path):
         """The real export of a student whose first head is negated: every 'tone' answer flips."""

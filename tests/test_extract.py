@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file
 from synthetic import label, make_texts
 
-from microdistill import extract as extract_mod
-from microdistill.constrain import Grammar
-from microdistill.extract import ExtractConfig, ExtractError, extract
-from microdistill.inspection import inspect
-from microdistill.generation import Decoder, prompt_layout
-from microdistill.store import ShardSet, ShardWriter, StoreError
-from microdistill.task import load_task
+from microdistill.extract import local as extract_mod
+from microdistill.core.grammar import Grammar
+from microdistill.extract.local import ExtractConfig, ExtractError, extract
+from microdistill.data.inspection import inspect
+from microdistill.teachers.decoding import Decoder, prompt_layout
+from microdistill.data.shards import ShardSet, ShardWriter, StoreError
+from microdistill.core.task import load_task
 from microdistill.teachers import load_teacher
 
 TASK = load_task("reddit-comment")
@@ -404,7 +404,7 @@ def test_default_teacher_labels_sensibly(tmp_path, one_thread):
 
 
 def test_bfloat16_teacher_is_recorded_and_resumed_in_its_dtype(corpus, tiny_teacher_dir, tmp_path, monkeypatch):
-    import microdistill.calibrate as calibrate_mod
+    import microdistill.extract.prepare as calibrate_mod
 
     out = tmp_path / "bf16"
     teacher = load_teacher(str(tiny_teacher_dir))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from microdistill.constrain import Grammar
-from microdistill.generation import Decoder, GenerationError, value_starts
-from microdistill.task import load_task
+from microdistill.core.grammar import Grammar
+from microdistill.teachers.decoding import Decoder, GenerationError, value_starts
+from microdistill.core.task import load_task
 from microdistill.teachers import load_teacher
 
 # very different lengths, so the batch holds padding; a leading space, non-ASCII and a newline

@@ -14,13 +14,13 @@ import pytest
 import torch
 from synthetic import make_shards, make_texts, whole_and_resumed
 
-from microdistill.predict import predict
-from microdistill.store import ShardSet
-from microdistill.task import load_task
+from microdistill.students.decoder.predict import predict
+from microdistill.data.shards import ShardSet
+from microdistill.core.task import load_task
 from microdistill.students import StudentFolderError
-from microdistill.students.encoder import EncoderError, load_encoder, prune_vocabulary, tokenizer_from_json
-from microdistill.students.heads import HeadsError, LoadedHeads
-from microdistill.students.saved import load_student
+from microdistill.students.heads.encoder import EncoderError, load_encoder, prune_vocabulary, tokenizer_from_json
+from microdistill.students.heads.model import HeadsError, LoadedHeads
+from microdistill.students.decoder.folder import load_student
 from microdistill.train import TrainConfig, TrainError, train
 from microdistill.train.loop import epoch_batches, set_up
 
@@ -158,7 +158,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_tokenizer, shards, traine
     with pytest.raises(HeadsError, match=r"free-text or number fields \(summary\).*use --student decoder") as e:
         train(ticket, tmp_path / "t", TrainConfig(student="heads", max_steps=1), progress=False)
     assert "\n" not in str(e.value)
-    import microdistill.students.encoder as encoder_mod
+    import microdistill.students.heads.encoder as encoder_mod
 
     monkeypatch.setitem(encoder_mod.ENCODERS, "minilm", "no_such_package_here")
     with pytest.raises(EncoderError, match=r"its package is not installed; run pip install 'microdistill\[students\]'"):

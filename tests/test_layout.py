@@ -1,15 +1,13 @@
-"""The package's shape: stages import only earlier stages, nothing imports in a cycle, `--help`
-never imports torch, and no module grows past a readable size.
+"""The package's shape: each folder is one stage of the data flow and imports only the folders
+below it, nothing imports in a cycle, the runtime needs no torch, `--help` never imports torch,
+and no module grows past a readable size.
 
-Stage order (an earlier stage may be imported by a later one, never the reverse):
+The folders, lowest first (docs/architecture.md says what each holds):
 
-    errors, files, config, console < task < corpus < constrain, vocab < teachers < generation
-    < store < parts < extract_api < extract < students < runtime_decode < runtime < losses < predict
-    < confidence < cascade < evaluate < export_decoder < export < train < cost < coverage < report
-    < forecast < compare < pipeline < serve < api < cli_serve, cli_study < cli < __main__
+    core < data < teachers < extract < students < train < evaluate < plan < report < runtime
+    < export < serve < flows < cli < __main__
 
-Modules of one rank may not import each other, except in rank 0 (errors, files, config,
-console) and within a package (teachers/, students/, train/).
+A module may import its own folder and any folder before it, never one after it.
 """
 
 from __future__ import annotations
@@ -24,51 +22,28 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "microdistill"
-MAX_LINES = 420
+MAX_LINES = 400
 
-RANKS: list[tuple[str, ...]] = [
-    ("errors", "files", "config", "console"),
-    ("task", "tasks"),  # tasks/: the presets' YAML files, read by task.py
-    ("corpus",),
-    ("constrain", "vocab"),
-    ("teachers",),
-    ("generation",),
-    ("store",),
-    ("inspection",),  # what a shard folder holds (the inspect verb)
-    ("agreement",),  # how two labellers agree: pure functions over answers
-    ("consistency",),  # the teacher's agreement with itself under meaning-keeping edits
-    ("calibrate",),
-    ("parts",),  # extraction by several workers: who labels what, the shared calibration
-    ("extract_api",),  # extraction through an OpenAI-compatible server (extract.py hands it API teachers)
-    ("extract",),
-    ("students",),
-    ("runtime_decode",),  # an exported decoder's token automaton and greedy decoding (runtime loads it): no torch
-    ("runtime",),  # an exported student answered by onnxruntime: imports no torch
-    ("losses",),
-    ("predict",),
-    ("confidence",),  # calibrated confidence per field: temperatures, ECE, the coverage curve
-    ("peers",),
-    ("speed",),  # speed, size and memory of student and teacher
-    ("cascade",),  # the student when it is sure, the teacher otherwise
-    ("evaluate",),
-    ("export_decoder",),  # a decoder student's two graphs and token automaton, checked against PyTorch and xgrammar
-    ("export",),  # a student to ONNX, checked against PyTorch
-    ("train",),
-    ("cost",),
-    ("coverage",),  # the report's confidence section: reliability, agreement against coverage, its cost
-    ("report",),
-    ("forecast",),
-    ("compare",),
-    ("pipeline",),
-    ("serve",),  # the cascade behind micro-batching workers
-    ("api",),  # the HTTP API over it
-    ("cli_serve", "cli_study"),  # the serving verbs, and the verbs that study shards and options, added to cli's app
-    ("cli",),
-    ("__main__",),  # `python -m microdistill`, as torchrun starts it
+LAYERS = [
+    "core",  # errors, atomic files, options, console, the task and its grammar
+    "data",  # corpora, shard folders, vocabularies, the packaged samples
+    "teachers",  # what labels the inputs: one interface, every spec, decoding, the labeller
+    "extract",  # corpus -> shards, for any teacher
+    "students",  # the student kinds: model, folder, prediction, calibrated confidence
+    "train",  # shards -> a student folder: the loop, losses, one module per kind
+    "evaluate",  # measures: agreement, consistency, peers, speed; returns dicts
+    "plan",  # cost and learning-curve forecasts: pure
+    "report",  # renders measured dicts: Markdown and PNG
+    "runtime",  # an export folder answered by onnxruntime: no torch, nothing of students/
+    "export",  # a student -> an export folder, checked against the runtime
+    "serve",  # the cascade behind HTTP
+    "flows",  # orchestrations over the stages: run, eval, compare, cost
+    "cli",  # the command line
+    "__main__",  # `python -m microdistill`, as torchrun starts it
 ]
-RANK = {stage: i for i, group in enumerate(RANKS) for stage in group}
-SAME_RANK_OK = {0}  # ranks whose stages may import each other
-PACKAGES = {"teachers", "students", "train", "tasks"}
+LAYER = {name: i for i, name in enumerate(LAYERS)}
+NO_TORCH = ("runtime",)  # folders the base install (no torch) imports
+NEVER = {"runtime": {"students", "train", "export"}}  # what a folder must not import, whatever the order
 
 
 def module_name(path: Path) -> str:
@@ -125,13 +100,13 @@ def import_graph() -> tuple[dict[str, Path], dict[str, list[tuple[str, int]]]]:
 
 
 def test_every_module_has_a_stage():
-    """A new top-level module must be given a place in the stage order above."""
-    missing = sorted({stage_of(m) for m in modules() if stage_of(m)} - set(RANK))
-    assert not missing, f"modules without a stage in tests/test_layout.py RANKS: {missing}"
+    """A new top-level folder or module must be given a place in LAYERS above."""
+    missing = sorted({stage_of(m) for m in modules() if stage_of(m)} - set(LAYER))
+    assert not missing, f"modules outside every layer of tests/test_layout.py LAYERS: {missing}"
 
 
 def violations(graph: dict[str, list[tuple[str, int]]], where: dict[str, str]) -> list[str]:
-    """`file:line: ...` for each import of a later stage (or of another stage of the same rank)."""
+    """`file:line: ...` for each import of a later folder, or of a folder NEVER forbids."""
     bad = []
     for m, imports in graph.items():
         src = stage_of(m)
@@ -140,10 +115,9 @@ def violations(graph: dict[str, list[tuple[str, int]]], where: dict[str, str]) -
         for target, line in imports:
             dst = stage_of(target)
             if dst is None or dst == src:
-                continue  # the package root, or a module of the same stage (package)
-            rs, rd = RANK[src], RANK[dst]
-            if rd > rs or (rd == rs and rs not in SAME_RANK_OK):
-                bad.append(f"{where[m]}:{line}: {m} (stage {src}, rank {rs}) imports {target} (stage {dst}, rank {rd})")
+                continue  # the package root, or a module of the same folder
+            if LAYER[dst] > LAYER[src] or dst in NEVER.get(src, ()):
+                bad.append(f"{where[m]}:{line}: {m} (layer {src}) imports {target} (layer {dst})")
     return bad
 
 
@@ -189,19 +163,20 @@ def test_no_import_cycles():
 
 
 def test_the_checks_catch_what_they_are_for():
-    """The checkers themselves: a backward import and a cycle are reported, allowed imports are not."""
+    """The checkers themselves: a backward import, a forbidden one and a cycle are reported,
+    allowed imports are not."""
     graph = {
-        "microdistill.store": [("microdistill.extract", 7), ("microdistill.corpus", 3)],
-        "microdistill.constrain": [("microdistill.vocab", 5)],  # same rank, not rank 0
-        "microdistill.files": [("microdistill.errors", 1)],  # rank 0 may import rank 0
-        "microdistill.train.loop": [("microdistill.train.config", 2), ("microdistill.evaluate", 4)],
+        "microdistill.data.shards": [("microdistill.extract.local", 7), ("microdistill.core.task", 3)],
+        "microdistill.runtime.heads": [("microdistill.students.folder", 5), ("microdistill.data.vocab", 6)],
+        "microdistill.core.files": [("microdistill.core.errors", 1)],
+        "microdistill.train.loop": [("microdistill.train.config", 2), ("microdistill.students.decoder", 4)],
         "microdistill.teachers": [("microdistill.teachers.hf", 9)],
     }
     where = {m: m.replace(".", "/") + ".py" for m in graph}
     bad = violations(graph, where)
     assert len(bad) == 2
-    assert bad[0].startswith("microdistill/store.py:7: ") and "microdistill.extract" in bad[0]
-    assert bad[1].startswith("microdistill/constrain.py:5: ")
+    assert bad[0].startswith("microdistill/data/shards.py:7: ") and "microdistill.extract" in bad[0]
+    assert bad[1].startswith("microdistill/runtime/heads.py:5: ")
     assert find_cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c", "a"]]
     assert find_cycles({"a": ["b", "c"], "b": ["c"], "c": []}) == []
 
@@ -210,11 +185,11 @@ def test_the_graph_sees_function_level_and_relative_imports():
     """Guard against a parser that finds nothing: known imports of each kind are in the graph."""
     _, graph = import_graph()
     targets = {m: {t for t, _ in imps} for m, imps in graph.items()}
-    assert "microdistill.store" in targets["microdistill.extract"]  # top level
-    assert "microdistill.generation" in targets["microdistill.extract"]  # inside a function
-    assert "microdistill.task" in targets["microdistill.store"]  # inside a method
+    assert "microdistill.data.shards" in targets["microdistill.extract.local"]  # top level
+    assert "microdistill.teachers.decoding" in targets["microdistill.extract.local"]  # inside a function
+    assert "microdistill.core.task" in targets["microdistill.data.shards"]  # inside a method
     assert "microdistill.train.loop" in targets["microdistill.train"]  # package __init__
-    assert "microdistill.pipeline" in targets["microdistill.cli"]  # inside a typer command
+    assert "microdistill.flows.run" in targets["microdistill.cli"]  # inside a typer command
 
 
 def test_relative_imports_resolve(tmp_path):
@@ -233,6 +208,18 @@ def test_no_module_is_over_the_line_limit():
     long = {str(p.relative_to(ROOT)): n for p in sorted(PACKAGE.rglob("*.py"))
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_the_torch_free_folders_import_no_torch():
+    """Every module of the folders the base install runs (no torch) imports without torch."""
+    names = sorted(m for m in modules() if stage_of(m) in NO_TORCH)
+    assert "microdistill.runtime" in names
+    code = ("import importlib, sys\n"
+            f"for m in {names!r}: importlib.import_module(m)\n"
+            "print(','.join(sorted(m for m in ('torch', 'transformers', 'xgrammar') if m in sys.modules)))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "", f"importing {NO_TORCH} imported {p.stdout.strip()}"
 
 
 # ---- the CLI's help imports no torch ---------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from microdistill.losses import (
+from microdistill.train.losses import (
     CURRICULA, DIVERGENCES, cross_entropy, curriculum_weight, forward_kl, generalized_jsd, hidden_state_sums,
     output_sums, reverse_kl, skew_kl, taid, taid_lambda, total_loss, with_tail,
 )

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from synthetic import label, make_texts
 
-from microdistill.extract import ExtractConfig, extract
-from microdistill.generation import Decoder
-from microdistill.parts import Part, PartError, from_env
-from microdistill.store import ShardSet, ShardWriter, StoreError
-from microdistill.task import load_task
+from microdistill.extract.local import ExtractConfig, extract
+from microdistill.teachers.decoding import Decoder
+from microdistill.extract.parts import Part, PartError, from_env
+from microdistill.data.shards import ShardSet, ShardWriter, StoreError
+from microdistill.core.task import load_task
 from microdistill.teachers import load_teacher
 
 TASK = load_task("reddit-comment")

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from synthetic import label, make_shards
 
-from microdistill.errors import UserError
-from microdistill.peers import PEERS, PeerError, fit_predict, score_peer, score_peers
-from microdistill.store import Record, ShardSet
-from microdistill.task import task_from_dict
+from microdistill.core.errors import UserError
+from microdistill.evaluate.peers import PEERS, PeerError, fit_predict, score_peer, score_peers
+from microdistill.data.shards import Record, ShardSet
+from microdistill.core.task import task_from_dict
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_score_peers_reads_the_shard_folder(shards):
 
 
 def test_encoder_peer_embeds_like_sentence_transformers_and_beats_chance(shards):
-    from microdistill.peers import _embedder
+    from microdistill.evaluate.peers import _embedder
 
     embed = _embedder()
     texts = ["thanks", "thanks, this is the best update of the whole year with my friends at the beach"]

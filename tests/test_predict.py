@@ -11,11 +11,11 @@ import torch
 from synthetic import make_shards
 
 from microdistill import cli
-from microdistill.predict import _allowed, generate, predict
-from microdistill.students.saved import LoadedStudent, StudentFolderError, load_student, save_student
-from microdistill.errors import UserError
-from microdistill.store import ShardSet
-from microdistill.students.decoder import N_SPECIAL, Student, config_for
+from microdistill.students.decoder.predict import _allowed, generate, predict
+from microdistill.students.decoder.folder import LoadedStudent, StudentFolderError, load_student, save_student
+from microdistill.core.errors import UserError
+from microdistill.data.shards import ShardSet
+from microdistill.students.decoder.model import N_SPECIAL, Student, config_for
 
 ODD_INPUTS = ["", "@user @bob", "you idiot", "héllo 😀 zebra", "great day " * 40]
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from microdistill.report import markdown, read_metrics, slug, write_report
+from microdistill.report.evaluation import markdown, read_metrics, slug, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from microdistill.cli import app
-from microdistill.evaluate import EvalConfig
-from microdistill.extract import ExtractConfig
-from microdistill.pipeline import RunConfig, RunError, run, sample_corpus
+from microdistill.evaluate.evaluation import EvalConfig
+from microdistill.extract.local import ExtractConfig
+from microdistill.flows.run import RunConfig, RunError, run, sample_corpus
 from microdistill.train import TrainConfig, TrainError
 
 TEXTS = [
@@ -63,7 +63,7 @@ def test_run_end_to_end_then_resume_skips_finished_stages(tmp_path, corpus, tiny
 
 
 def test_run_resumes_an_interrupted_stage(tmp_path, corpus, tiny_teacher_dir, monkeypatch):
-    import microdistill.extract as extract_mod
+    import microdistill.extract.local as extract_mod
 
     cfg = _cfg(tmp_path, corpus, tiny_teacher_dir)
     folder = tmp_path / "runs" / "t"
@@ -151,7 +151,7 @@ def test_run_cli_missing_input_is_a_one_line_error(tmp_path):
 
 
 def test_sample_corpus_ships_with_the_package():
-    from microdistill.corpus import read_corpus
+    from microdistill.data.corpus import read_corpus
 
     items = read_corpus(sample_corpus(), labels={"toxicity": "toxicity"})
     assert len(items) >= 500

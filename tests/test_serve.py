@@ -23,13 +23,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from synthetic import make_shards, make_texts
 from test_cli import assert_same, matched_defaults
 
-from microdistill.cascade import Cascade, TeacherLabeller, threshold_for
-from microdistill.confidence import (assess, coverage_curve, cross_fit, ece, fit_temperature, point_for, reliability,
+from microdistill.serve.cascade import Cascade, TeacherLabeller, threshold_for
+from microdistill.students.confidence import (assess, coverage_curve, cross_fit, ece, fit_temperature, point_for, reliability,
                                      softmax)
-from microdistill.serve import MicroBatcher, RequestError, ServeConfig, Service
+from microdistill.serve.service import MicroBatcher, RequestError, ServeConfig, Service
 from microdistill.students import StudentFolderError
-from microdistill.students.saved import load_student
-from microdistill.task import load_task
+from microdistill.students.decoder.folder import load_student
+from microdistill.core.task import load_task
 from microdistill.train import TrainConfig, train
 
 
@@ -382,8 +382,8 @@ def test_sigterm_lets_an_in_flight_request_finish(student_dir, tiny_teacher_dir)
 
 
 def test_the_report_draws_calibration_and_the_coverage_table(student_dir, tmp_path):
-    from microdistill.evaluate import EvalConfig
-    from microdistill.report import make_report
+    from microdistill.evaluate.evaluation import EvalConfig
+    from microdistill.report.evaluation import make_report
 
     shards = student_dir.parent / "shards"
     report = make_report(student_dir, shards, tmp_path, EvalConfig(time_teacher=False, peers=False, consistency_inputs=0),

@@ -10,8 +10,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from microdistill.corpus import example_id
-from microdistill.store import (
+from microdistill.data.corpus import example_id
+from microdistill.data.shards import (
     FORMAT,
     VAL_FRACTION,
     Record,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from microdistill.students.decoder import (
+from microdistill.students.decoder.model import (
     N_SPECIAL, PAD, LARGE_INPUT_VOCAB, Student, StudentConfig, config_for,
     count_parameters, describe, init_input_embeddings_pca, parameter_count,
 )

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from microdistill.task import EnumField, NumberField, StringField, Task, TaskError, load_task, presets, task_from_dict
+from microdistill.core.task import EnumField, NumberField, StringField, Task, TaskError, load_task, presets, task_from_dict
 
 REDDIT = {"tone": "neutral", "sentiment": "positive", "safety": "safe", "toxicity": "respectful"}
 

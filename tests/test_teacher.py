@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from microdistill.teachers import presets as teacher_mod
-from microdistill.task import load_task
+from microdistill.core.task import load_task
 from microdistill.teachers import TeacherError, load_teacher
 from microdistill.teachers.hf import end_of_answer_id
 from microdistill.teachers.presets import Preset, preset_gguf

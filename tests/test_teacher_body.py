@@ -13,11 +13,11 @@ import pytest
 import torch
 from synthetic import make_shards
 
-from microdistill.predict import predict
-from microdistill.store import ShardSet
-from microdistill.students.heads import LoadedHeads
-from microdistill.students.saved import load_student
-from microdistill.students.teacher_body import TeacherBodyError, TeacherTokens, cut_teacher, input_rows, mlp_importance
+from microdistill.students.decoder.predict import predict
+from microdistill.data.shards import ShardSet
+from microdistill.students.heads.model import LoadedHeads
+from microdistill.students.decoder.folder import load_student
+from microdistill.students.heads.teacher_body import TeacherBodyError, TeacherTokens, cut_teacher, input_rows, mlp_importance
 from microdistill.teachers import load_teacher
 from microdistill.train import TrainConfig, TrainError, train
 from microdistill.train.loop import set_up
@@ -93,7 +93,7 @@ def test_mlp_pruning_keeps_the_most_active_neurons(shards, tiny_teacher_dir, tmp
 
 
 def test_input_rows_keep_bytes_and_the_most_frequent_tokens_within_the_budget(tiny_tokenizer):
-    from microdistill.vocab import build_input_vocab
+    from microdistill.data.vocab import build_input_vocab
 
     always = build_input_vocab(tiny_tokenizer, [])
     a, b, c = [i for i in range(len(tiny_tokenizer)) if i not in always][:3]
@@ -106,7 +106,7 @@ def test_input_rows_keep_bytes_and_the_most_frequent_tokens_within_the_budget(ti
 def test_the_whole_student_stays_within_the_parameter_budget(shards, tiny_teacher_dir, monkeypatch):
     """When the corpus uses more tokens than the budget leaves rows for, the rarest go (input_rows):
     body and heads together fit."""
-    import microdistill.students.teacher_body as teacher_body
+    import microdistill.students.heads.teacher_body as teacher_body
 
     cfg = TrainConfig(student="heads", encoder=f"teacher:{tiny_teacher_dir}", max_steps=1, batch_size=8)
     full = set_up(shards, cfg, progress=False).model
@@ -151,7 +151,7 @@ def test_trains_saves_and_loads_through_the_cli(shards, tiny_teacher_dir, tmp_pa
 
 
 def _batch(student, texts):
-    from microdistill.students.heads import HeadsExample, collate_heads, encode_texts
+    from microdistill.students.heads.model import HeadsExample, collate_heads, encode_texts
 
     b = collate_heads([HeadsExample(x, [0] * len(student.fields), None) for x in encode_texts(student.tokenizer, texts)])
     return b.ids, b.mask
@@ -182,7 +182,7 @@ def test_bad_inputs_are_one_line_errors(shards, tiny_teacher_dir, tmp_path):
     # the ONNX export refuses it; a folder whose teacher tokenizer is gone does not load
     out = train(shards, tmp_path / "ok", TrainConfig(student="heads", encoder=f"teacher:{tiny_teacher_dir}",
                                                       max_steps=1, batch_size=8, eval_limit=4), progress=False)
-    from microdistill.export import ExportError, export
+    from microdistill.export.heads import ExportError, export
 
     with pytest.raises(ExportError, match="its body is cut from the teacher, which this version does not export"):
         export(out, tmp_path / "export", progress=False)

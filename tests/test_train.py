@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file
 from synthetic import make_shards, teacher_embeddings, whole_and_resumed
 
-from microdistill.errors import UserError
-from microdistill.evaluate import evaluate_epoch
-from microdistill.losses import output_sums, taid_lambda, total_loss, with_tail
-from microdistill.students.data import collate, load_split
+from microdistill.core.errors import UserError
+from microdistill.evaluate.evaluation import evaluate_epoch
+from microdistill.train.losses import output_sums, taid_lambda, total_loss, with_tail
+from microdistill.students.decoder.data import collate, load_split
 from microdistill.train import decoder as train_mod
-from microdistill.students.saved import load_student
-from microdistill.store import ShardSet, ShardWriter, StoreError
-from microdistill.students.decoder import N_SPECIAL, Student, init_input_embeddings_pca
+from microdistill.students.decoder.folder import load_student
+from microdistill.data.shards import ShardSet, ShardWriter, StoreError
+from microdistill.students.decoder.model import N_SPECIAL, Student, init_input_embeddings_pca
 from microdistill.train import TrainConfig, TrainError, TrainingInterrupted, train
 from microdistill.train.loop import epoch_batches, lr_at, set_up
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from microdistill import vocab
-from microdistill.constrain import Grammar
-from microdistill.task import load_task, task_from_dict
+from microdistill.data import vocab
+from microdistill.core.grammar import Grammar
+from microdistill.core.task import load_task, task_from_dict
 
 UNSEEN = [
     "zebra quixotic juxtaposition",

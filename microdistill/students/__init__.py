@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from microdistill.errors import UserError
+from microdistill.core.errors import UserError
 
 FORMAT = "microdistill.student/1"  # config.json's "format" in every student folder, whatever its kind
 CALIBRATION = "calibration.json"  # {"method": "temperature", "temperatures": {field: T}, ...} (confidence.py)

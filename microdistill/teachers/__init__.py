@@ -15,11 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from microdistill.files import file_sha256
+from microdistill.core.files import file_sha256
 from microdistill.teachers.presets import PRESETS, TeacherError, preset_gguf
 
 if TYPE_CHECKING:
-    from microdistill.task import Task
+    from microdistill.core.task import Task
     from microdistill.teachers.hf import HFTeacher
 
 DEFAULT_TEACHER = "qwen2.5-coder-0.5b-instruct"
@@ -46,7 +46,7 @@ class Teacher(Protocol):
 
 def load_teacher(spec: str | Path = DEFAULT_TEACHER, cache_dir: Path | None = None) -> HFTeacher:
     """A teacher from a preset name, a Hugging Face model folder, or a `.gguf` file."""
-    from microdistill.console import quiet_transformers
+    from microdistill.core.console import quiet_transformers
     from microdistill.teachers.hf import convert_gguf, load_folder
 
     quiet_transformers()

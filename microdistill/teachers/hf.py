@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from microdistill.files import atomic_dir, file_sha256
-from microdistill.task import Task
+from microdistill.core.files import atomic_dir, file_sha256
+from microdistill.core.task import Task
 from microdistill.teachers.presets import TeacherError, cache_root
 
 DTYPES = ("float32", "bfloat16")

@@ -16,8 +16,8 @@ from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
-from microdistill.errors import UserError
-from microdistill.files import file_sha256
+from microdistill.core.errors import UserError
+from microdistill.core.files import file_sha256
 
 
 class TeacherError(UserError):

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from microdistill.files import atomic_dir, atomic_write_json
-from microdistill.store import ShardSet
+from microdistill.core.files import atomic_dir, atomic_write_json
+from microdistill.data.shards import ShardSet
 from microdistill.train.config import TrainConfig, TrainError
 from microdistill.train.probe import HiddenProbe
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from microdistill.config import Options
-from microdistill.errors import UserError
-from microdistill.losses import CURRICULA, DIVERGENCES
-from microdistill.students.decoder import PRESET_ALIASES, PRESETS
+from microdistill.core.options import Options
+from microdistill.core.errors import UserError
+from microdistill.train.losses import CURRICULA, DIVERGENCES
+from microdistill.students.decoder.model import PRESET_ALIASES, PRESETS
 
 EMBED_INITS = ("teacher", "random")
 INPUT_VOCABS = ("full", "corpus")

@@ -7,13 +7,13 @@ import math
 import numpy as np
 import torch
 
-from microdistill.console import say
-from microdistill.evaluate import evaluate_epoch
-from microdistill.losses import output_sums, taid_lambda, total_loss, with_tail
-from microdistill.store import ShardSet
-from microdistill.students.data import Batch, collate, load_split
-from microdistill.students.decoder import N_SPECIAL, Student, config_for, describe, init_input_embeddings_pca
-from microdistill.students.saved import LoadedStudent, save_student
+from microdistill.core.console import say
+from microdistill.evaluate.evaluation import evaluate_epoch
+from microdistill.train.losses import output_sums, taid_lambda, total_loss, with_tail
+from microdistill.data.shards import ShardSet
+from microdistill.students.decoder.data import Batch, collate, load_split
+from microdistill.students.decoder.model import N_SPECIAL, Student, config_for, describe, init_input_embeddings_pca
+from microdistill.students.decoder.folder import LoadedStudent, save_student
 from microdistill.train.config import TrainConfig, TrainError
 from microdistill.train.probe import HiddenProbe
 from microdistill.train.setup import Setup, make_optimizer, seed_everything

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from microdistill.losses import total_loss
+from microdistill.train.losses import total_loss
 from microdistill.train.config import TrainConfig, TrainError
 
 

@@ -14,15 +14,15 @@ import math
 
 import torch
 
-from microdistill.confidence import FOLDS, calibrate_confidence
-from microdistill.console import say
-from microdistill.evaluate import evaluate_heads
-from microdistill.losses import output_sums, taid_lambda, total_loss
-from microdistill.store import ShardSet
-from microdistill.students.decoder import compute_parameters
-from microdistill.students.encoder import keep_layers, load_encoder, prune_embeddings, prune_vocabulary, tokenizer_from_json
-from microdistill.students.teacher_body import cut_teacher, is_teacher_spec
-from microdistill.students.heads import HeadsBatch, HeadsStudent, collate_heads, enum_fields, examples_of, save_heads
+from microdistill.students.confidence import FOLDS, calibrate_confidence
+from microdistill.core.console import say
+from microdistill.evaluate.evaluation import evaluate_heads
+from microdistill.train.losses import output_sums, taid_lambda, total_loss
+from microdistill.data.shards import ShardSet
+from microdistill.students.decoder.model import compute_parameters
+from microdistill.students.heads.encoder import keep_layers, load_encoder, prune_embeddings, prune_vocabulary, tokenizer_from_json
+from microdistill.students.heads.teacher_body import cut_teacher, is_teacher_spec
+from microdistill.students.heads.model import HeadsBatch, HeadsStudent, collate_heads, enum_fields, examples_of, save_heads
 from microdistill.train.config import TrainConfig, TrainError
 from microdistill.train.setup import Setup, make_optimizer, seed_everything
 

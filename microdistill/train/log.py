@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from microdistill.console import console
-from microdistill.files import atomic_write_bytes
+from microdistill.core.console import console
+from microdistill.core.files import atomic_write_bytes
 
 
 class MetricsLog:

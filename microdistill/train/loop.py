@@ -31,11 +31,11 @@ from typing import Any, Callable
 
 import torch
 
-from microdistill.files import atomic_write_json
-from microdistill.losses import curriculum_weight, total_loss
-from microdistill.store import ShardSet
-from microdistill.task import EnumField
-from microdistill.students.decoder import compute_parameters, count_parameters
+from microdistill.core.files import atomic_write_json
+from microdistill.train.losses import curriculum_weight, total_loss
+from microdistill.data.shards import ShardSet
+from microdistill.core.task import EnumField
+from microdistill.students.decoder.model import compute_parameters, count_parameters
 from microdistill.train.checkpoint import has_run, load_checkpoint, save_checkpoint, shard_fingerprint
 from microdistill.train.config import TrainConfig, TrainError, TrainingInterrupted
 from microdistill.train.decoder import set_up_decoder

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from microdistill.losses import hidden_state_sums
-from microdistill.students.decoder import INIT_STD
+from microdistill.train.losses import hidden_state_sums
+from microdistill.students.decoder.model import INIT_STD
 
 
 class HiddenProbe(nn.Module):

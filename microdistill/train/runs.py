@@ -8,7 +8,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from microdistill.console import say
+from microdistill.core.console import say
 from microdistill.train.checkpoint import has_run
 from microdistill.train.config import TrainConfig, TrainError
 from microdistill.train.loop import train

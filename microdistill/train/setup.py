@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from microdistill.store import ShardSet
+from microdistill.data.shards import ShardSet
 from microdistill.train.config import TrainConfig
 from microdistill.train.probe import HiddenProbe
 

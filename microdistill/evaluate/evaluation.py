@@ -1,0 +1,298 @@
+"""Evaluation: how closely and how fast the student does the teacher's job.
+
+    microdistill eval --student runs/demo/student --data runs/demo/shards
+
+On the held-out split of the shards (the train split, with a warning, when nothing is held
+out) it measures agreement with the teacher: teacher-forced token accuracy, free-running exact
+match of the whole object, agreement and a confusion matrix per field, JSON validity with and
+without the grammar, and, where the shards carry human labels, the accuracy of teacher and
+student against them. Teacher and student are then timed in the same process on the same
+inputs (constrained generation for both), beside their sizes and memory. Everything lands in
+`out_dir` as report.json (the numbers), report.md and PNG plots (report.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+import torch
+
+from microdistill.evaluate.agreement import (agreement, exact_by_certainty, field_agreement, human_accuracy, valid_rate,
+                                    wilson_interval)
+from microdistill.students.confidence import FOLDS, assess_student
+from microdistill.core.options import Options
+from microdistill.evaluate.consistency import self_consistency
+from microdistill.core.console import say
+from microdistill.core.errors import UserError
+from microdistill.evaluate.peers import PeerError, score_peers
+from microdistill.students.decoder.predict import generate, predict
+from microdistill.evaluate.speed import (PeakMemory, Timed, speed_size_memory, student_runner, teacher_file_bytes, teacher_runner,
+                                timing, weights_bytes)
+from microdistill.data.shards import Record, ShardSet, StoreError
+from microdistill.students.decoder.data import Example, collate, load_split
+from microdistill.students.decoder.model import count_parameters
+from microdistill.students.decoder.folder import LoadedStudent, load_student
+from microdistill.core.task import parse_or_none
+from microdistill.teachers import TeacherError, load_teacher, preset_of
+
+TIMING_SAMPLE = 16  # the teacher is slow on a CPU; a few inputs give a stable median
+
+
+class EvalError(UserError):
+    """An evaluation input that cannot be used; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class EvalConfig(Options):
+    """What an evaluation scores and times."""
+
+    teacher: str | None = None  # a teacher spec to time beside the student (None: the shards' own)
+    time_teacher: bool = True  # False: load and time no teacher
+    limit: int | None = None  # score at most N held-out examples
+    timing_inputs: int = TIMING_SAMPLE  # inputs both models are timed on
+    batch_size: int = 64  # student batch size while scoring
+    peers: bool = True  # score the peer baselines (peers.py) on the same split
+    consistency_inputs: int = 100  # held-out inputs the timed teacher answers again, edited (0: off)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.consistency_inputs, int) or self.consistency_inputs < 0:
+            raise EvalError(f"--consistency-inputs must be a non-negative integer, got {self.consistency_inputs!r}")
+        for name in ("limit", "timing_inputs", "batch_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise EvalError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.teacher is not None and not self.time_teacher:
+            raise EvalError("--teacher and --no-teacher contradict each other; give one")
+
+
+# ---- during training ------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_epoch(loaded: LoadedStudent, examples: list[Example], records: list, batch_size: int) -> dict[str, Any]:
+    """Held-out metrics against the teacher: teacher-forced token accuracy, and free-running
+    (greedy, constrained) exact match of the whole output and agreement per field."""
+    if not examples:
+        return {"val_examples": 0}
+    model, was_training = loaded.model, loaded.model.training
+    model.eval()
+    right = total = 0
+    for i in range(0, len(examples), batch_size):
+        b = collate(examples[i:i + batch_size], len(loaded.kept))
+        pred = model(b.inp, b.out_in)[..., : b.n_kept].argmax(-1)
+        right += int(((pred == b.target) & b.mask).sum())
+        total += int(b.mask.sum())
+    model.train(was_training)
+    outs = generate(loaded, [r.input_ids for r in records], constrain=True, batch_size=max(batch_size, 64))
+    tok, task = loaded.tokenizer, loaded.task
+    exact, agree = 0, {name: 0 for name in task.field_names}
+    for r, out in zip(records, outs):
+        text = tok.decode(out)
+        exact += text == tok.decode(r.output_ids[:-1])
+        fields_ = parse_or_none(task, text) or {}
+        for name in agree:
+            agree[name] += fields_.get(name, object()) == r.fields.get(name)
+    n = len(records)
+    return {"val_examples": n, "val_token_acc": right / max(total, 1), "val_exact_match": exact / n,
+            "val_field_agreement": {k: v / n for k, v in agree.items()}}
+
+
+@torch.no_grad()
+def evaluate_heads(model, fields, examples: list, records: list, batch_size: int) -> dict[str, Any]:
+    """evaluate_epoch for a classifier-head student: exact match of the whole answer, agreement
+    per field, and as `val_token_acc` the share of decisions (field values) that agree."""
+    from microdistill.students.heads.model import collate_heads
+
+    if not examples:
+        return {"val_examples": 0}
+    was_training = model.training
+    model.eval()
+    picks = []
+    for i in range(0, len(examples), batch_size):
+        b = collate_heads(examples[i:i + batch_size])
+        picks.append(torch.stack([z.argmax(-1) for z in model(b.ids, b.mask)], 1))
+    model.train(was_training)
+    right = torch.cat(picks) == torch.tensor([e.target for e in examples])  # [N, F]
+    n = len(examples)
+    return {"val_examples": n, "val_token_acc": int(right.sum()) / right.numel(),
+            "val_exact_match": int(right.all(1).sum()) / n,
+            "val_field_agreement": {f.name: int(right[:, k].sum()) / n for k, f in enumerate(fields)}}
+
+
+# ---- the evaluation -------------------------------------------------------------------------------
+def manifest_teacher(data_dir: Path) -> str | None:
+    """The teacher spec that made the shards (a preset name or a path), if one is recorded."""
+    teacher = ShardSet(data_dir).manifest.get("teacher") or {}
+    source = str(teacher.get("source") or "")
+    return preset_of(source) or source or teacher.get("name") or None
+
+
+def eval_split(shards: ShardSet) -> tuple[str, list[str]]:
+    """The split to evaluate on: held out if there is any, else train with a warning."""
+    if any(s.get("n_val", 0) > 0 for s in shards.manifest["shards"]):
+        return "val", []
+    if len(shards) == 0:
+        raise StoreError(f"shard folder {shards.dir}: no examples to evaluate on")
+    return "train", [f"shard folder {shards.dir} holds no held-out examples: evaluated on the train split, "
+                     "which the student has seen, so these scores overstate it"]
+
+
+def check_pair(student, shards: ShardSet) -> None:
+    """The student must have been trained on shards of the same task and vocabularies."""
+    where = f"student {student.path} and shard folder {shards.dir}"
+    if student.task.fingerprint() != shards.task().fingerprint():
+        raise EvalError(f"{where} are for different tasks ({student.task.name!r} vs {shards.task().name!r}); "
+                        "evaluate on the shards the student was trained on")
+    if student.kind == "heads":  # reads text with its own tokenizer: no vocabulary to share
+        return
+    if not (np.array_equal(student.kept, shards.kept_vocab) and np.array_equal(student.input_vocab, shards.input_vocab)):
+        raise EvalError(f"{where} use different vocabularies (shards from another extraction); "
+                        "evaluate on the shards the student was trained on")
+
+
+def quality(student, shards: ShardSet, split: str, limit: int | None, batch_size: int) -> tuple[dict, list[Record]]:
+    """Agreement with the teacher on the first `limit` examples of `split`, and those examples."""
+    # Token accuracy and exact match come from the trainer's own held-out evaluation, so the
+    # report and the training log measure the same thing the same way.
+    if student.kind == "heads":
+        from microdistill.students.heads.model import examples_of
+
+        records = list(shards.records(split))[:limit]
+        examples = examples_of(records, student.tokenizer, student.fields, False)
+        head = evaluate_heads(student.model, student.fields, examples, records, batch_size)
+    else:
+        examples, records = load_split(shards, split, False, limit)
+        head = evaluate_epoch(student, examples, records, batch_size)
+    texts = [r.text for r in records]
+    constrained = predict(student, texts, constrain=True, batch_size=batch_size)
+    # a heads student has no unconstrained mode: its answer is assembled from the allowed values
+    free = constrained if student.kind == "heads" else predict(student, texts, constrain=False, batch_size=batch_size)
+    student_fields = [p["fields"] for p in constrained]
+    n_exact = round(head["val_exact_match"] * len(records))
+    result = {
+        "student_only_exact": head["val_exact_match"],
+        "student_only_exact_ci95": list(wilson_interval(n_exact, len(records))),
+        "exact_by_teacher_certainty": exact_by_certainty(student.task, records, student_fields),
+        "teacher_forced_token_acc": head["val_token_acc"],
+        "valid_json_constrained": valid_rate(constrained),
+        "valid_json_unconstrained": valid_rate(free),
+        "fields": field_agreement(student.task, [r.fields for r in records], student_fields),
+        "human": human_accuracy(records, student_fields),
+    }
+    return result, records
+
+
+def time_student(student_dir: Path, shards: ShardSet, texts: list[str]):
+    """Load, check and time the student under one memory measurement; returns (student, Timed)."""
+    with PeakMemory() as mem:
+        student = load_student(student_dir)
+        check_pair(student, shards)
+        speed, _ = timing(student_runner(student), texts)
+    file_bytes = (Path(student_dir) / "model.safetensors").stat().st_size
+    return student, Timed("student", speed, count_parameters(student.model), file_bytes, mem.growth,
+                          weights_bytes(student.model), [])
+
+
+def time_teacher(spec: str, shards: ShardSet, texts: list[str], notes: list[str],
+                 consistency_records: Sequence[Record] = ()) -> Timed:
+    """Load and time a teacher under one memory measurement, on the kept vocabulary if it is the
+    shards' teacher; then, if it is, ask it `consistency_records` again under meaning-preserving
+    edits (consistency.py)."""
+    with PeakMemory() as mem:
+        teacher = load_teacher(spec)
+        labelled_by = shards.manifest.get("teacher") or {}
+        same_tokenizer = teacher.tokenizer_sha256 == labelled_by.get("tokenizer_sha256")
+        if same_tokenizer:  # timed as it labelled the shards: bfloat16 where extraction chose it
+            teacher.to_dtype(labelled_by.get("dtype", "float32"))
+        if not same_tokenizer:
+            notes.append(f"teacher {spec!r} has another tokenizer than the shards' teacher: it was timed with "
+                         "its own full vocabulary instead of the kept one")
+        run = teacher_runner(teacher, shards.task(), [int(i) for i in shards.kept_vocab] if same_tokenizer else None)
+        speed, outputs = timing(run, texts)
+    params = sum(p.numel() for p in teacher.model.parameters())
+    consistent = None
+    if consistency_records and same_tokenizer:
+        consistent = self_consistency(run, [r.text for r in consistency_records],
+                                      [r.output_text for r in consistency_records])
+    return Timed(teacher.name, speed, params, teacher_file_bytes(teacher), mem.growth, weights_bytes(teacher.model),
+                 outputs, consistent, teacher.dtype)
+
+
+def _preload() -> None:
+    """Import what loading either model imports, so neither model's memory counts the libraries."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import microdistill.teachers.decoding  # noqa: F401
+
+
+def teacher_timing(teacher: str | None, from_manifest: bool, shards: ShardSet, texts: list[str],
+                   notes: list[str], progress: bool, consistency_records: Sequence[Record] = ()) -> tuple[str | None, Timed | None]:
+    """Time the given teacher (errors propagate), or the shards' own one (skipped with a note if it fails)."""
+    spec = teacher if teacher is not None else (manifest_teacher(shards.dir) if from_manifest else None)
+    if spec is None:
+        notes.append("teacher not timed (no teacher given)")
+        return None, None
+    say(f"[eval] timing the teacher {spec} on {len(texts)} inputs", progress)
+    try:
+        if consistency_records:
+            say(f"[eval] asking the teacher {len(consistency_records)} held-out inputs again, edited", progress)
+        return str(spec), time_teacher(str(spec), shards, texts, notes, consistency_records)
+    except TeacherError as e:
+        if teacher is not None:
+            raise
+        notes.append(f"teacher not timed: the shards' teacher cannot be loaded ({e})")
+        return str(spec), None
+
+
+def evaluate(student_dir: Path, data_dir: Path, config: EvalConfig | None = None, progress: bool = True) -> dict:
+    """Score and time the student in `student_dir` on the shards in `data_dir`; returns the
+    content of report.json (report.py turns it into files).
+
+    With `config.teacher` None and `time_teacher`, the shards' own teacher is timed when it can
+    be loaded, and skipped with a note otherwise; a teacher given by name must load.
+    """
+    cfg = config or EvalConfig()
+    student_dir, shards = Path(student_dir), ShardSet(data_dir)
+    split, warnings = eval_split(shards)
+    for w in warnings:
+        say(f"[eval] warning: {w}", progress)
+    notes: list[str] = []
+    _preload()
+    timed_records = list(shards.records(split))[: min(cfg.timing_inputs, cfg.limit or cfg.timing_inputs)]
+    texts = [r.text for r in timed_records]
+    say(f"[eval] timing the student on {len(texts)} inputs", progress)
+    student, s_timed = time_student(student_dir, shards, texts)
+    say(f"[eval] scoring the student on the {split} split", progress)
+    scores, records = quality(student, shards, split, cfg.limit, cfg.batch_size)
+    spec, t_timed = teacher_timing(cfg.teacher, cfg.time_teacher, shards, texts, notes, progress,
+                                   records[: cfg.consistency_inputs])
+    report: dict[str, Any] = {
+        "task": student.task.name, "split": split, "n_eval": len(records), **scores, **speed_size_memory(s_timed, t_timed),
+        "student": {"path": str(student_dir), "kind": student.kind, "preset": student.meta.get("preset"),
+                    "config": student.config.to_dict() if student.kind == "decoder" else student.meta.get("training")},
+        "teacher": {"spec": spec, "name": t_timed.name, "dtype": t_timed.dtype} if t_timed else None,
+        "warnings": warnings, "notes": notes,
+    }
+    if t_timed is not None:
+        # The timed teacher should be the one that labelled the shards: say how often it agrees.
+        report["speed"]["teacher"]["same_output_as_shards"] = agreement([r.output_text for r in timed_records], t_timed.outputs)
+    report["teacher_consistency"] = t_timed.consistency if t_timed is not None else None
+    report["peers"] = peer_rows(shards, split, cfg, notes, progress) if cfg.peers else None
+    # calibrated confidence and the cascade's coverage (confidence.py); a decoder student has no confidence per field
+    enough = student.kind == "heads" and len(records) >= 2 * FOLDS
+    report["confidence"] = assess_student(student, records, cfg.batch_size) if enough else None
+    return report
+
+
+def peer_rows(shards: ShardSet, split: str, cfg: EvalConfig, notes: list[str], progress: bool) -> list[dict] | None:
+    """The peers (peers.py) trained on the train split and scored on the student's split."""
+    if split != "val":
+        notes.append("no peers: nothing is held out to score them on")
+        return None
+    try:
+        return score_peers(shards.dir, progress=progress, limit_val=cfg.limit)
+    except PeerError as e:
+        notes.append(f"no peers: {e}")
+        return None

@@ -1,0 +1,199 @@
+"""The HTTP API over a `Service` (serve.py), OpenAI-compatible, run under uvicorn.
+
+    microdistill serve --student runs/demo/student --teacher qwen2.5-coder-0.5b-instruct --target-agreement 0.97
+
+Routes: POST /v1/predict {"texts": [...]} -> per text {fields, output, confidence, answered_by};
+POST /v1/chat/completions (OpenAI's shape: the last user message is the input, the reply's
+content the JSON object); GET /v1/models, /health, /metrics (Prometheus text). Every error is
+JSON in OpenAI's shape, {"error": {"message", "type", "code"}}. Token counts in `usage` are the
+student's tokenizer's ([CLS]/[SEP] included), whoever answered: the only tokenizer a student
+folder is sure to have. On SIGTERM uvicorn stops accepting connections and lets in-flight
+requests finish (up to drain_timeout_s); then the service drains its queues and the process ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
+
+from microdistill.serve.service import RequestError, ServeConfig, Service, build_service
+
+log = logging.getLogger("uvicorn.error")
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    texts: list[str] = Field(min_length=1)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[TextPart] | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # sampling options (temperature, ...) are accepted and have no effect
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    n: int = 1
+
+
+def error_body(status: int, message: str) -> dict:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+def parse_json(raw: bytes, content_type: str, model: type[BaseModel]):
+    """The request body as `model`, or a RequestError: 415 not JSON, 400 malformed, 422 invalid."""
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise RequestError(415, f"content type {content_type or 'none'!r}: send application/json")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"the body is not valid JSON ({e})") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        where = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:5])
+        raise RequestError(422, f"invalid request: {where}") from None
+
+
+def last_user_text(request: ChatRequest) -> str:
+    for m in reversed(request.messages):
+        if m.role == "user":
+            content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+            if not content.strip():
+                raise RequestError(422, "messages: the last user message is empty")
+            return content
+    raise RequestError(422, "messages: no user message to answer")
+
+
+def make_app(service: Service):
+    """The FastAPI app: routes translate HTTP to `service` calls and back, nothing more."""
+    @asynccontextmanager
+    async def lifespan(app):
+        await service.start()
+        c = service.config
+        log.info("serving %s: the student answers when every field's confidence is >= %.4g; teacher: %s",
+                 service.model_id, service.cascade.threshold, c.teacher or "none (the student answers everything)")
+        yield
+        await service.close()  # uvicorn has let in-flight requests finish; drain what is queued
+
+    app = FastAPI(title="microdistill", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    routes = {"/v1/predict", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+    m = service.metrics
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        route = request.url.path if request.url.path in routes else "other"
+        api = route.startswith("/v1/")  # in flight: calls being answered, not scrapes of /metrics or /health
+        service.in_flight += api
+        t0 = time.perf_counter()
+        try:
+            length = int(request.headers.get("content-length") or 0)
+            if length > service.config.max_body_bytes:
+                response = JSONResponse(error_body(413, f"the body has {length:,} bytes; the limit is "
+                                                        f"{service.config.max_body_bytes:,}"), 413)
+            else:
+                response = await call_next(request)
+        except Exception as e:  # a bug, not a request error: one JSON line for the client, the trace in the log
+            log.exception("request failed")
+            response = JSONResponse(error_body(500, f"internal error ({type(e).__name__})"), 500)
+        finally:
+            service.in_flight -= api
+        m.latency.labels(route).observe(time.perf_counter() - t0)
+        m.requests.labels(route, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RequestError)
+    async def request_error(request, e: RequestError):
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse(error_body(e.status, str(e)), e.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return JSONResponse(error_body(e.status_code, str(e.detail)), e.status_code)
+
+    async def body(request: Request, model: type[BaseModel]):
+        raw = await request.body()
+        if len(raw) > service.config.max_body_bytes:  # a body sent without a content length
+            raise RequestError(413, f"the body is over {service.config.max_body_bytes:,} bytes")
+        return parse_json(raw, request.headers.get("content-type", ""), model)
+
+    @app.post("/v1/predict")
+    async def predict(request: Request):
+        req = await body(request, PredictRequest)
+        results = await service.predict(req.texts)
+        return {"model": service.model_id, "results": results}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = await body(request, ChatRequest)
+        if req.model != service.model_id:
+            raise RequestError(404, f"model {req.model!r} not found; this server serves {service.model_id!r}")
+        if req.stream or req.n != 1:
+            raise RequestError(400, "streaming and n > 1 are not supported: each call has one JSON answer")
+        text = last_user_text(req)
+        r = (await service.predict([text]))[0]
+        prompt, completion = service.count_tokens(text), service.count_tokens(r["output"])
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": service.model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": r["output"]},
+                             "finish_reason": "stop", "logprobs": None}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+                "microdistill": {k: r[k] for k in ("fields", "confidence", "answered_by")}}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": service.model_id, "object": "model", "created": 0,
+                                            "owned_by": "microdistill"}]}
+
+    @app.get("/health")
+    async def health():
+        status = 503 if service.draining else 200
+        return JSONResponse({"status": "draining" if service.draining else "ok", "model": service.model_id,
+                             "teacher": service.cascade.teacher is not None, "threshold": service.cascade.threshold,
+                             "calibrated": bool(getattr(service.cascade.student, "temperatures", None))}, status)
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(m.text(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def run_server(student_dir: Path, config: ServeConfig) -> None:
+    """Serve until SIGINT/SIGTERM; then finish in-flight requests (up to drain_timeout_s) and exit."""
+    import uvicorn
+
+    service = build_service(Path(student_dir), config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                log.info("shutting down: draining %d in-flight request(s)", service.in_flight)
+                service.draining = True
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(make_app(service), host=config.host, port=config.port, access_log=False,
+                          timeout_graceful_shutdown=config.drain_timeout_s, log_level="info")).run()

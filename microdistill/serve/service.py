@@ -1,0 +1,257 @@
+"""Serving without HTTP: the cascade behind micro-batching workers, with its limits and metrics.
+
+    microdistill serve --student runs/demo/student --teacher qwen2.5-coder-0.5b-instruct --target-agreement 0.97
+
+`Service` is what every route of the HTTP API (api.py) calls. Concurrent callers' texts are
+gathered for a few milliseconds into one student batch, run on the student's own worker
+thread; escalated texts go to the teacher's worker thread, so a slow teacher delays only the
+calls that wait for it. Each queue is bounded (503 when full); `close` refuses new work and
+finishes what is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+from microdistill.serve.cascade import Cascade, TeacherLabeller, check_student, threshold_for
+from microdistill.core.options import Options
+from microdistill.core.errors import UserError
+
+log = logging.getLogger("uvicorn.error")
+
+
+class ServeError(UserError):
+    """A serving option that cannot be used; one line for the user."""
+
+
+@dataclass(frozen=True)
+class ServeConfig(Options):
+    """How the server runs: who answers, where it listens, and its limits."""
+
+    teacher: str | None = None  # a teacher spec (as extract takes) for escalated inputs
+    min_confidence: float | None = None  # every field must reach this for the student to answer
+    target_agreement: float | None = None  # or: the threshold reaching this on the held-out curve
+    host: str = "127.0.0.1"
+    port: int = 8000
+    batch_window_ms: float = 2.0  # how long the student waits for other callers to join a batch
+    max_batch: int = 64  # texts per student batch gathered from several requests
+    max_queue: int = 1024  # texts waiting for a worker before requests get 503
+    max_texts: int = 256  # texts per request (413 beyond)
+    max_text_chars: int = 10_000  # characters per text (413 beyond)
+    max_body_bytes: int = 1_048_576  # request body (413 beyond)
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
+    threads: int | None = None  # torch threads per worker (None: torch's default, one per core)
+
+    def __post_init__(self) -> None:
+        if self.min_confidence is not None and self.target_agreement is not None:
+            raise ServeError("give --min-confidence or --target-agreement, not both")
+        for name in ("min_confidence", "target_agreement"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ServeError(f"--{name.replace('_', '-')} must be between 0 and 1, got {v}")
+        if self.teacher is not None and self.min_confidence is None and self.target_agreement is None:
+            raise ServeError("with --teacher, give --min-confidence or --target-agreement: without a threshold "
+                             "the teacher would never be asked")
+        for name in ("max_batch", "max_queue", "max_texts", "max_text_chars", "max_body_bytes", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ServeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.batch_window_ms < 0 or self.drain_timeout_s < 0:
+            raise ServeError("--batch-window-ms and --drain-timeout-s must not be negative")
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# ---- workers ----------------------------------------------------------------------------------------
+class MicroBatcher:
+    """Runs fn(items) -> results on one worker thread, over items that concurrent callers
+    submitted within `window_s` of each other (up to `max_batch`, a larger request alone)."""
+
+    def __init__(self, fn: Callable[[list], list], name: str, max_batch: int, window_s: float, max_queue: int):
+        self.fn, self.name, self.max_batch, self.window_s, self.max_queue = fn, name, max_batch, window_s, max_queue
+        self.pending = 0  # items queued or running
+        self.closing = False
+        self.on_batch: Callable[[int], None] = lambda n: None
+
+    async def start(self) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=self.name)
+        self.task = asyncio.create_task(self._run())
+
+    async def submit(self, items: list) -> list:
+        if self.closing:
+            raise RequestError(503, "the server is shutting down")
+        if self.pending + len(items) > self.max_queue:
+            raise RequestError(503, f"the {self.name} queue is full ({self.pending} texts waiting); retry shortly")
+        future = asyncio.get_running_loop().create_future()
+        self.pending += len(items)
+        self.queue.put_nowait((items, future))
+        return await future
+
+    async def _gather(self, first) -> list:
+        batch, n = [first], len(first[0])
+        deadline = time.monotonic() + self.window_s
+        while n < self.max_batch:
+            while n < self.max_batch and not self.queue.empty():
+                nxt = self.queue.get_nowait()
+                if nxt is None:  # close(): finish this batch, then stop
+                    self.queue.put_nowait(None)
+                    return batch
+                batch.append(nxt)
+                n += len(nxt[0])
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            await asyncio.sleep(min(left, 0.0005))  # polling, not wait_for(get()): a timed-out get can lose an item
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (first := await self.queue.get()) is not None:
+            batch = await self._gather(first)
+            items = [x for chunk, _ in batch for x in chunk]
+            self.on_batch(len(items))
+            try:
+                results = await loop.run_in_executor(self.executor, self.fn, items)
+            except Exception as e:  # one failed batch fails its callers, never the worker
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+            else:
+                at = 0
+                for chunk, future in batch:
+                    if not future.done():  # a caller that went away has cancelled its future
+                        future.set_result(results[at:at + len(chunk)])
+                    at += len(chunk)
+            self.pending -= len(items)
+
+    async def close(self) -> None:
+        """Refuse new items, finish the queued ones, stop the worker."""
+        self.closing = True
+        self.queue.put_nowait(None)
+        await self.task
+        self.executor.shutdown(wait=True)
+
+
+class Metrics:
+    """Prometheus metrics of one service, in their own registry."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("microdistill_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.latency = Histogram("microdistill_request_seconds", "HTTP request latency by route", ["route"], registry=r,
+                                 buckets=(.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10, 30))
+        self.in_flight = Gauge("microdistill_requests_in_flight", "HTTP requests being answered", registry=r)
+        self.answers = Counter("microdistill_answers", "texts answered, by who answered", ["answered_by"], registry=r)
+        self.escalations = Counter("microdistill_escalations", "texts sent to the teacher", registry=r)
+        self.errors = Counter("microdistill_errors", "failures by kind", ["kind"], registry=r)
+        self.batch = Histogram("microdistill_student_batch_texts", "texts per student batch", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.ratio = Gauge("microdistill_escalation_ratio", "share of answered texts escalated to the teacher", registry=r)
+        self.answers_by = {"student": 0, "teacher": 0}
+
+    def answered(self, results: list[dict]) -> None:
+        for r in results:
+            self.answers.labels(r["answered_by"]).inc()
+            self.answers_by[r["answered_by"]] += 1
+        self.ratio.set(self.answers_by["teacher"] / max(sum(self.answers_by.values()), 1))
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class Service:
+    """The cascade behind two workers: what every route calls, usable without HTTP."""
+
+    def __init__(self, cascade: Cascade, config: ServeConfig, model_id: str):
+        self.cascade, self.config, self.model_id = cascade, config, model_id
+        self.metrics = Metrics()
+        window = config.batch_window_ms / 1000
+        self.student = MicroBatcher(cascade.student_answers, "student", config.max_batch, window, config.max_queue)
+        self.student.on_batch = self.metrics.batch.observe
+        # the teacher takes whatever is queued when it is free: no window, its calls are slow anyway
+        self.teacher = MicroBatcher(cascade.teacher_answers, "teacher", config.max_batch, 0.0, config.max_queue)
+        self.draining = False
+        self.in_flight = 0  # HTTP requests being answered (the middleware counts them)
+        self.metrics.in_flight.set_function(lambda: self.in_flight)
+
+    async def start(self) -> None:
+        await self.student.start()
+        await self.teacher.start()
+
+    async def close(self) -> None:
+        self.draining = True
+        await self.student.close()
+        await self.teacher.close()
+
+    def check(self, texts: list[str]) -> None:
+        c = self.config
+        if len(texts) > c.max_texts:
+            raise RequestError(413, f"{len(texts)} texts in one request; the limit is {c.max_texts}")
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise RequestError(422, f"texts[{i}] is empty")
+            if len(t) > c.max_text_chars:
+                raise RequestError(413, f"texts[{i}] has {len(t):,} characters; the limit is {c.max_text_chars:,}")
+
+    async def predict(self, texts: list[str]) -> list[dict[str, Any]]:
+        self.check(texts)
+        try:
+            results = await self.student.submit(texts)
+            todo = [i for i, r in enumerate(results) if self.cascade.escalates(r)]
+            if todo:
+                self.metrics.escalations.inc(len(todo))
+                answers = await self.teacher.submit([texts[i] for i in todo])
+                for i, answer in zip(todo, answers):
+                    results[i] = self.cascade.merge(results[i], answer)
+        except RequestError as e:
+            self.metrics.errors.labels("overloaded" if e.status == 503 else "request").inc()
+            raise
+        except Exception:
+            self.metrics.errors.labels("model").inc()
+            raise
+        self.metrics.errors.labels("invalid_teacher_answer").inc(sum("teacher_error" in r for r in results))
+        self.metrics.answered(results)
+        return results
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` under the student's tokenizer (tokenizers or transformers style)."""
+        enc = self.cascade.student.tokenizer.encode(text)
+        return len(getattr(enc, "ids", enc))
+
+
+def build_service(student_dir: Path, config: ServeConfig) -> Service:
+    """Load the student (and teacher) and make the service; the model id is the task's name. An
+    exported folder (microdistill export) is answered by onnxruntime, without torch."""
+    from microdistill.runtime.load import is_export, load_exported
+
+    if is_export(Path(student_dir)):
+        student = load_exported(Path(student_dir), threads=config.threads)
+    else:
+        import torch
+
+        from microdistill.students.decoder.folder import load_student
+
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)  # a tiny model on a shared CPU can lose more to waking threads than it gains
+        student = load_student(student_dir)
+    check_student(student, f"student folder {student_dir}")
+    threshold = threshold_for(student, config.min_confidence, config.target_agreement)
+    teacher = TeacherLabeller(config.teacher, student) if config.teacher else None
+    return Service(Cascade(student, threshold, teacher), config, student.task.name)

@@ -27,9 +27,8 @@ from pathlib import Path
 
 from microdistill.evaluate.agreement import wilson_interval
 from microdistill.evaluate.peers import fit_predict
-from microdistill.students.decoder.predict import predict
 from microdistill.data.shards import ShardSet
-from microdistill.students.decoder.folder import load_student
+from microdistill.students import load_student
 from microdistill.train import TrainConfig, train_once
 
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}  # two-sided 95% t quantiles by degrees of freedom
@@ -102,7 +101,7 @@ def main() -> None:
             wall.append(json.loads((folder / "training.json").read_text())["wall_s"])
             student = load_student(folder)
             for name, records in targets.items():
-                answers = [p["fields"] for p in predict(student, [r.text for r in records])]
+                answers = [p["fields"] for p in student.predict([r.text for r in records])]
                 counts[name].append(exact(answers, records))
             print(f"{kind} seed {seed}: " + ", ".join(f"{t} {k}/{n}" for t, (k, n) in
                                                      ((t, c[-1]) for t, c in counts.items()))

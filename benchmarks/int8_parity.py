@@ -24,7 +24,8 @@ import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from microdistill.data.corpus import clean_inputs
-from microdistill.runtime.load import load_exported, session_options
+from microdistill.runtime import load_exported
+from microdistill.runtime.common import session_options
 from microdistill.data.shards import ShardSet
 
 

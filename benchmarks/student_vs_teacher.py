@@ -63,15 +63,14 @@ def worker(kind: str, path: Path, data: Path, texts: list[str], batched: list[st
         info = {"dtype": dtype, "file_bytes": teacher_file_bytes(teacher)}
         batch = len(batched)
     elif kind == "torch":
-        from microdistill.students.decoder.predict import predict
-        from microdistill.students.decoder.folder import load_student
+        from microdistill.students import load_student
 
         student = load_student(path)
-        fn = lambda t: predict(student, t, batch_size=64)  # noqa: E731
+        fn = lambda t: student.predict(t, 64)  # noqa: E731
         info = {"file_bytes": (path / "model.safetensors").stat().st_size}
         batch = 64
     else:
-        from microdistill.runtime.load import load_exported
+        from microdistill.runtime import load_exported
 
         exported = load_exported(path)
         fn = (lambda t: exported.predict(t, batch_size=64)) if kind == "onnx" else padded(exported)
@@ -146,8 +145,8 @@ def main() -> None:
     data = (args.data or args.run / "shards").resolve()
 
     from microdistill.evaluate.evaluation import eval_split
-    from microdistill.export.heads import export
-    from microdistill.runtime.load import ExportError
+    from microdistill.export import export
+    from microdistill.runtime import ExportError
     from microdistill.data.shards import ShardSet
 
     shards = ShardSet(data)

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from microdistill.students.decoder.data import Example, collate
-from microdistill.students.decoder.model import N_SPECIAL, Student, config_for, count_parameters
+from microdistill.students.decoder.config import N_SPECIAL, config_for
+from microdistill.students.decoder.model import Student
+from microdistill.students.kind import count_parameters
 from microdistill.train import TrainConfig, train_step
 from microdistill.train.setup import make_optimizer
 

@@ -184,7 +184,7 @@ def evaluated(trained, tiny_teacher_dir):
 def _by_hand(student_dir, shards_dir):
     """Exact match and teacher-forced token accuracy on the val split, one example at a time."""
     from microdistill.students.decoder.predict import predict
-    from microdistill.students.decoder.folder import load_student
+    from microdistill.students import load_student
 
     s = load_student(student_dir)
     records = list(ShardSet(shards_dir).records("val"))

@@ -15,12 +15,12 @@ import pytest
 import torch
 from synthetic import make_shards, make_texts
 
-from microdistill.export.heads import export, to_onnx
-from microdistill.students.decoder.predict import predict
+from microdistill.export import export
+from microdistill.export.heads import to_onnx
 from microdistill.core.files import file_sha256
-from microdistill.runtime.load import ExportError, load_exported
+from microdistill.runtime import ExportError, load_exported
 from microdistill.data.shards import ShardSet
-from microdistill.students.decoder.folder import load_student
+from microdistill.students import load_student
 from microdistill.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_float32_answers_and_probabilities_equal_pytorch(float32, student, shard
     exported = load_exported(float32)
     assert exported.kind == "heads" and exported.task == student.task
     assert [f.name for f in exported.fields] == student.task.field_names
-    ours, ref = exported.predict(TEXTS, batch_size=5), predict(student, TEXTS)  # several padded batches
+    ours, ref = exported.predict(TEXTS, batch_size=5), student.predict(TEXTS)  # several padded batches
     for a, b in zip(ours, ref):
         assert {k: a[k] for k in ("text", "output", "fields", "valid", "truncated")} == \
                {k: b[k] for k in ("text", "output", "fields", "valid", "truncated")}
@@ -114,7 +114,7 @@ def test_int8_is_a_quarter_of_the_size_and_its_parity_is_what_it_says(int8, floa
     m = json.loads((int8 / "export.json").read_text())
     assert m["precision"] == "int8" and set(m["parity"]) == {"float32", "int8"}
     texts = val_texts(shards)
-    ours, ref = load_exported(int8).predict(texts), predict(student, texts)
+    ours, ref = load_exported(int8).predict(texts), student.predict(texts)
     differ = [a["text"] for a, b in zip(ours, ref) if a["fields"] != b["fields"]]
     assert m["parity"]["int8"]["n"] == len(texts) and m["parity"]["int8"]["same"] == len(texts) - len(differ)
     assert m["parity"]["int8"]["rate"] == pytest.approx(1 - len(differ) / len(texts))

@@ -13,10 +13,10 @@ import torch
 from synthetic import make_shards, make_texts
 from test_export import LONG, cli, float32, int8, served_without_torch, student, val_texts  # noqa: F401, F811 (fixtures)
 
-from microdistill.export.heads import export
+from microdistill.export import export
 from microdistill.core.files import file_sha256
 from microdistill.students.decoder.predict import _allowed, _pad, predict
-from microdistill.runtime.load import ExportError, load_exported
+from microdistill.runtime import ExportError, load_exported
 from microdistill.runtime.decoder import DONE, TokenAutomaton
 from microdistill.train import TrainConfig, train
 

@@ -14,13 +14,14 @@ import pytest
 import torch
 from synthetic import make_shards, make_texts, whole_and_resumed
 
-from microdistill.students.decoder.predict import predict
 from microdistill.data.shards import ShardSet
 from microdistill.core.task import load_task
 from microdistill.students import StudentFolderError
-from microdistill.students.heads.encoder import EncoderError, load_encoder, prune_vocabulary, tokenizer_from_json
-from microdistill.students.heads.model import HeadsError, LoadedHeads
-from microdistill.students.decoder.folder import load_student
+from microdistill.data.vocab import tokenizer_from_json
+from microdistill.students.heads.encoder import EncoderError, load_encoder, prune_vocabulary
+from microdistill.students.heads import HeadsError
+from microdistill.students.heads.folder import LoadedHeads
+from microdistill.students import load_student
 from microdistill.train import TrainConfig, TrainError, train
 from microdistill.train.loop import epoch_batches, set_up
 
@@ -60,7 +61,7 @@ def test_trained_folder_loads_and_predicts_canonical_answers(trained, shards):
     config = json.loads((trained / "config.json").read_text())
     assert config["kind"] == "heads" and [f["name"] for f in config["fields"]] == student.task.field_names
     texts = make_texts(6, seed=9)
-    results = predict(student, texts)
+    results = student.predict(texts)
     probs = student.probabilities(texts)
     for i, r in enumerate(results):
         assert r["valid"] and r["text"] == texts[i]
@@ -206,19 +207,18 @@ def test_cli_trains_predicts_and_evaluates_a_heads_student(shards, tmp_path):
     assert report["student"]["kind"] == "heads" and report["student"]["config"]["student"] == "heads"
     assert math.isclose(report["student_only_exact"] * 6, round(report["student_only_exact"] * 6))
     val = [r for r in ShardSet(shards).records("val")][:6]
-    preds = predict(load_student(out), [r.text for r in val])
+    preds = load_student(out).predict([r.text for r in val])
     assert report["student_only_exact"] == pytest.approx(np.mean([p["fields"] == r.fields for p, r in zip(preds, val)]))
 
 
 def test_auto_picks_heads_for_enum_tasks_and_the_decoder_otherwise(shards, tmp_path):
-    from microdistill.train.loop import student_kind
+    from microdistill.students import kind_for
 
-    auto = TrainConfig(student="auto")
-    assert student_kind(auto, ShardSet(shards)) == "heads"
+    assert kind_for("auto", ShardSet(shards).task()) == "heads"
     ticket = tmp_path / "ticket"
     shutil.copytree(shards, ticket)
     manifest = json.loads((ticket / "manifest.json").read_text())
     manifest["task"] = load_task("support-ticket").model_dump(mode="json")  # a free-text summary field
     (ticket / "manifest.json").write_text(json.dumps(manifest))
-    assert student_kind(auto, ShardSet(ticket)) == "decoder"
-    assert student_kind(TrainConfig(student="decoder"), ShardSet(shards)) == "decoder"
+    assert kind_for("auto", ShardSet(ticket).task()) == "decoder"
+    assert kind_for("decoder", ShardSet(shards).task()) == "decoder"

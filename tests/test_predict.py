@@ -12,10 +12,12 @@ from synthetic import make_shards
 
 from microdistill import cli
 from microdistill.students.decoder.predict import _allowed, generate, predict
-from microdistill.students.decoder.folder import LoadedStudent, StudentFolderError, load_student, save_student
+from microdistill.students import StudentFolderError, load_student
+from microdistill.students.decoder.folder import LoadedDecoder, save_student
 from microdistill.core.errors import UserError
 from microdistill.data.shards import ShardSet
-from microdistill.students.decoder.model import N_SPECIAL, Student, config_for
+from microdistill.students.decoder.config import N_SPECIAL, config_for
+from microdistill.students.decoder.model import Student
 
 ODD_INPUTS = ["", "@user @bob", "you idiot", "héllo 😀 zebra", "great day " * 40]
 
@@ -25,12 +27,12 @@ def shards(tmp_path_factory, tiny_tokenizer):
     return ShardSet(make_shards(tmp_path_factory.mktemp("shards"), tiny_tokenizer, n=64))
 
 
-def untrained(shards: ShardSet, seed: int = 0, tail: bool = False) -> LoadedStudent:
+def untrained(shards: ShardSet, seed: int = 0, tail: bool = False) -> LoadedDecoder:
     task = shards.task()
     cfg = config_for("nano", N_SPECIAL + len(shards.input_vocab), len(shards.kept_vocab) + tail,
                      task.inputs.max_tokens, task.output.max_tokens)
     torch.manual_seed(seed)
-    return LoadedStudent.from_shards(Student(cfg).eval(), shards)
+    return LoadedDecoder.from_shards(Student(cfg).eval(), shards)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -28,7 +28,7 @@ from microdistill.students.confidence import (assess, coverage_curve, cross_fit,
                                      softmax)
 from microdistill.serve.service import MicroBatcher, RequestError, ServeConfig, Service
 from microdistill.students import StudentFolderError
-from microdistill.students.decoder.folder import load_student
+from microdistill.students import load_student
 from microdistill.core.task import load_task
 from microdistill.train import TrainConfig, train
 

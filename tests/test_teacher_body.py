@@ -13,10 +13,9 @@ import pytest
 import torch
 from synthetic import make_shards
 
-from microdistill.students.decoder.predict import predict
 from microdistill.data.shards import ShardSet
-from microdistill.students.heads.model import LoadedHeads
-from microdistill.students.decoder.folder import load_student
+from microdistill.students.heads.folder import LoadedHeads
+from microdistill.students import load_student
 from microdistill.students.heads.teacher_body import TeacherBodyError, TeacherTokens, cut_teacher, input_rows, mlp_importance
 from microdistill.teachers import load_teacher
 from microdistill.train import TrainConfig, TrainError, train
@@ -43,10 +42,10 @@ def test_full_width_cut_computes_what_the_teachers_first_blocks_compute(shards, 
     word = next(w for w in (tok.decode([i]) for i in range(len(tok)) if i not in tokens.input_vocab)
                 if len(w.strip()) > 2 and w.strip().isalpha())  # a token no training text uses: spelled in bytes
     text = texts_of(shards)[0] + word + " ✓"
-    ids = tokens.ids([text])[0]
+    ids = tokens.encode(text).ids
     assert [tokens.input_vocab[i] for i in ids] != tokens.tokenizer.encode(text, add_special_tokens=False)
     assert tokens.tokenizer.decode([tokens.input_vocab[i] for i in ids]) == text
-    first = tokens.ids([texts_of(shards)[0]])[0]  # a training text: every token is a row, states match exactly
+    first = tokens.encode(texts_of(shards)[0]).ids  # a training text: every token is a row, states match exactly
     want = after_block(teacher.model.layers[0], teacher, input_ids=torch.tensor([[tokens.input_vocab[i] for i in first]]))
     got = after_block(body.layers[0], body, input_ids=torch.tensor([first]),
                       attention_mask=torch.ones(1, len(first), dtype=torch.long))
@@ -54,7 +53,7 @@ def test_full_width_cut_computes_what_the_teachers_first_blocks_compute(shards, 
     # the final norm's gain is rescaled so that every channel leaves with RMS 1 over the training inputs
     assert not torch.allclose(body.norm.weight, teacher.model.norm.weight)
     states = torch.cat([body(input_ids=torch.tensor([x]), attention_mask=torch.ones(1, len(x), dtype=torch.long))
-                        .last_hidden_state[0] for x in tokens.ids(texts_of(shards))])
+                        .last_hidden_state[0] for x in (e.ids for e in tokens.encode_batch(texts_of(shards)))])
     assert torch.allclose(states.pow(2).mean(0).sqrt(), torch.ones(states.shape[1]), atol=1e-3)
 
 
@@ -142,7 +141,7 @@ def test_trains_saves_and_loads_through_the_cli(shards, tiny_teacher_dir, tmp_pa
     assert torch.allclose(trained.model(*_batch(student, texts))[0], student.model(*_batch(student, texts))[0])
     r = run("predict", "--student", str(out), *texts)
     lines = [json.loads(line) for line in r.stdout.splitlines()]
-    assert r.returncode == 0 and [x["fields"] for x in lines] == [p["fields"] for p in predict(student, texts)]
+    assert r.returncode == 0 and [x["fields"] for x in lines] == [p["fields"] for p in student.predict(texts)]
     # the body's config names no special token: its ids index the teacher's table, not the pruned rows
     assert all(config["encoder"]["config"].get(f"{k}_token_id") is None for k in ("bos", "eos", "pad"))
     r = run("eval", "--student", str(out), "--data", str(shards), "--no-teacher", "--json", "--quiet", "--limit", "6")
@@ -182,7 +181,7 @@ def test_bad_inputs_are_one_line_errors(shards, tiny_teacher_dir, tmp_path):
     # the ONNX export refuses it; a folder whose teacher tokenizer is gone does not load
     out = train(shards, tmp_path / "ok", TrainConfig(student="heads", encoder=f"teacher:{tiny_teacher_dir}",
                                                       max_steps=1, batch_size=8, eval_limit=4), progress=False)
-    from microdistill.export.heads import ExportError, export
+    from microdistill.export import ExportError, export
 
     with pytest.raises(ExportError, match="its body is cut from the teacher, which this version does not export"):
         export(out, tmp_path / "export", progress=False)

@@ -12,13 +12,13 @@ from safetensors.torch import load_file
 from synthetic import make_shards, teacher_embeddings, whole_and_resumed
 
 from microdistill.core.errors import UserError
-from microdistill.evaluate.evaluation import evaluate_epoch
 from microdistill.train.losses import output_sums, taid_lambda, total_loss, with_tail
 from microdistill.students.decoder.data import collate, load_split
 from microdistill.train import decoder as train_mod
-from microdistill.students.decoder.folder import load_student
+from microdistill.students import load_student
 from microdistill.data.shards import ShardSet, ShardWriter, StoreError
-from microdistill.students.decoder.model import N_SPECIAL, Student, init_input_embeddings_pca
+from microdistill.students.decoder.config import N_SPECIAL
+from microdistill.students.decoder.model import Student, init_input_embeddings_pca
 from microdistill.train import TrainConfig, TrainError, TrainingInterrupted, train
 from microdistill.train.loop import epoch_batches, lr_at, set_up
 
@@ -36,8 +36,7 @@ def test_tiny_run_learns_its_training_data(shards, tmp_path):
     cfg = TrainConfig(preset="nano", epochs=24, batch_size=16, lr=5e-3, eval_limit=4)
     out = train(shards, tmp_path / "student", cfg, progress=False)
     student = load_student(out)
-    examples, records = load_split(ShardSet(shards), "train", True, None)
-    m = evaluate_epoch(student, examples, records, batch_size=64)
+    m = student.held_out(list(ShardSet(shards).records("train")), batch_size=64)
     assert m["val_token_acc"] >= 0.98
     assert m["val_exact_match"] >= 0.9
     rows = steps(out)

@@ -256,20 +256,12 @@ def predict(
     import json
 
     from microdistill.data.corpus import read_lines
-    from microdistill.runtime.load import expect_task, is_export, load_exported
+    from microdistill.serve.answerers import load_answerer
 
     items = list(texts or []) + (read_lines(input) if input is not None else [])
     if not items:
         fail("nothing to predict: give texts as arguments or --input FILE")
-    if is_export(student):  # onnxruntime answers; torch is never imported
-        results = load_exported(student, task).predict(items, batch_size)
-    else:
-        from microdistill.students.decoder.predict import predict as run_predict
-        from microdistill.students.decoder.folder import load_student
-
-        loaded = load_student(student)
-        expect_task(loaded.task, task, student)
-        results = run_predict(loaded, items, constrain=constrain, batch_size=batch_size)
+    results = load_answerer(student, task).predict(items, batch_size, constrain=constrain)
     for r in results:
         typer.echo(json.dumps(r, ensure_ascii=False))
 

@@ -23,7 +23,7 @@ def export(
     data: Optional[Path] = typer.Option(None, help="Shard folder whose held-out split checks parity (default: the student's)."),
 ) -> None:
     """Export a student to ONNX for the torch-free runtime, checked against PyTorch first."""
-    from microdistill.export.heads import export as run_export
+    from microdistill.export import export as run_export
 
     run_export(student, out, quantize=quantize, data=data)
 

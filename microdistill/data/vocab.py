@@ -14,6 +14,9 @@ Input side. The student's input vocabulary is the tokens the corpus uses, the 25
 and the specials. `InputEncoder` replaces any other token by its bytes, so an unseen word,
 emoji or accent still encodes and decodes back to the same text.
 
+`tokenizer_from_json` builds a pretrained encoder's WordPiece tokenizer (a heads student's, and
+its export's) from its tokenizer.json.
+
 Byte tokens come in two styles: byte-level BPE (GPT-2's printable alphabet for the 256
 bytes, as in Qwen) and SentencePiece byte fallback (`<0x00>`..`<0xFF>`, as in Gemma).
 """
@@ -21,6 +24,7 @@ bytes, as in Qwen) and SentencePiece byte fallback (`<0x00>`..`<0xFF>`, as in Ge
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import weakref
 from functools import lru_cache
@@ -251,3 +255,13 @@ class InputEncoder:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+
+def tokenizer_from_json(tok: dict[str, Any]):
+    """A `tokenizers.Tokenizer` from a tokenizer.json dict, without padding or truncation
+    (callers pad their own batches)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(json.dumps(tok))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
-import torch
 
 from microdistill.evaluate.agreement import (agreement, exact_by_certainty, field_agreement, human_accuracy, valid_rate,
                                     wilson_interval)
@@ -29,14 +27,11 @@ from microdistill.evaluate.consistency import self_consistency
 from microdistill.core.console import say
 from microdistill.core.errors import UserError
 from microdistill.evaluate.peers import PeerError, score_peers
-from microdistill.students.decoder.predict import generate, predict
 from microdistill.evaluate.speed import (PeakMemory, Timed, speed_size_memory, student_runner, teacher_file_bytes, teacher_runner,
                                 timing, weights_bytes)
 from microdistill.data.shards import Record, ShardSet, StoreError
-from microdistill.students.decoder.data import Example, collate, load_split
-from microdistill.students.decoder.model import count_parameters
-from microdistill.students.decoder.folder import LoadedStudent, load_student
-from microdistill.core.task import parse_or_none
+from microdistill.students.kind import count_parameters
+from microdistill.students import PerField, load_student
 from microdistill.teachers import TeacherError, load_teacher, preset_of
 
 TIMING_SAMPLE = 16  # the teacher is slow on a CPU; a few inputs give a stable median
@@ -69,58 +64,6 @@ class EvalConfig(Options):
             raise EvalError("--teacher and --no-teacher contradict each other; give one")
 
 
-# ---- during training ------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_epoch(loaded: LoadedStudent, examples: list[Example], records: list, batch_size: int) -> dict[str, Any]:
-    """Held-out metrics against the teacher: teacher-forced token accuracy, and free-running
-    (greedy, constrained) exact match of the whole output and agreement per field."""
-    if not examples:
-        return {"val_examples": 0}
-    model, was_training = loaded.model, loaded.model.training
-    model.eval()
-    right = total = 0
-    for i in range(0, len(examples), batch_size):
-        b = collate(examples[i:i + batch_size], len(loaded.kept))
-        pred = model(b.inp, b.out_in)[..., : b.n_kept].argmax(-1)
-        right += int(((pred == b.target) & b.mask).sum())
-        total += int(b.mask.sum())
-    model.train(was_training)
-    outs = generate(loaded, [r.input_ids for r in records], constrain=True, batch_size=max(batch_size, 64))
-    tok, task = loaded.tokenizer, loaded.task
-    exact, agree = 0, {name: 0 for name in task.field_names}
-    for r, out in zip(records, outs):
-        text = tok.decode(out)
-        exact += text == tok.decode(r.output_ids[:-1])
-        fields_ = parse_or_none(task, text) or {}
-        for name in agree:
-            agree[name] += fields_.get(name, object()) == r.fields.get(name)
-    n = len(records)
-    return {"val_examples": n, "val_token_acc": right / max(total, 1), "val_exact_match": exact / n,
-            "val_field_agreement": {k: v / n for k, v in agree.items()}}
-
-
-@torch.no_grad()
-def evaluate_heads(model, fields, examples: list, records: list, batch_size: int) -> dict[str, Any]:
-    """evaluate_epoch for a classifier-head student: exact match of the whole answer, agreement
-    per field, and as `val_token_acc` the share of decisions (field values) that agree."""
-    from microdistill.students.heads.model import collate_heads
-
-    if not examples:
-        return {"val_examples": 0}
-    was_training = model.training
-    model.eval()
-    picks = []
-    for i in range(0, len(examples), batch_size):
-        b = collate_heads(examples[i:i + batch_size])
-        picks.append(torch.stack([z.argmax(-1) for z in model(b.ids, b.mask)], 1))
-    model.train(was_training)
-    right = torch.cat(picks) == torch.tensor([e.target for e in examples])  # [N, F]
-    n = len(examples)
-    return {"val_examples": n, "val_token_acc": int(right.sum()) / right.numel(),
-            "val_exact_match": int(right.all(1).sum()) / n,
-            "val_field_agreement": {f.name: int(right[:, k].sum()) / n for k, f in enumerate(fields)}}
-
-
 # ---- the evaluation -------------------------------------------------------------------------------
 def manifest_teacher(data_dir: Path) -> str | None:
     """The teacher spec that made the shards (a preset name or a path), if one is recorded."""
@@ -140,35 +83,23 @@ def eval_split(shards: ShardSet) -> tuple[str, list[str]]:
 
 
 def check_pair(student, shards: ShardSet) -> None:
-    """The student must have been trained on shards of the same task and vocabularies."""
-    where = f"student {student.path} and shard folder {shards.dir}"
+    """The student must have been trained on shards of the same task (and read their vocabularies)."""
     if student.task.fingerprint() != shards.task().fingerprint():
-        raise EvalError(f"{where} are for different tasks ({student.task.name!r} vs {shards.task().name!r}); "
-                        "evaluate on the shards the student was trained on")
-    if student.kind == "heads":  # reads text with its own tokenizer: no vocabulary to share
-        return
-    if not (np.array_equal(student.kept, shards.kept_vocab) and np.array_equal(student.input_vocab, shards.input_vocab)):
-        raise EvalError(f"{where} use different vocabularies (shards from another extraction); "
-                        "evaluate on the shards the student was trained on")
+        raise EvalError(f"student {student.path} and shard folder {shards.dir} are for different tasks "
+                        f"({student.task.name!r} vs {shards.task().name!r}); evaluate on the shards the student was "
+                        "trained on")
+    student.check_shards(shards)
 
 
 def quality(student, shards: ShardSet, split: str, limit: int | None, batch_size: int) -> tuple[dict, list[Record]]:
     """Agreement with the teacher on the first `limit` examples of `split`, and those examples."""
     # Token accuracy and exact match come from the trainer's own held-out evaluation, so the
     # report and the training log measure the same thing the same way.
-    if student.kind == "heads":
-        from microdistill.students.heads.model import examples_of
-
-        records = list(shards.records(split))[:limit]
-        examples = examples_of(records, student.tokenizer, student.fields, False)
-        head = evaluate_heads(student.model, student.fields, examples, records, batch_size)
-    else:
-        examples, records = load_split(shards, split, False, limit)
-        head = evaluate_epoch(student, examples, records, batch_size)
+    records = list(shards.records(split))[:limit]
+    head = student.held_out(records, batch_size)
     texts = [r.text for r in records]
-    constrained = predict(student, texts, constrain=True, batch_size=batch_size)
-    # a heads student has no unconstrained mode: its answer is assembled from the allowed values
-    free = constrained if student.kind == "heads" else predict(student, texts, constrain=False, batch_size=batch_size)
+    constrained = student.predict(texts, batch_size, constrain=True)
+    free = student.predict(texts, batch_size, constrain=False)
     student_fields = [p["fields"] for p in constrained]
     n_exact = round(head["val_exact_match"] * len(records))
     result = {
@@ -271,7 +202,7 @@ def evaluate(student_dir: Path, data_dir: Path, config: EvalConfig | None = None
     report: dict[str, Any] = {
         "task": student.task.name, "split": split, "n_eval": len(records), **scores, **speed_size_memory(s_timed, t_timed),
         "student": {"path": str(student_dir), "kind": student.kind, "preset": student.meta.get("preset"),
-                    "config": student.config.to_dict() if student.kind == "decoder" else student.meta.get("training")},
+                    "config": student.describe()},
         "teacher": {"spec": spec, "name": t_timed.name, "dtype": t_timed.dtype} if t_timed else None,
         "warnings": warnings, "notes": notes,
     }
@@ -280,8 +211,8 @@ def evaluate(student_dir: Path, data_dir: Path, config: EvalConfig | None = None
         report["speed"]["teacher"]["same_output_as_shards"] = agreement([r.output_text for r in timed_records], t_timed.outputs)
     report["teacher_consistency"] = t_timed.consistency if t_timed is not None else None
     report["peers"] = peer_rows(shards, split, cfg, notes, progress) if cfg.peers else None
-    # calibrated confidence and the cascade's coverage (confidence.py); a decoder student has no confidence per field
-    enough = student.kind == "heads" and len(records) >= 2 * FOLDS
+    # calibrated confidence and the cascade's coverage (students/confidence.py), for a kind with one per field
+    enough = isinstance(student, PerField) and len(records) >= 2 * FOLDS
     report["confidence"] = assess_student(student, records, cfg.batch_size) if enough else None
     return report
 

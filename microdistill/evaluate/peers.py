@@ -107,7 +107,8 @@ def _embedder(spec: str = ENCODER) -> Callable[[Sequence[str]], np.ndarray]:
     L2-normalised; full vocabulary, batches padded to their longest text."""
     import torch
 
-    from microdistill.students.heads.encoder import load_encoder, tokenizer_from_json
+    from microdistill.data.vocab import tokenizer_from_json
+    from microdistill.students.heads.encoder import load_encoder
 
     pretrained = load_encoder(spec)
     model = pretrained.model.eval()

@@ -18,7 +18,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from microdistill.students.decoder.predict import predict
 from microdistill.teachers import preset_of
 from microdistill.teachers.presets import PRESETS, cache_root
 
@@ -103,7 +102,7 @@ def teacher_file_bytes(teacher) -> int | None:
 
 
 def student_runner(student) -> Callable[[list[str]], list[dict]]:
-    return lambda texts: predict(student, texts, constrain=True, batch_size=max(len(texts), 1))
+    return lambda texts: student.predict(texts, max(len(texts), 1), constrain=True)
 
 
 def teacher_runner(teacher, task, kept: Sequence[int] | None) -> Callable[[list[str]], list[str]]:

@@ -1,6 +1,4 @@
-"""The decoder half of export.py: two ONNX graphs, the token automaton, and parity with PyTorch.
-
-    microdistill export --student runs/demo/student --out runs/demo/export [--quantize int8]
+"""A decoder student as two ONNX graphs and the token automaton, and its parity with PyTorch.
 
 `prefill.onnx`: input_ids int64 [B, L] (student input indices without BOS/SEP, right-padded
 with PAD) -> logits [B, output_vocab] of the first output token, keys and values
@@ -10,13 +8,14 @@ input padding), position int64 [B] (the token's rotary position) -> logits [B, o
 the next token and the cache grown by one column. Both are Student.prefill / decode_step
 traced as they are (opset 17), so the graphs compute what PyTorch computes.
 
-Only enum-only tasks export: automaton.json (runtime_decode.py) spells their outputs without
+Only enum-only tasks export: automaton.json (runtime/decoder.py) spells their outputs without
 xgrammar, and it is checked against xgrammar at every one of its states before anything is
 written. Free-text and number fields would need a grammar engine at run time.
 """
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,18 +24,20 @@ import numpy as np
 import torch
 
 from microdistill.data.corpus import clean_inputs
-from microdistill.students.decoder.predict import _allowed, _pad, predict, step_budget
-from microdistill.runtime.load import ExportError, softmax
-from microdistill.runtime.decoder import TokenAutomaton, free_fields
-from microdistill.students.decoder.model import N_SPECIAL, PAD, KVCache
+from microdistill.core.files import atomic_write_json
 from microdistill.data.vocab import token_bytes
+from microdistill.export.heads import OPSET
+from microdistill.runtime.common import ExportError, softmax
+from microdistill.runtime.decoder import AUTOMATON, TokenAutomaton, free_fields
+from microdistill.students.decoder.config import N_SPECIAL, PAD
+from microdistill.students.decoder.model import KVCache
+from microdistill.students.decoder.predict import _allowed, _pad, predict, step_budget
 
-OPSET = 17
 PREFILL = ("prefill.onnx", ["input_ids"], ["logits", "keys", "values"])
 DECODE = ("decode.onnx", ["token", "past_keys", "past_values", "past_valid", "position"], ["logits", "keys", "values"])
 
 
-def check_exportable(student) -> None:
+def check(student) -> None:
     """A one-line error for a task the torch-free runtime cannot decode."""
     free = free_fields(student.task)
     if free:
@@ -69,6 +70,20 @@ class Decode(torch.nn.Module):
         cache = KVCache([(past_keys[i], past_values[i]) for i in range(n)], past_valid, position)
         logits, cache = self.model.decode_step(token[:, 0], cache)
         return logits, torch.stack([k for k, _ in cache.kv]), torch.stack([v for _, v in cache.kv])
+
+
+def write_graphs(student, folder: Path) -> list[str]:
+    """The two float32 graphs, automaton.json and the files the runtime reads beside them; the graphs' names."""
+    graphs = to_onnx(student, folder)
+    atomic_write_json(folder / AUTOMATON, automaton(student).to_dict())
+    tokenizer = student.path / "tokenizer" / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise ExportError(f"{tokenizer}: not found; the runtime reads the teacher's fast tokenizer "
+                          "from it (a tokenizer without tokenizer.json cannot be exported)")
+    shutil.copyfile(tokenizer, folder / "tokenizer.json")
+    if (student.path / "task.yaml").is_file():
+        shutil.copyfile(student.path / "task.yaml", folder / "task.yaml")
+    return graphs
 
 
 def to_onnx(student, folder: Path) -> list[str]:

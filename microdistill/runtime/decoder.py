@@ -1,7 +1,7 @@
 """The decoder export's torch-free half: the token automaton of an enum-only task, and
 schema-constrained greedy decoding over the two ONNX graphs (runtime.load_exported builds it).
 
-    from microdistill.runtime.load import load_exported   # load_exported("runs/demo/export").predict([...])
+    from microdistill.runtime import load_exported   # load_exported("runs/demo/export").predict([...])
 
 When every field is an enum, the valid outputs are a finite language: the product of the
 fields' values, in the task's key order and layout (compact `{"a":"x","b":"y"}`, or json.dumps
@@ -35,8 +35,10 @@ import numpy as np
 from microdistill.data.corpus import by_length, clean_inputs
 from microdistill.core.task import EnumField, Task, parse_or_none
 from microdistill.data.vocab import InputEncoder
+from microdistill.runtime.common import MANIFEST, ExportError, load_tokenizer
 
 AUTOMATON = "automaton.json"
+REQUIRED = ("prefill.onnx", "decode.onnx", AUTOMATON)  # the graphs first, which load() opens in this order
 AUTOMATON_FORMAT, AUTOMATON_VERSION = "microdistill.automaton", 1
 DONE = -1  # the state after EOS
 
@@ -280,10 +282,11 @@ class ExportedDecoder:
             pos = pos + 1
         return [(out[b], probs[b] if state[b] == DONE else None) for b in range(B)]
 
-    def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[dict[str, Any]]:
+    def predict(self, texts: Sequence[str], batch_size: int = 64, *, constrain: bool = True) -> list[dict[str, Any]]:
         """One result per text, as predict.predict gives for the PyTorch student ({text, output,
         fields, valid, truncated}) plus a confidence per field (0 for an unfinished output, so a
-        cascade escalates it); texts are cleaned as the corpus was."""
+        cascade escalates it); texts are cleaned as the corpus was. An export always answers under the task's
+        schema, so `constrain` is accepted for the common interface and changes nothing."""
         if not texts:
             return []
         ids = self.encode(clean_inputs(self.task, texts))
@@ -297,3 +300,18 @@ class ExportedDecoder:
             results.append({"text": text, "output": output, "fields": fields, "valid": fields is not None,
                             "truncated": len(x) > self.max_input, "confidence": confidence})
         return results
+
+
+def load(path: Path, m: dict[str, Any], task: Task, sessions: list) -> ExportedDecoder:
+    """The decoder export of folder `path` (manifest `m`), its graphs already open."""
+    v = m["vocab"]
+    try:
+        automaton = TokenAutomaton.from_dict(json.loads((path / AUTOMATON).read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise ExportError(f"{path / AUTOMATON}: unreadable ({type(e).__name__}: {e}); export the student again") from None
+    kept = np.asarray(v["kept"], dtype=np.int64)
+    top = max((k for e in automaton.edges for k in e), default=0)
+    if int(v["eos"]) not in kept.tolist() or automaton.eos != kept.tolist().index(int(v["eos"])) or top >= len(kept):
+        raise ExportError(f"{path / AUTOMATON}: does not fit the kept vocabulary of {MANIFEST}; export the student again")
+    return ExportedDecoder(*sessions, load_tokenizer(path), task, automaton, kept, [int(i) for i in v["input"]],
+                           int(v["input_offset"]), int(v["pad"]), int(m["max_input"]), int(m["budget"]), m, path)

@@ -26,7 +26,7 @@ from microdistill.students.confidence import point_for, threshold_of
 from microdistill.core.errors import UserError
 from microdistill.core.files import read_json
 from microdistill.data.corpus import clean_inputs
-from microdistill.students import CALIBRATION
+from microdistill.core.temperatures import CALIBRATION
 from microdistill.core.task import parse_or_none
 
 

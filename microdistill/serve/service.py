@@ -239,18 +239,9 @@ class Service:
 def build_service(student_dir: Path, config: ServeConfig) -> Service:
     """Load the student (and teacher) and make the service; the model id is the task's name. An
     exported folder (microdistill export) is answered by onnxruntime, without torch."""
-    from microdistill.runtime.load import is_export, load_exported
+    from microdistill.serve.answerers import load_answerer
 
-    if is_export(Path(student_dir)):
-        student = load_exported(Path(student_dir), threads=config.threads)
-    else:
-        import torch
-
-        from microdistill.students.decoder.folder import load_student
-
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)  # a tiny model on a shared CPU can lose more to waking threads than it gains
-        student = load_student(student_dir)
+    student = load_answerer(Path(student_dir), threads=config.threads)
     check_student(student, f"student folder {student_dir}")
     threshold = threshold_for(student, config.min_confidence, config.target_agreement)
     teacher = TeacherLabeller(config.teacher, student) if config.teacher else None

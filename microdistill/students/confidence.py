@@ -32,7 +32,7 @@ from microdistill.core.console import say
 from microdistill.core.errors import UserError
 from microdistill.data.corpus import clean_inputs
 from microdistill.core.files import atomic_write_json
-from microdistill.students import CALIBRATION
+from microdistill.core.temperatures import CALIBRATION
 
 if TYPE_CHECKING:  # the server imports this module for its curve, and must not need the shard store (safetensors)
     from microdistill.data.shards import Record
@@ -202,11 +202,11 @@ def calibrate_confidence(student_dir: Path, data_dir: Path | None = None, progre
     split of its shards (`data_dir`, default: the folder it was trained on) and write
     `student_dir`/calibration.json; returns its content."""
     from microdistill.data.shards import ShardSet
-    from microdistill.students.decoder.folder import load_student
+    from microdistill.students import PerField, load_student
 
     student_dir = Path(student_dir)
     student = load_student(student_dir)
-    if student.kind != "heads":
+    if not isinstance(student, PerField):
         raise ConfidenceError(f"student folder {student_dir}: a {student.kind} student has no confidence per field to "
                               "calibrate; train a classifier-head student (--student heads)")
     data_dir = Path(data_dir or student.meta.get("shards", {}).get("path") or "")

@@ -1,6 +1,9 @@
 """Training: shards in, a student folder out.
 
-    config.py      TrainConfig, the options that decide the weights
+    config.py      TrainConfig, the options that decide the weights (no torch)
+    losses.py      divergences, curricula and the hidden-state term: sums and counts, one division
+    setup.py       what a run is made of (Setup) and the optimiser every kind shares
+    kinds.py       each student kind's set-up by name: decoder.py, heads.py (data, model, loss per batch)
     loop.py        train(): set up, then one readable loop over train_step()
     checkpoint.py  exact resume: weights, optimiser, RNG states, data position
     log.py         metrics.jsonl and the live progress line

@@ -10,12 +10,15 @@ from typing import Any, ClassVar
 
 from microdistill.core.options import Options
 from microdistill.core.errors import UserError
-from microdistill.train.losses import CURRICULA, DIVERGENCES
-from microdistill.students.decoder.model import PRESET_ALIASES, PRESETS
+from microdistill.students import KINDS
+from microdistill.students.decoder.config import DEFAULT_PRESET, PRESET_ALIASES, PRESETS
 
+# the names of train/losses.py's divergences and curricula (that module needs torch; this one must not)
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "taid")
+CURRICULA = ("cosine", "linear", "constant", "step")
 EMBED_INITS = ("teacher", "random")
 INPUT_VOCABS = ("full", "corpus")
-STUDENTS = ("decoder", "heads", "auto")  # auto: heads when every field is an enum, else the decoder
+STUDENTS = (*KINDS, "auto")  # auto: the first kind that serves the task (students.kind_for)
 
 
 class TrainError(UserError):
@@ -33,7 +36,7 @@ class TrainConfig(Options):
     # the kind: "decoder" (any output), "heads" (enum fields; a pretrained encoder) or "auto"
     # (heads when the task's fields are all enums, else the decoder)
     student: str = "decoder"
-    preset: str = "micro"  # decoder size: nano, micro, small, large
+    preset: str = DEFAULT_PRESET  # decoder size: nano, micro, small, large
     encoder: str = "minilm"  # the heads student's pretrained encoder: a preset or a folder (students/encoder.py)
     # "teacher" cuts the body from the teacher's first blocks instead (students/teacher_body.py)
     encoder_layers: int | None = None  # keep only the body's first N layers (faster; a teacher body: 2 when unset)
@@ -51,11 +54,11 @@ class TrainConfig(Options):
     pretrained_lr_ratio: float = 0.05  # a pretrained encoder's weights learn at lr x this
     dropout: float = 0.0  # on the student's residual branches while training (its `dropout`)
     seed: int = 0
-    divergence: str = "forward_kl"  # see losses.DIVERGENCES
+    divergence: str = "forward_kl"  # see DIVERGENCES (losses.py)
     temperature: float = 1.0
     beta: float = 0.5  # jsd
     alpha: float = 0.1  # skew_kl
-    curriculum: str = "cosine"  # schedule of the divergence's weight, see losses.CURRICULA
+    curriculum: str = "cosine"  # schedule of the divergence's weight, see CURRICULA
     divergence_start: float = 0.9  # the divergence's weight at the start; CE gets the rest
     divergence_end: float = 0.1
     tail: bool = False  # one extra output class for the teacher's mass outside the kept set

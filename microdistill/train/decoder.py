@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 from microdistill.core.console import say
-from microdistill.evaluate.evaluation import evaluate_epoch
 from microdistill.train.losses import output_sums, taid_lambda, total_loss, with_tail
 from microdistill.data.shards import ShardSet
 from microdistill.students.decoder.data import Batch, collate, load_split
-from microdistill.students.decoder.model import N_SPECIAL, Student, config_for, describe, init_input_embeddings_pca
-from microdistill.students.decoder.folder import LoadedStudent, save_student
+from microdistill.students.decoder.config import N_SPECIAL, config_for, describe
+from microdistill.students.decoder.model import Student, init_input_embeddings_pca
+from microdistill.students.decoder.predict import held_out
+from microdistill.students.decoder.folder import LoadedDecoder, save_student
 from microdistill.train.config import TrainConfig, TrainError
 from microdistill.train.probe import HiddenProbe
 from microdistill.train.setup import Setup, make_optimizer, seed_everything
@@ -75,12 +76,12 @@ def set_up_decoder(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progres
     embed_init = init_embeddings(model, shards, cfg, progress)  # draws no random numbers
     probe = HiddenProbe(scfg.d_model, np.stack([e.hidden for e in train_set])) if use_hidden else None
     total = cfg.max_steps or cfg.epochs * math.ceil(len(train_set) / cfg.batch_size)
-    loaded = LoadedStudent.from_shards(model, shards)
+    loaded = LoadedDecoder.from_shards(model, shards)
     n_kept = len(shards.kept_vocab)
     return Setup(
         shards, use_logits, train_set, model, probe, make_optimizer(model, cfg, probe), total,
         collate=lambda examples: collate(examples, n_kept), loss=forward_loss,
-        evaluate=lambda: evaluate_epoch(loaded, val_set, val_records, cfg.batch_size),
+        evaluate=lambda: held_out(loaded, val_set, val_records, cfg.batch_size),
         save=lambda out: save_student(model, scfg, shards, out, extra={"training": cfg.to_dict(), "preset": cfg.preset}),
         info={"preset": cfg.preset, "embed_init": embed_init,
               "hidden_layer": shards.hidden_layer if use_hidden else None}, title=describe(scfg))

@@ -16,13 +16,14 @@ import torch
 
 from microdistill.students.confidence import FOLDS, calibrate_confidence
 from microdistill.core.console import say
-from microdistill.evaluate.evaluation import evaluate_heads
 from microdistill.train.losses import output_sums, taid_lambda, total_loss
 from microdistill.data.shards import ShardSet
-from microdistill.students.decoder.model import compute_parameters
+from microdistill.students.kind import compute_parameters
 from microdistill.students.heads.encoder import keep_layers, load_encoder, prune_embeddings, prune_vocabulary, tokenizer_from_json
 from microdistill.students.heads.teacher_body import cut_teacher, is_teacher_spec
-from microdistill.students.heads.model import HeadsBatch, HeadsStudent, collate_heads, enum_fields, examples_of, save_heads
+from microdistill.students.heads import enum_fields
+from microdistill.students.heads.folder import save_heads
+from microdistill.students.heads.model import HeadsBatch, HeadsStudent, collate_heads, examples_of, held_out
 from microdistill.train.config import TrainConfig, TrainError
 from microdistill.train.setup import Setup, make_optimizer, seed_everything
 
@@ -84,7 +85,7 @@ def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress:
         shards, use_logits, train_set, model, None,
         make_optimizer(model, cfg, pretrained=list(model.encoder.parameters())), total,
         collate=collate_heads, loss=heads_loss,
-        evaluate=lambda: evaluate_heads(model, fields, val_set, val_records, cfg.batch_size),
+        evaluate=lambda: held_out(model, fields, val_set, cfg.batch_size),
         save=lambda out: save_and_calibrate(model, tokens, shards, out, source, cfg, progress),
         info={"encoder": source, "input_pieces": pieces, "layers": body.config.num_hidden_layers},
         title=f"heads: {n / 1e6:.1f}M compute parameters (encoder {source}, {body.config.num_hidden_layers} layers, "

@@ -34,13 +34,12 @@ import torch
 from microdistill.core.files import atomic_write_json
 from microdistill.train.losses import curriculum_weight, total_loss
 from microdistill.data.shards import ShardSet
-from microdistill.core.task import EnumField
-from microdistill.students.decoder.model import compute_parameters, count_parameters
+from microdistill.students import kind_for
+from microdistill.students.kind import compute_parameters, count_parameters
 from microdistill.train.checkpoint import has_run, load_checkpoint, save_checkpoint, shard_fingerprint
 from microdistill.train.config import TrainConfig, TrainError, TrainingInterrupted
-from microdistill.train.decoder import set_up_decoder
 from microdistill.train.distributed import Ranks, start
-from microdistill.train.heads import set_up_heads
+from microdistill.train.kinds import SETUPS
 from microdistill.train.log import MetricsLog, Progress, Silent
 from microdistill.train.setup import Setup
 
@@ -119,16 +118,7 @@ def set_up(data_dir: Path, cfg: TrainConfig, progress: bool) -> Setup:
     use_logits = {"auto": shards.has_logits, "logits": True, "text": False}[cfg.signal]
     if use_logits and not shards.has_logits:
         raise TrainError(f"shard folder {shards.dir}: text-only shards have no teacher logits; use --signal text or auto")
-    if student_kind(cfg, shards) == "heads":
-        return set_up_heads(shards, cfg, use_logits, progress)
-    return set_up_decoder(shards, cfg, use_logits, progress)
-
-
-def student_kind(cfg: TrainConfig, shards: ShardSet) -> str:
-    """The kind `cfg.student` asks for; "auto" is heads when every field is an enum."""
-    if cfg.student != "auto":
-        return cfg.student
-    return "heads" if all(isinstance(f, EnumField) for f in shards.task().output.fields) else "decoder"
+    return SETUPS[kind_for(cfg.student, shards.task())](shards, cfg, use_logits, progress)
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -212,7 +202,7 @@ def _train(ranks: Ranks, data_dir: Path, out: Path, cfg: TrainConfig, resume: bo
             "wall_s": round(state["wall_s"], 3), "train_s": round(state["train_s"], 3), "steps": state["step"],
             "epochs": state["epoch"], "tokens": state["tokens"],
             "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1), "examples": len(train_set),
-            "parameters": count_parameters(model), "compute_parameters": compute_parameters(model), "student": student_kind(cfg, run.shards),
+            "parameters": count_parameters(model), "compute_parameters": compute_parameters(model), "student": kind_for(cfg.student, run.shards.task()),
             "signal": "logits" if run.use_logits else "text", "config": cfg.to_dict(), "processes": ranks.world,
             **run.info,
         })

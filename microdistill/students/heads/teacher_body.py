@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from types import SimpleNamespace
 from functools import cached_property
 from typing import Any, Sequence
 
@@ -52,7 +53,8 @@ def is_teacher_spec(spec: str) -> bool:
 
 @dataclass
 class TeacherTokens:
-    """The teacher's tokenization limited to the body's input rows: `ids(texts)` gives row indices.
+    """The teacher's tokenization limited to the body's input rows, read like a `tokenizers.Tokenizer`:
+    `encode_batch(texts)[i].ids` (and `encode(text).ids`) are row indices.
 
     input_vocab[k] is the teacher id of row k; a token outside it is spelled in byte tokens."""
 
@@ -67,8 +69,11 @@ class TeacherTokens:
     def _row(self) -> dict[int, int]:
         return {t: k for k, t in enumerate(self.input_vocab)}
 
-    def ids(self, texts: Sequence[str]) -> list[list[int]]:
-        return [[self._row[i] for i in self._encoder.encode(t)] for t in texts]
+    def encode(self, text: str) -> SimpleNamespace:
+        return SimpleNamespace(ids=[self._row[i] for i in self._encoder.encode(text)])
+
+    def encode_batch(self, texts: Sequence[str]) -> list[SimpleNamespace]:
+        return [self.encode(t) for t in texts]
 
 
 def blocks_of(body: nn.Module) -> nn.ModuleList:

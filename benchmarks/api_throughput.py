@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from microdistill.extract.local import ExtractConfig, extract
+from microdistill.extract import ExtractConfig, extract
 from microdistill.flows.run import sample_corpus
 from microdistill.data.shards import ShardSet
 from microdistill.teachers import DEFAULT_TEACHER

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from microdistill.evaluate.consistency import self_consistency
-from microdistill.evaluate.speed import teacher_runner
 from microdistill.data.shards import ShardSet
-from microdistill.teachers import load_teacher
+from microdistill.teachers import load_teacher, recorded_spec
+from microdistill.teachers.labeller import TeacherAnswers
 
 
 def main() -> None:
@@ -29,9 +29,8 @@ def main() -> None:
     shards = ShardSet(args.data)
     records = list(shards.records("val"))[: args.n]
     labelled_by = shards.manifest["teacher"]
-    teacher = load_teacher(labelled_by["source"].removeprefix("preset:"))
-    teacher.to_dtype(labelled_by.get("dtype", "float32"))
-    run = teacher_runner(teacher, shards.task(), [int(i) for i in shards.kept_vocab])
+    teacher = load_teacher(recorded_spec(labelled_by))
+    run = TeacherAnswers(teacher, shards.task(), labelled_by, [int(i) for i in shards.kept_vocab]).texts
     t0 = time.perf_counter()
     result = self_consistency(run, [r.text for r in records], [r.output_text for r in records])
     result |= {"data": str(args.data), "teacher": labelled_by["name"], "dtype": teacher.dtype,

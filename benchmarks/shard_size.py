@@ -50,7 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.shards
         if path is None:
-            from microdistill.extract.local import ExtractConfig, extract
+            from microdistill.extract import ExtractConfig, extract
             from microdistill.flows.run import sample_corpus
 
             teacher = load_teacher(args.teacher)

@@ -49,18 +49,16 @@ def timing(fn, texts: list[str], batched: list[str], batch: int) -> dict:
 def worker(kind: str, path: Path, data: Path, texts: list[str], batched: list[str], started: float) -> dict:
     """Load one model, answer once (cold start), then time it; runs in its own process."""
     if kind == "teacher":
-        from microdistill.evaluate.evaluation import manifest_teacher
-        from microdistill.evaluate.speed import teacher_file_bytes, teacher_runner
         from microdistill.data.shards import ShardSet
-        from microdistill.teachers import load_teacher
+        from microdistill.evaluate.speed import teacher_file_bytes
+        from microdistill.teachers import load_teacher, recorded_spec
+        from microdistill.teachers.labeller import TeacherAnswers
 
         shards = ShardSet(data)
-        teacher = load_teacher(manifest_teacher(data))
         m = shards.manifest
-        dtype = (m.get("teacher") or {}).get("dtype") or (m.get("dtype_check") or {}).get("dtype") or "float32"
-        teacher.to_dtype(dtype)
-        fn = teacher_runner(teacher, shards.task(), [int(i) for i in shards.kept_vocab])
-        info = {"dtype": dtype, "file_bytes": teacher_file_bytes(teacher)}
+        teacher = load_teacher(recorded_spec(m.get("teacher")))
+        fn = TeacherAnswers(teacher, shards.task(), m.get("teacher"), [int(i) for i in shards.kept_vocab]).texts
+        info = {"dtype": teacher.dtype, "file_bytes": teacher_file_bytes(teacher)}
         batch = len(batched)
     elif kind == "torch":
         from microdistill.students import load_student

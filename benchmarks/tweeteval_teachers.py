@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from microdistill.extract.local import ExtractConfig, extract
+from microdistill.extract import ExtractConfig, extract
 from microdistill.data.shards import ShardSet
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -28,7 +28,7 @@ import pytest
 from synthetic import label, make_texts
 
 from microdistill.plan.cost import CostConfig, RunFiles, api_usd_per_call, teacher_per_call
-from microdistill.extract.local import ExtractConfig, ExtractError, extract
+from microdistill.extract import ExtractConfig, ExtractError, extract
 from microdistill.extract.served import decisions_from_steps
 from microdistill.data.shards import ShardSet
 from microdistill.core.task import load_task
@@ -285,3 +285,39 @@ def test_vllm_answers_as_the_in_process_teacher(sample_corpus_32, tmp_path, one_
 # value outside the top-20 counts at an upper bound. 1e-3 leaves room for the rounding of other
 # CPUs while still failing on any real misreading (a wrong step or token moves a value by >0.01).
 DECISION_ATOL = 1e-3
+
+
+# ---- the same served teacher, timed by eval and asked by the cascade -------------------------------
+def test_eval_times_and_the_server_defers_to_a_served_teacher(server, tmp_path):
+    """`eval` times the shards' own served teacher (found at the manifest's URL) as it labelled them,
+    and `serve --teacher openai:MODEL --teacher-url URL` hands it the calls the student is unsure of."""
+    import httpx
+    from test_serve import start_server
+
+    from microdistill.evaluate.evaluation import EvalConfig, evaluate
+    from microdistill.train import TrainConfig, train
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(40, seed=8)))
+    shards = api_extract(corpus, tmp_path / "s", server)
+    assert shards.manifest["counts"]["val"] >= 1
+    student = train(shards.dir, tmp_path / "student", TrainConfig(student="heads", max_steps=2, batch_size=8),
+                    progress=False)
+    report = evaluate(student, shards.dir, EvalConfig(peers=False, consistency_inputs=0, timing_inputs=2),
+                      progress=False)
+    assert report["teacher"]["spec"] == "openai:tiny" and report["size"]["teacher_params"] is None
+    assert report["speed"]["teacher"]["same_output_as_shards"] == 1.0  # the served teacher, asked again, answered alike
+
+    asked = calls(server, "tiny")
+    proc, url = start_server(student, "--teacher", "openai:tiny", "--teacher-url", server + "/v1", "--min-confidence", "1.0")
+    try:
+        texts = make_texts(6, seed=9)
+        r = httpx.post(f"{url}/v1/predict", json={"texts": texts}, timeout=120)
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert [x["answered_by"] for x in results] == ["teacher"] * 6  # no softmax reaches 1.0
+        assert [x["fields"] for x in results] == [label(t) for t in texts]
+        assert calls(server, "tiny") >= asked + 6
+    finally:
+        proc.terminate()
+        proc.wait(60)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from microdistill.cli import app, main
 from microdistill.plan.cost import CostConfig
 from microdistill.evaluate.evaluation import EvalConfig
-from microdistill.extract.local import ExtractConfig
+from microdistill.extract.config import ExtractConfig
 from microdistill.flows.run import RunConfig
 from microdistill.train import TrainConfig
 
@@ -129,7 +129,7 @@ def _config_built(args: list[str]):
 
 
 def test_verbs_build_default_configs(monkeypatch, tmp_path):
-    import microdistill.extract.local
+    import microdistill.extract
     import microdistill.plan.forecast
     import microdistill.flows.run
     import microdistill.report.evaluation
@@ -137,7 +137,7 @@ def test_verbs_build_default_configs(monkeypatch, tmp_path):
 
     _capture(monkeypatch, microdistill.train, "train", 2)
     assert _config_built(["train", "--data", str(tmp_path), "--out", str(tmp_path / "s")]) == TrainConfig()
-    _capture(monkeypatch, microdistill.extract.local, "extract", 2)
+    _capture(monkeypatch, microdistill.extract, "extract", 2)
     assert _config_built(["extract", "--input", str(tmp_path), "--out", str(tmp_path / "x")]) == ExtractConfig()
     _capture(monkeypatch, microdistill.report.evaluation, "make_report", 3)
     assert _config_built(["eval", "--student", str(tmp_path), "--data", str(tmp_path)]) == EvalConfig()

@@ -123,13 +123,12 @@ REAL = ["you idiot", "Thanks so much, this fixed my problem!", "what a lovely da
 
 
 def test_runs_end_to_end_with_the_tiny_teacher(tiny_teacher_dir):
-    from microdistill.evaluate.speed import teacher_runner
     from microdistill.core.task import load_task
     from microdistill.teachers import load_teacher
+    from microdistill.teachers.labeller import TeacherAnswers
 
     task = load_task("reddit-comment")
-    teacher = load_teacher(str(tiny_teacher_dir))
-    run = teacher_runner(teacher, task, None)
+    run = TeacherAnswers(load_teacher(str(tiny_teacher_dir)), task).texts
     originals = run(REAL)
     assert all(isinstance(a, str) and a for a in originals)
 

@@ -17,7 +17,7 @@ from microdistill.plan.cost import (
     Analysis, CostConfig, CostError, OneOff, PerCall, RunFiles, Throughput, analyse, api_usd_per_call, estimate_time,
     measure_call_tokens, throughput_from_logs,
 )
-from microdistill.extract.local import ExtractConfig
+from microdistill.extract.config import ExtractConfig
 from microdistill.plan.forecast import forecast, measure_throughput, pilot, plan_from_forecast, plot_forecast
 from microdistill.report.evaluation import cost_section_markdown, write_cost
 

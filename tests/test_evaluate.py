@@ -274,7 +274,7 @@ def test_shards_from_a_real_extraction_time_their_own_teacher(tmp_path, tiny_tea
     vocabulary exactly as extraction ran it (so it reproduces the shards), and priced."""
     from synthetic import make_texts
 
-    from microdistill.extract.local import ExtractConfig, extract
+    from microdistill.extract import ExtractConfig, extract
     from microdistill.train import TrainConfig, train
 
     corpus = tmp_path / "corpus.jsonl"

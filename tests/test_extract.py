@@ -14,7 +14,7 @@ from synthetic import label, make_texts
 
 from microdistill.extract import local as extract_mod
 from microdistill.core.grammar import Grammar
-from microdistill.extract.local import ExtractConfig, ExtractError, extract
+from microdistill.extract import ExtractConfig, ExtractError, extract
 from microdistill.data.inspection import inspect
 from microdistill.teachers.decoding import Decoder, prompt_layout
 from microdistill.data.shards import ShardSet, ShardWriter, StoreError

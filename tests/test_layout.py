@@ -186,7 +186,7 @@ def test_the_graph_sees_function_level_and_relative_imports():
     _, graph = import_graph()
     targets = {m: {t for t, _ in imps} for m, imps in graph.items()}
     assert "microdistill.data.shards" in targets["microdistill.extract.local"]  # top level
-    assert "microdistill.teachers.decoding" in targets["microdistill.extract.local"]  # inside a function
+    assert "microdistill.teachers.decoding" in targets["microdistill.extract.local"]  # inside a method
     assert "microdistill.core.task" in targets["microdistill.data.shards"]  # inside a method
     assert "microdistill.train.loop" in targets["microdistill.train"]  # package __init__
     assert "microdistill.flows.run" in targets["microdistill.cli"]  # inside a typer command

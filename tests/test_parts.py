@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from synthetic import label, make_texts
 
-from microdistill.extract.local import ExtractConfig, extract
+from microdistill.extract import ExtractConfig, extract
 from microdistill.teachers.decoding import Decoder
 from microdistill.extract.parts import Part, PartError, from_env
 from microdistill.data.shards import ShardSet, ShardWriter, StoreError

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from microdistill.cli import app
 from microdistill.evaluate.evaluation import EvalConfig
-from microdistill.extract.local import ExtractConfig
+from microdistill.extract.config import ExtractConfig
 from microdistill.flows.run import RunConfig, RunError, run, sample_corpus
 from microdistill.train import TrainConfig, TrainError
 
@@ -64,11 +64,12 @@ def test_run_end_to_end_then_resume_skips_finished_stages(tmp_path, corpus, tiny
 
 def test_run_resumes_an_interrupted_stage(tmp_path, corpus, tiny_teacher_dir, monkeypatch):
     import microdistill.extract.local as extract_mod
+    from microdistill.extract import extract
 
     cfg = _cfg(tmp_path, corpus, tiny_teacher_dir)
     folder = tmp_path / "runs" / "t"
     # an extraction cut short (as by Ctrl-C after some shards) leaves shards but no "done"
-    extract_mod.extract(corpus, folder / "shards", ExtractConfig.from_dict({**cfg.extract.to_dict(), "limit": 10}),
+    extract(corpus, folder / "shards", ExtractConfig.from_dict({**cfg.extract.to_dict(), "limit": 10}),
                         progress=False)
     first = json.loads((folder / "shards" / "manifest.json").read_text())
     (folder / "run.json").write_text(json.dumps({"config": cfg.identity(), "stages": {}}))

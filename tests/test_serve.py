@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from synthetic import make_shards, make_texts
 from test_cli import assert_same, matched_defaults
 
-from microdistill.serve.cascade import Cascade, TeacherLabeller, threshold_for
+from microdistill.serve.cascade import Cascade, teacher_for, threshold_for
 from microdistill.students.confidence import (assess, coverage_curve, cross_fit, ece, fit_temperature, point_for, reliability,
                                      softmax)
 from microdistill.serve.service import MicroBatcher, RequestError, ServeConfig, Service
@@ -286,7 +286,7 @@ def test_answers_are_the_students_or_the_teachers(cascade_server, tiny_teacher_d
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     direct = Cascade(student).student_answers(TEXTS)
-    teacher = TeacherLabeller(str(tiny_teacher_dir), student)
+    teacher = teacher_for(str(tiny_teacher_dir), student)
     by = [x["answered_by"] for x in results]
     assert by.count("student") >= 4 and by.count("teacher") >= 4
     for text, got, want in zip(TEXTS, results, direct):

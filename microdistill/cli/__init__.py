@@ -83,7 +83,7 @@ def run(
 ) -> None:
     """Extract, train and evaluate in one go, under runs/NAME/ (re-run to resume)."""
     from microdistill.evaluate.evaluation import EvalConfig
-    from microdistill.extract.local import ExtractConfig
+    from microdistill.extract.config import ExtractConfig
     from microdistill.flows.run import RunConfig, run as run_pipeline
     from microdistill.train import TrainConfig
 
@@ -144,7 +144,7 @@ def cost(
     import json
 
     from microdistill.plan.cost import CostConfig
-    from microdistill.extract.local import ExtractConfig
+    from microdistill.extract.config import ExtractConfig
     from microdistill.plan.forecast import cost_analysis, parse_points
     from microdistill.flows.run import sample_corpus
     from microdistill.report.evaluation import summary_rows
@@ -270,7 +270,9 @@ def predict(
 def eval_(
     student: Path = typer.Option(..., help="Student folder (the --out of train)."),
     data: Path = typer.Option(..., help="Shard folder the student was trained on; its held-out split is scored."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher to time beside the student: preset, HF folder or .gguf (default: the shards' teacher, if it loads)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher to time beside the student: preset, HF folder, .gguf or "
+                                          "openai:MODEL (default: the shards' teacher, if it loads)."),
+    teacher_url: Optional[str] = typer.Option(None, help=TEACHER_URL_HELP + " Default: the shards' server."),
     no_teacher: bool = typer.Option(False, "--no-teacher", help="Do not load or time a teacher."),
     out: Optional[Path] = typer.Option(None, help="Report folder (default: 'eval' beside the student folder)."),
     limit: Optional[int] = typer.Option(None, help="Score at most N held-out examples."),
@@ -289,7 +291,7 @@ def eval_(
     from microdistill.evaluate.evaluation import EvalConfig
     from microdistill.report.evaluation import make_report
 
-    cfg = EvalConfig(teacher=teacher, time_teacher=not no_teacher, limit=limit, timing_inputs=timing_inputs,
+    cfg = EvalConfig(teacher=teacher, teacher_url=teacher_url, time_teacher=not no_teacher, limit=limit, timing_inputs=timing_inputs,
                      batch_size=batch_size, peers=peers, consistency_inputs=consistency_inputs)
     out = out or student.parent / "eval"
     report = make_report(student, data, out, cfg, progress=not quiet)
@@ -331,7 +333,7 @@ def extract(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Label a corpus with the teacher under the task's schema and store its logits as shards."""
-    from microdistill.extract.local import ExtractConfig, extract as run_extract
+    from microdistill.extract import ExtractConfig, extract as run_extract
     from microdistill.extract.parts import Part, from_env
 
     cfg = ExtractConfig(task=task, teacher=teacher, field=field, labels=_parse_pairs(label, "--label") or None,

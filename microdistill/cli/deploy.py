@@ -30,7 +30,9 @@ def export(
 
 def serve(
     student: Path = typer.Option(..., help="Student folder (a classifier-head student: it gives a confidence per field) or an export folder (heads or decoder; no torch)."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher for inputs the student is unsure of: preset, HF folder or .gguf."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher for inputs the student is unsure of: preset, HF folder, "
+                                          ".gguf or openai:MODEL (with --teacher-url)."),
+    teacher_url: Optional[str] = typer.Option(None, help="OpenAI base URL of an openai:MODEL teacher (key: $MICRODISTILL_API_KEY)."),
     min_confidence: Optional[float] = typer.Option(None, help="The student answers when every field's calibrated "
                                                    "confidence reaches this; the teacher answers the rest."),
     target_agreement: Optional[float] = typer.Option(None, help="Or: the threshold that reached this agreement with the "
@@ -51,7 +53,7 @@ def serve(
     from microdistill.serve.service import ServeConfig
 
     run_server(student, ServeConfig(
-        teacher=teacher, min_confidence=min_confidence, target_agreement=target_agreement, host=host, port=port,
+        teacher=teacher, teacher_url=teacher_url, min_confidence=min_confidence, target_agreement=target_agreement, host=host, port=port,
         batch_window_ms=batch_window_ms, max_batch=max_batch, max_queue=max_queue, max_texts=max_texts,
         max_text_chars=max_text_chars, max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout_s,
         threads=threads))

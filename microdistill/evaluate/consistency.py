@@ -1,9 +1,9 @@
 """The teacher's consistency with itself: how often its answer changes under edits that keep
 an input's meaning (a full stop added or dropped, the first letter's case, a doubled space).
 
-    from microdistill.evaluate.evaluation import teacher_runner
+    from microdistill.teachers.labeller import TeacherAnswers
     records = shards.load("val")
-    result = self_consistency(teacher_runner(teacher, task, kept), [r.text for r in records],
+    result = self_consistency(TeacherAnswers(teacher, task).texts, [r.text for r in records],
                               originals=[r.output_text for r in records])
     result["consistent"]  # share of inputs whose answer survived every edit
 

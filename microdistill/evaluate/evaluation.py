@@ -27,12 +27,13 @@ from microdistill.evaluate.consistency import self_consistency
 from microdistill.core.console import say
 from microdistill.core.errors import UserError
 from microdistill.evaluate.peers import PeerError, score_peers
-from microdistill.evaluate.speed import (PeakMemory, Timed, speed_size_memory, student_runner, teacher_file_bytes, teacher_runner,
-                                timing, weights_bytes)
+from microdistill.evaluate.speed import (PeakMemory, Timed, speed_size_memory, student_runner, teacher_file_bytes,
+                                         timing, weights_bytes)
 from microdistill.data.shards import Record, ShardSet, StoreError
 from microdistill.students.kind import count_parameters
 from microdistill.students import PerField, load_student
-from microdistill.teachers import TeacherError, load_teacher, preset_of
+from microdistill.teachers import TeacherError, is_served_spec, load_teacher, recorded_spec, same_teacher
+from microdistill.teachers.labeller import TeacherAnswers
 
 TIMING_SAMPLE = 16  # the teacher is slow on a CPU; a few inputs give a stable median
 
@@ -46,6 +47,7 @@ class EvalConfig(Options):
     """What an evaluation scores and times."""
 
     teacher: str | None = None  # a teacher spec to time beside the student (None: the shards' own)
+    teacher_url: str | None = None  # the OpenAI base URL of an openai:MODEL teacher (default: the shards' server)
     time_teacher: bool = True  # False: load and time no teacher
     limit: int | None = None  # score at most N held-out examples
     timing_inputs: int = TIMING_SAMPLE  # inputs both models are timed on
@@ -62,16 +64,11 @@ class EvalConfig(Options):
                 raise EvalError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if self.teacher is not None and not self.time_teacher:
             raise EvalError("--teacher and --no-teacher contradict each other; give one")
+        if self.teacher_url is not None and self.teacher is not None and not is_served_spec(self.teacher):
+            raise EvalError(f"--teacher-url is for a served teacher (openai:MODEL), not {self.teacher!r}")
 
 
 # ---- the evaluation -------------------------------------------------------------------------------
-def manifest_teacher(data_dir: Path) -> str | None:
-    """The teacher spec that made the shards (a preset name or a path), if one is recorded."""
-    teacher = ShardSet(data_dir).manifest.get("teacher") or {}
-    source = str(teacher.get("source") or "")
-    return preset_of(source) or source or teacher.get("name") or None
-
-
 def eval_split(shards: ShardSet) -> tuple[str, list[str]]:
     """The split to evaluate on: held out if there is any, else train with a warning."""
     if any(s.get("n_val", 0) > 0 for s in shards.manifest["shards"]):
@@ -127,28 +124,28 @@ def time_student(student_dir: Path, shards: ShardSet, texts: list[str]):
 
 
 def time_teacher(spec: str, shards: ShardSet, texts: list[str], notes: list[str],
-                 consistency_records: Sequence[Record] = ()) -> Timed:
-    """Load and time a teacher under one memory measurement, on the kept vocabulary if it is the
-    shards' teacher; then, if it is, ask it `consistency_records` again under meaning-preserving
-    edits (consistency.py)."""
+                 consistency_records: Sequence[Record] = (), url: str | None = None) -> Timed:
+    """Load and time a teacher under one memory measurement, as it labelled the shards (kept
+    vocabulary, dtype) if it is the shards' teacher; then, if it is, ask it `consistency_records`
+    again under meaning-preserving edits (consistency.py). Any teacher spec; `url` for a served one."""
     with PeakMemory() as mem:
-        teacher = load_teacher(spec)
+        teacher = load_teacher(spec, url, progress=False)
         labelled_by = shards.manifest.get("teacher") or {}
-        same_tokenizer = teacher.tokenizer_sha256 == labelled_by.get("tokenizer_sha256")
-        if same_tokenizer:  # timed as it labelled the shards: bfloat16 where extraction chose it
-            teacher.to_dtype(labelled_by.get("dtype", "float32"))
-        if not same_tokenizer:
-            notes.append(f"teacher {spec!r} has another tokenizer than the shards' teacher: it was timed with "
-                         "its own full vocabulary instead of the kept one")
-        run = teacher_runner(teacher, shards.task(), [int(i) for i in shards.kept_vocab] if same_tokenizer else None)
+        same = same_teacher(labelled_by, teacher.describe())
+        if not same:
+            notes.append(f"teacher {spec!r} is not the shards' teacher: it was timed with its own full vocabulary "
+                         "instead of the kept one")
+        kept = [int(i) for i in shards.kept_vocab] if same and teacher.access == "white" else None
+        run = TeacherAnswers(teacher, shards.task(), labelled_by, kept).texts
         speed, outputs = timing(run, texts)
-    params = sum(p.numel() for p in teacher.model.parameters())
+    model = teacher.model if teacher.access == "white" else None  # a served teacher's weights are not here
     consistent = None
-    if consistency_records and same_tokenizer:
+    if consistency_records and same:
         consistent = self_consistency(run, [r.text for r in consistency_records],
                                       [r.output_text for r in consistency_records])
-    return Timed(teacher.name, speed, params, teacher_file_bytes(teacher), mem.growth, weights_bytes(teacher.model),
-                 outputs, consistent, teacher.dtype)
+    return Timed(teacher.name, speed, count_parameters(model) if model is not None else None, teacher_file_bytes(teacher),
+                 mem.growth, weights_bytes(model) if model is not None else None, outputs, consistent,
+                 getattr(teacher, "dtype", None))
 
 
 def _preload() -> None:
@@ -159,9 +156,13 @@ def _preload() -> None:
 
 
 def teacher_timing(teacher: str | None, from_manifest: bool, shards: ShardSet, texts: list[str],
-                   notes: list[str], progress: bool, consistency_records: Sequence[Record] = ()) -> tuple[str | None, Timed | None]:
+                   notes: list[str], progress: bool, consistency_records: Sequence[Record] = (),
+                   url: str | None = None) -> tuple[str | None, Timed | None]:
     """Time the given teacher (errors propagate), or the shards' own one (skipped with a note if it fails)."""
-    spec = teacher if teacher is not None else (manifest_teacher(shards.dir) if from_manifest else None)
+    recorded = shards.manifest.get("teacher")
+    spec = teacher if teacher is not None else (recorded_spec(recorded) if from_manifest else None)
+    if url is None and teacher is None:  # the shards' own served teacher, where it was served
+        url = (shards.manifest.get("api") or {}).get("url")
     if spec is None:
         notes.append("teacher not timed (no teacher given)")
         return None, None
@@ -169,7 +170,7 @@ def teacher_timing(teacher: str | None, from_manifest: bool, shards: ShardSet, t
     try:
         if consistency_records:
             say(f"[eval] asking the teacher {len(consistency_records)} held-out inputs again, edited", progress)
-        return str(spec), time_teacher(str(spec), shards, texts, notes, consistency_records)
+        return str(spec), time_teacher(str(spec), shards, texts, notes, consistency_records, url)
     except TeacherError as e:
         if teacher is not None:
             raise
@@ -198,7 +199,7 @@ def evaluate(student_dir: Path, data_dir: Path, config: EvalConfig | None = None
     say(f"[eval] scoring the student on the {split} split", progress)
     scores, records = quality(student, shards, split, cfg.limit, cfg.batch_size)
     spec, t_timed = teacher_timing(cfg.teacher, cfg.time_teacher, shards, texts, notes, progress,
-                                   records[: cfg.consistency_inputs])
+                                   records[: cfg.consistency_inputs], cfg.teacher_url)
     report: dict[str, Any] = {
         "task": student.task.name, "split": split, "n_eval": len(records), **scores, **speed_size_memory(s_timed, t_timed),
         "student": {"path": str(student_dir), "kind": student.kind, "preset": student.meta.get("preset"),

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -105,31 +105,16 @@ def student_runner(student) -> Callable[[list[str]], list[dict]]:
     return lambda texts: student.predict(texts, max(len(texts), 1), constrain=True)
 
 
-def teacher_runner(teacher, task, kept: Sequence[int] | None) -> Callable[[list[str]], list[str]]:
-    """Constrained greedy generation with the teacher, as extraction runs it; returns output texts."""
-    from microdistill.core.grammar import Grammar  # xgrammar: loaded when a teacher is timed
-    from microdistill.teachers.decoding import Decoder
-
-    grammar = Grammar(task, teacher.tokenizer, teacher.vocab_size, teacher.eos_id, allowed=kept)
-    decoder = Decoder(teacher, task, grammar)
-
-    def run(texts: list[str]) -> list[str]:
-        batch = decoder.generate([decoder.rest_ids(t) for t in texts], task.output.max_tokens)
-        return [teacher.tokenizer.decode([i for i in g.output_ids if i != teacher.eos_id]) for g in batch.rows]
-
-    return run
-
-
 @dataclass
 class Timed:
     """One model's measurements: speed (see `timing`), parameters, bytes on disk, memory."""
 
     name: str
     speed: dict
-    params: int
+    params: int | None  # None: a served teacher, whose weights are elsewhere
     file_bytes: int | None
     rss_bytes: int
-    weights_bytes: int
+    weights_bytes: int | None
     outputs: list
     consistency: dict | None = None  # the teacher's self-consistency (consistency.py), when measured
     dtype: str | None = None  # the teacher's weights' dtype, as it was timed

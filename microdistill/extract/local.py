@@ -1,57 +1,93 @@
-"""Extraction: label a corpus with the teacher and store its per-step logits as shards.
+"""Extraction with a local teacher (a white box): decoding every input under the grammar, keeping
+the raw logits at the kept ids, the full-vocabulary log-sum-exp and the enum decision points.
 
-    microdistill extract --task reddit-comment --input comments.jsonl --out shards/
-    microdistill extract ... --out shards/ --part 1/4      # one of 4 workers (parts.py)
-    microdistill extract ... --teacher openai:MODEL --teacher-url URL   # a served teacher (extract_api.py)
-    microdistill inspect shards/
-
-Stages: read and filter the corpus; load the teacher; calibrate the kept output vocabulary on
-a sample (grammar-only decoding, mean teacher probability per token); decode every input
-greedily under the grammar limited to the kept vocabulary, keeping the raw logits at the kept
-ids, the full-vocabulary log-sum-exp and the enum decision points; write shards, and one
-teacher vector per input token (its middle-layer state in context; a student's starting
-point). Re-running the same command continues where it stopped; the kept vocabulary of an
-existing folder is reused, never recomputed.
+A new folder is prepared first (prepare.py: the kept vocabulary from a calibration sample, the
+dtype check; embeddings.py: the input embeddings); an existing one keeps its vocabulary and
+hidden layer, and the rest is labelled as its first examples were. The calibration answers that
+used only kept tokens are stored without decoding them again. With `--part I/N` this process is
+one worker of several (parts.py).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
-from microdistill.core.options import Options
 from microdistill.core.console import progress as progress_bar
 from microdistill.core.console import say
+from microdistill.core.task import Task
+from microdistill.data.corpus import Item, example_id
+from microdistill.data.shards import INPUT_EMBEDDINGS, Record, ShardWriter, StoreError
+from microdistill.extract import folder
+from microdistill.extract.config import ExtractConfig, ExtractError
+from microdistill.extract.embeddings import save_input_embeddings
+from microdistill.extract.parts import Part, check_root, open_part, root_fields, wait_for_root
 from microdistill.extract.prepare import Calibration, batches, build_vocab, calibrate, choose_dtype
-from microdistill.data.corpus import Item, example_id, filter_inputs, read_corpus
-from microdistill.core.errors import UserError
-from microdistill.core.files import atomic_dir, atomic_write_bytes
-from microdistill.extract.parts import WAIT_S, Part, check_root, open_part, root_fields, wait_for_root
-from microdistill.data.shards import INPUT_EMBEDDINGS, Record, ShardSet, ShardWriter, StoreError
-from microdistill.core.task import Task, load_task
-from microdistill.teachers import DEFAULT_TEACHER, TeacherError, load_teacher
-from microdistill.teachers.served import is_api_spec
-from microdistill.teachers.hf import HFTeacher, hidden_layer_of, hidden_layer_spec, states_after
-
+from microdistill.teachers import TeacherError
+from microdistill.teachers.hf import HFTeacher, hidden_layer_of
 
 if TYPE_CHECKING:
     from microdistill.teachers.decoding import Decoder
 
-# constrain (xgrammar) and generation are imported where used: importing this module for its
-# options should stay cheap.
-
-
-class ExtractError(UserError):
-    """An extraction argument that cannot be used; the message is one line for the user."""
-
 
 class RoundTripError(RuntimeError):
     """A stored example would not read back as what the teacher said (a bug, never expected)."""
+
+
+class LocalLabelling:
+    """One extraction run with a local teacher (see extract.extract for the steps around it)."""
+
+    parts = True  # its work splits across --part workers
+
+    def __init__(self, teacher: HFTeacher, task: Task, cfg: ExtractConfig, out_dir: Path, progress: bool):
+        self.teacher, self.task, self.cfg, self.out_dir, self.progress = teacher, task, cfg, out_dir, progress
+        self.writer: ShardWriter | None = None
+        self.timings: dict[str, Any] = {}  # extra timings this way records
+        self.closing: dict[str, Any] = {}  # extra manifest entries at the end
+
+    def open(self, items: list[Item], filters: dict[str, Any], part: Part | None, wait_s: float) -> list[Item]:
+        """Open (or prepare) the folder; returns the inputs still to label."""
+        try:
+            layer = hidden_layer_of(self.teacher, self.cfg.hidden_layer)
+        except TeacherError as e:  # a layer the teacher does not have: an extraction option
+            raise ExtractError(str(e)) from None
+        check_root(self.out_dir, part)  # a folder that does not fit this worker fails before any work
+        if part is not None and part.index:
+            wait_for_root(self.out_dir, part, wait_s, self.progress)
+        writer, calib = open_folder(self.out_dir, self.task, self.teacher, items, self.cfg, layer, self.progress,
+                                    root_fields(part) if part is not None else {})
+        folder.save_tokenizer(self.teacher.tokenizer, self.out_dir)
+        wanted = items[:self.cfg.limit]
+        if calib is not None:
+            reused = reuse_calibration(self.teacher, self.task, calib, {example_id(it.text) for it in wanted}, writer)
+            say(f"{reused} calibration answers used only kept tokens: stored without decoding again", self.progress)
+        if part is not None:  # the root holds the calibration answers; this worker labels its own inputs beside them
+            if not writer.manifest["complete"]:
+                writer.close(filters=filters)
+            done = writer.done_ids
+            writer = open_part(self.out_dir, writer.manifest, part)
+            wanted = [it for it in wanted if part.owns(example_id(it.text)) and example_id(it.text) not in done]
+        self.writer = writer
+        return [it for it in wanted if example_id(it.text) not in writer.done_ids]
+
+    def label(self, todo: list[Item]) -> dict[str, Any]:
+        """Decode `todo` into the folder: {written, tokens, cut, seconds}."""
+        from microdistill.core.grammar import Grammar
+        from microdistill.teachers.decoding import Decoder
+
+        kept = self.writer.manifest["vocab"]["kept"]
+        t = self.teacher
+        grammar = Grammar(self.task, t.tokenizer, t.vocab_size, t.eos_id, allowed=kept)
+        decoder = Decoder(t, self.task, grammar, keep_ids=kept, hidden_layer=self.writer.manifest.get("hidden_layer"))
+        return decode_into(self.writer, decoder, self.task, todo, self.cfg.batch_size, self.progress)
+
+    def summary(self, stats: dict[str, Any], timings: dict[str, Any]) -> str:
+        return (f"{stats['written']} new examples ({stats['cut']} cut at {self.task.output.max_tokens} tokens), "
+                f"{timings['examples_per_s']:.2f} examples/s")
 
 
 def reuse_calibration(teacher: HFTeacher, task: Task, calib: Calibration, wanted: set[str], writer: ShardWriter) -> int:
@@ -82,7 +118,7 @@ def reuse_calibration(teacher: HFTeacher, task: Task, calib: Calibration, wanted
     return len(usable)
 
 
-# ---- records -------------------------------------------------------------------------------
+
 def make_record(task: Task, tokenizer, item: Item, row, text: str, decisions: dict[str, np.ndarray],
                 kept: set[int], eos_id: int) -> Record:
     """A checked Record for one decoded row; any broken round trip is a hard failure."""
@@ -142,178 +178,7 @@ def decode_into(writer: ShardWriter, decoder: "Decoder", task: Task, items: Sequ
     return stats
 
 
-# ---- the stage -----------------------------------------------------------------------------
-def _save_tokenizer(tokenizer, out_dir: Path) -> None:
-    dest = out_dir / "tokenizer"
-    if dest.is_dir():
-        return
-    with atomic_dir(dest) as tmp:
-        tokenizer.save_pretrained(str(tmp))
-
-
-def _save_input_embeddings(teacher: HFTeacher, input_ids: Sequence[int], texts: Sequence[str], out_dir: Path,
-                           replace: bool, progress: bool = False) -> None:
-    """out_dir/input_embeddings.safetensors: one teacher vector per input-vocabulary id (float16),
-    a student's starting point; written atomically, and when the file is already there only if
-    `replace` (a new vocabulary: the file may be a leftover).
-
-    A token the corpus uses gets its meaning in context: the teacher's hidden state after its
-    middle layer, averaged over the token's occurrences in `texts` (each text read alone). A
-    static embedding row knows little more than spelling (a student started from it learned no
-    faster than from random rows); the middle layer knows that "crashes" or "peeling" is a
-    complaint. Other ids (byte fallbacks, specials) keep their static rows, and the contextual
-    rows are rescaled per dimension to the static rows' mean and spread so both mix.
-    """
-    from safetensors.torch import save
-
-    dest = out_dir / INPUT_EMBEDDINGS
-    if dest.is_file() and not replace:
-        return
-    ids = [int(i) for i in input_ids]
-    weight = teacher.model.get_input_embeddings().weight
-    with torch.no_grad():
-        rows = weight[torch.as_tensor(ids, dtype=torch.long, device=weight.device)].double().cpu()
-    row_of = {t: k for k, t in enumerate(ids)}
-    total = torch.zeros_like(rows)
-    count = torch.zeros(len(ids), dtype=torch.float64)
-    layer = hidden_layer_of(teacher, "middle")
-    seqs = sorted((s for s in teacher.tokenizer(list(texts), add_special_tokens=False).input_ids if s), key=len)
-    bar, job = progress_bar(progress, "reading inputs in context", len(seqs))
-    with bar, torch.inference_mode():
-        for k in range(0, len(seqs), 32):
-            chunk = seqs[k:k + 32]
-            width = max(len(q) for q in chunk)
-            batch = torch.full((len(chunk), width), teacher.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for b, q in enumerate(chunk):  # right padding: causal attention keeps real tokens exact
-                batch[b, :len(q)], mask[b, :len(q)] = torch.tensor(q), 1
-            states = states_after(teacher.model, layer, input_ids=batch.to(weight.device), attention_mask=mask.to(weight.device))
-            for b, q in enumerate(chunk):
-                at = torch.tensor([row_of[t] for t in q])
-                total.index_add_(0, at, states[b, :len(q)].double().cpu())
-                count.index_add_(0, at, torch.ones(len(q), dtype=torch.float64))
-            bar.advance(job, len(chunk))
-    seen = count > 0
-    if seen.sum() > 1:
-        ctx = total[seen] / count[seen, None]
-        ctx = (ctx - ctx.mean(0)) / ctx.std(0).clamp_min(1e-6)
-        rows[seen] = ctx * rows[seen].std(0) + rows[seen].mean(0)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(dest, save({"rows": rows.half().contiguous()}))
-
-
-@dataclass(frozen=True)
-class ExtractConfig(Options):
-    """What an extraction asks of which teacher; recorded in the run that made the shards."""
-
-    task: str = "reddit-comment"  # a preset name or a task YAML file
-    teacher: str = DEFAULT_TEACHER  # a preset, a Hugging Face model folder, a .gguf file or openai:MODEL
-    field: str = "text"  # the corpus' text field or column
-    labels: dict[str, str] | None = None  # task field -> corpus column of human labels
-    limit: int | None = None  # only the first N inputs that pass the filters (a later run continues)
-    batch_size: int = 16  # inputs the teacher decodes together
-    vocab_size: int = 512  # size of the kept output vocabulary
-    calibration: int = 64  # inputs decoded to choose the kept vocabulary (first run only)
-    # the teacher layer whose hidden state of each input is stored (first run only): last,
-    # middle, a layer number, or none
-    hidden_layer: str | int | None = "last"
-    # the teacher's dtype (first run only): float32, bfloat16, or auto (bfloat16 where the CPU runs
-    # it natively and it answers the calibration inputs as float32 does; see choose_dtype)
-    dtype: str = "float32"
-    teacher_url: str | None = None  # the OpenAI base URL of an `openai:MODEL` teacher (extract_api.py)
-    teacher_tokenizer: str | None = None  # the API model's tokenizer: a preset, model folder or .gguf
-    concurrency: int = 8  # calls in flight to an API teacher
-
-    def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ExtractError(f"--limit must be at least 1 (got {self.limit})")
-        if self.batch_size < 1:
-            raise ExtractError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if self.vocab_size < 2:
-            raise ExtractError(f"--vocab-size must be at least 2 (got {self.vocab_size})")
-        if self.calibration < 0:
-            raise ExtractError(f"--calibration must not be negative (got {self.calibration})")
-        if self.concurrency < 1:
-            raise ExtractError(f"--concurrency must be at least 1 (got {self.concurrency})")
-        if (self.teacher_url is not None or self.teacher_tokenizer is not None) and not is_api_spec(self.teacher):
-            raise ExtractError(f"--teacher-url and --teacher-tokenizer are for an API teacher (openai:MODEL), not {self.teacher!r}")
-        if self.dtype not in ("float32", "bfloat16", "auto"):
-            raise ExtractError(f"--dtype {self.dtype!r}: choose float32, bfloat16 or auto")
-        try:
-            hidden_layer_spec(self.hidden_layer)  # a typo fails before the teacher loads
-        except TeacherError as e:
-            raise ExtractError(str(e)) from None
-
-
-def extract(input_path: str | Path, out_dir: str | Path, config: ExtractConfig | None = None, *,
-            task: Task | None = None, teacher: HFTeacher | None = None, progress: bool = True,
-            part: Part | None = None, wait_s: float = WAIT_S) -> Path:
-    """Label the corpus at `input_path` with the teacher and write shards to `out_dir`.
-
-    `task` and `teacher`, when given, are used instead of loading `config.task` / `config.teacher`
-    (a caller that already holds them). With `part`, this process is one worker of several
-    (parts.py): worker 0 calibrates, the others wait for it up to `wait_s` seconds, and each
-    labels only its own inputs. Returns `out_dir`.
-    """
-    from microdistill.core.grammar import Grammar
-    from microdistill.teachers.decoding import Decoder
-
-    cfg = config or ExtractConfig()
-    if is_api_spec(cfg.teacher):
-        if part is not None:
-            raise ExtractError("--part splits a local teacher's work; an API teacher scales with --concurrency")
-        from microdistill.extract.served import extract_api
-
-        return extract_api(input_path, out_dir, cfg, task=task, progress=progress)
-    t_start = time.perf_counter()
-    task = task or load_task(cfg.task)
-    out_dir = Path(out_dir)
-    raw_items = read_corpus(input_path, field=cfg.field, labels=cfg.labels)
-    teacher = teacher or load_teacher(cfg.teacher)
-    items, report = filter_inputs(raw_items, task, teacher.tokenizer, source=str(input_path))
-    say(f"{input_path}: {report.summary()}", progress)
-    try:
-        layer = hidden_layer_of(teacher, cfg.hidden_layer)
-    except TeacherError as e:  # a layer the teacher does not have: an extraction option
-        raise ExtractError(str(e)) from None
-    check_root(out_dir, part)  # a folder that does not fit this worker fails before any work
-    if part is not None and part.index:
-        wait_for_root(out_dir, part, wait_s, progress)
-    writer, calib = _open_folder(out_dir, task, teacher, items, cfg, layer, progress,
-                                 root_fields(part) if part is not None else {})
-    layer = writer.manifest.get("hidden_layer")
-    _save_tokenizer(teacher.tokenizer, out_dir)
-    wanted = items[:cfg.limit]
-    if calib is not None:
-        reused = reuse_calibration(teacher, task, calib, {example_id(it.text) for it in wanted}, writer)
-        say(f"{reused} calibration answers used only kept tokens: stored without decoding again", progress)
-    filters = {**report.as_dict(), "corpus": str(input_path)}
-    if part is not None:  # the root holds the calibration answers; this worker labels its own inputs beside them
-        if not writer.manifest["complete"]:
-            writer.close(filters=filters)
-        done = writer.done_ids
-        writer = open_part(out_dir, writer.manifest, part)
-        wanted = [it for it in wanted if part.owns(example_id(it.text)) and example_id(it.text) not in done]
-    todo = [it for it in wanted if example_id(it.text) not in writer.done_ids]
-    timings = dict(writer.manifest.get("timings", {}))
-    if todo:
-        kept = writer.manifest["vocab"]["kept"]
-        grammar = Grammar(task, teacher.tokenizer, teacher.vocab_size, teacher.eos_id, allowed=kept)
-        decoder = Decoder(teacher, task, grammar, keep_ids=kept, hidden_layer=layer)
-        stats = decode_into(writer, decoder, task, todo, cfg.batch_size, progress)
-        seconds = max(stats["seconds"], 1e-9)
-        timings.update(extract_s=round(time.perf_counter() - t_start, 3),
-                       examples_per_s=round(stats["written"] / seconds, 4),
-                       tokens_per_s=round(stats["tokens"] / seconds, 2))
-        filters["cut_at_max_tokens"] = int(stats["cut"])
-        say(f"{stats['written']} new examples ({stats['cut']} cut at {task.output.max_tokens} tokens), "
-            f"{timings['examples_per_s']:.2f} examples/s", progress)
-    writer.close(timings=timings, filters=filters)
-    say(f"{out_dir}: {writer.n_done} examples", progress)
-    return out_dir
-
-
-def _open_folder(out_dir: Path, task: Task, teacher: HFTeacher, items: Sequence[Item], cfg: ExtractConfig,
+def open_folder(out_dir: Path, task: Task, teacher: HFTeacher, items: Sequence[Item], cfg: ExtractConfig,
                  hidden_layer: int | None, progress: bool, new_fields: dict[str, Any]) -> tuple[ShardWriter, Calibration | None]:
     """A writer on `out_dir`; a new folder gets its vocabulary from a calibration run first, and
     `new_fields` in its manifest.
@@ -321,21 +186,16 @@ def _open_folder(out_dir: Path, task: Task, teacher: HFTeacher, items: Sequence[
     An existing folder keeps its vocabulary and hidden layer (resuming never changes what its
     examples hold) and must have been made with the same task, teacher and vocabulary size.
     """
-    existing = ShardSet(out_dir).manifest if (out_dir / "manifest.json").exists() else None
+    existing = folder.existing(out_dir)
     dtype = (existing.get("teacher") or {}).get("dtype", "float32") if existing else "float32"
-    header: dict[str, Any] = {"task": task.model_dump(mode="json"), "task_fingerprint": task.fingerprint(),
-                              "teacher": {**teacher.describe(), **({"dtype": dtype} if dtype != "float32" else {})},
-                              "signal": "logits", "input_embeddings": INPUT_EMBEDDINGS}
-    if existing:
-        for key in ("task_fingerprint", "teacher", "signal"):  # fail before calibrating, not after
-            if existing.get(key) != header[key]:
-                raise StoreError(f"{out_dir} holds shards made with a different {key.replace('_', ' ')}; "
-                                 "use another --out folder or delete this one")
+    header = folder.header(task, {**teacher.describe(), **({"dtype": dtype} if dtype != "float32" else {})},
+                           signal="logits", input_embeddings=INPUT_EMBEDDINGS)
+    folder.check_same(out_dir, existing, header, ("task_fingerprint", "teacher", "signal"))  # before calibrating
     if existing and "vocab" in existing:
         if existing["vocab"].get("size") != cfg.vocab_size:
             raise StoreError(f"{out_dir} holds shards made with --vocab-size {existing['vocab'].get('size')}; "
                              "use another --out folder or delete this one")
-        _save_input_embeddings(teacher, existing["vocab"]["input"], [it.text for it in items], out_dir,
+        save_input_embeddings(teacher, existing["vocab"]["input"], [it.text for it in items], out_dir,
                                replace=False, progress=progress)  # if missing
         teacher.to_dtype(dtype)  # the rest is labelled as the folder's first examples were
         kept = {k: existing[k] for k in ("vocab", "hidden_layer", "dtype_check", "parts", "calibration_id") if k in existing}
@@ -346,7 +206,7 @@ def _open_folder(out_dir: Path, task: Task, teacher: HFTeacher, items: Sequence[
     t0 = time.perf_counter()
     calib = calibrate(teacher, task, items[:cfg.calibration], cfg.batch_size, progress, hidden_layer) if cfg.calibration else None
     header["vocab"] = build_vocab(teacher, task, items, cfg.vocab_size, calib, progress)
-    _save_input_embeddings(teacher, header["vocab"]["input"], [it.text for it in items], out_dir, replace=True,
+    save_input_embeddings(teacher, header["vocab"]["input"], [it.text for it in items], out_dir, replace=True,
                            progress=progress)
     header["dtype_check"] = choose_dtype(teacher, task, cfg.dtype, cfg.batch_size, calib, progress)
     header["teacher"] = teacher.describe()

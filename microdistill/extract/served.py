@@ -2,7 +2,7 @@
 
     microdistill extract --teacher openai:MODEL --teacher-url URL --concurrency 8 --input corpus.jsonl --out shards/
 
-extract.extract() hands an `openai:` teacher here. The first call goes alone (it learns what
+extract.extract() runs a black-box teacher (teachers/served.py) through this module. The first call goes alone (it learns what
 the server takes and whether the shards can hold log-probabilities); then up to
 `--concurrency` calls are in flight on a thread pool. The first `--calibration` answers choose
 the kept vocabulary (the task's required tokens, then the ids that carry the most top-k mass)
@@ -15,7 +15,7 @@ from the step where each enum value starts (`decisions_from_steps`). Text-only s
 canonical answer's tokens alone.
 
 Resuming skips every input already in the folder; each input is asked once per run, and the
-shards are written atomically as in extract.py (a crash loses at most the unflushed shard).
+shards are written atomically as every extraction writes them (a crash loses at most the unflushed shard).
 The manifest's `api_usage` sums the calls, tokens, retries and seconds of every run, which the
 cost verb reads as the teacher's tokens per call.
 """
@@ -24,44 +24,88 @@ from __future__ import annotations
 
 import math
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import chain, islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
-from microdistill.extract.prepare import Calibration, build_vocab
 from microdistill.core.console import progress as progress_bar
 from microdistill.core.console import say
-from microdistill.data.corpus import Item, example_id, filter_inputs, read_corpus
-from microdistill.core.files import atomic_dir
-from microdistill.teachers.decoding import value_starts
-from microdistill.data.shards import Record, ShardSet, ShardWriter, StoreError, read_manifest
-from microdistill.core.task import Task, load_task
+from microdistill.core.task import Task
+from microdistill.data.corpus import Item, example_id
+from microdistill.data.shards import Record, ShardSet, ShardWriter, StoreError
+from microdistill.extract import folder
+from microdistill.extract.config import ExtractConfig
+from microdistill.extract.parts import Part
+from microdistill.extract.prepare import Calibration, build_vocab
 from microdistill.teachers import TeacherError
-from microdistill.teachers.served import TOP_K, Answer, ApiTeacher, Usage, floor_logprob, load_api_teacher
+from microdistill.teachers.decoding import value_starts
+from microdistill.teachers.served import TOP_K, Answer, ServedTeacher, Usage, floor_logprob, in_flight
 
 MISSING = -1e4  # the stored logit of a kept id outside a step's top-k: exp() of it is 0 in float32
 
 
-def in_flight(teacher: ApiTeacher, task: Task, items: Iterable[Item], concurrency: int) -> Iterator[tuple[Item, Answer]]:
-    """(item, answer) as answers arrive, with at most `concurrency` calls in flight (and as many
-    queued), so a million-input corpus never becomes a million pending futures."""
-    pool = ThreadPoolExecutor(concurrency, thread_name_prefix="teacher")
-    pending: dict[Any, Item] = {}
-    it = iter(items)
-    try:
-        while True:
-            for item in islice(it, 2 * concurrency - len(pending)):
-                pending[pool.submit(teacher.ask, task, item.text)] = item
-            if not pending:
-                return
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                yield pending.pop(f), f.result()
-    finally:  # an error (or a consumer that stops): drop the queued calls, let the running ones end
-        pool.shutdown(wait=True, cancel_futures=True)
+class ServedLabelling:
+    """One extraction run through a served teacher (see extract.extract for the steps around it)."""
+
+    parts = False  # a served teacher scales with calls in flight (--concurrency), not with workers
+
+    def __init__(self, teacher: ServedTeacher, task: Task, cfg: ExtractConfig, out_dir: Path, progress: bool):
+        self.teacher, self.task, self.cfg, self.out_dir, self.progress = teacher, task, cfg, out_dir, progress
+        self.writer: ShardWriter | None = None
+        self.timings = {"concurrency": cfg.concurrency}
+        self.closing: dict[str, Any] = {}
+
+    def open(self, items: list[Item], filters: dict[str, Any], part: Part | None, wait_s: float) -> list[Item]:
+        """Check the folder, ask the first input alone (what the server takes), and prepare the
+        vocabulary from the first answers when the folder is new; returns the inputs to label."""
+        task, teacher = self.task, self.teacher
+        header = folder.header(task, teacher.describe())
+        existing = folder.existing(self.out_dir)
+        folder.check_same(self.out_dir, existing, header, ("task_fingerprint", "teacher"))
+        done = ShardSet.ids_in(self.out_dir, existing) if existing else set()
+        # one call per input: the corpus may repeat a text when the task does not de-duplicate
+        todo = list({example_id(it.text): it for it in items[:self.cfg.limit] if example_id(it.text) not in done}.values())
+        self.usage = Usage.from_dict(existing.get("api_usage") if existing else None)
+        if not todo:
+            if existing:
+                self.writer = ShardWriter(self.out_dir, {**header, **{k: existing[k] for k in ("signal", "vocab")}})
+            say(f"{self.out_dir}: nothing to label ({len(done)} examples already there)", self.progress)
+            return []
+        first = (todo[0], teacher.probe(task, todo[0].text))
+        if existing and existing.get("signal") != teacher.signal:
+            raise StoreError(f"{self.out_dir} holds {existing.get('signal')} shards but this server now gives "
+                             f"{teacher.signal} ones ({'; '.join(teacher.notes)}); use another --out folder")
+        header.update(signal=teacher.signal, api={"url": teacher.url, "top_logprobs": TOP_K if teacher.logprobs else 0,
+                                                  "json_schema": teacher.structured, "notes": teacher.notes})
+        rest = in_flight(teacher, task, ((it, it.text) for it in todo[1:]), self.cfg.concurrency)
+        self.stream = chain([first], ((it, answer) for (it, _), answer in rest))
+        self.t0 = time.perf_counter()
+        if existing and "vocab" in existing:
+            header["vocab"] = existing["vocab"]
+        else:
+            calib = list(islice(self.stream, max(self.cfg.calibration, 1)))
+            header["vocab"] = api_vocab(teacher, task, items, calib, self.cfg.vocab_size, self.progress)
+            self.stream = chain(calib, self.stream)
+        self.writer = ShardWriter(self.out_dir, header)
+        folder.save_tokenizer(teacher.tokenizer, self.out_dir)
+        return todo
+
+    def label(self, todo: list[Item]) -> dict[str, Any]:
+        """Store every answer: {written, tokens, cut, skipped, seconds}."""
+        stats = store_answers(self.writer, self.stream, self.task, self.teacher, self.usage, len(todo), self.progress,
+                              self.t0)
+        if self.writer.n_done == 0 and stats["skipped"]:
+            raise TeacherError(f"teacher {self.teacher.source} at {self.teacher.url}: no answer could be stored; "
+                               f"the last: {stats['last']}")
+        self.closing = {"api_usage": self.usage.as_dict()}
+        return {**stats, "seconds": time.perf_counter() - self.t0}
+
+    def summary(self, stats: dict[str, Any], timings: dict[str, Any]) -> str:
+        return (f"{stats['written']} new examples ({stats['cut']} cut at {self.task.output.max_tokens} tokens, "
+                f"{stats['skipped']} skipped), {timings['examples_per_s']:.2f} examples/s, {self.usage.retries} "
+                "retried calls in all")
 
 
 def decisions_from_steps(task: Task, tokenizer, text: str, steps: list[tuple[int, float, dict[int, float]]]
@@ -99,7 +143,7 @@ def decisions_from_steps(task: Task, tokenizer, text: str, steps: list[tuple[int
     return out
 
 
-def api_record(task: Task, teacher: ApiTeacher, item: Item, answer: Answer, kept: dict[int, int], eos: int,
+def api_record(task: Task, teacher: ServedTeacher, item: Item, answer: Answer, kept: dict[int, int], eos: int,
                signal: str) -> Record | str:
     """The Record of one answer, or why it cannot be stored (one short phrase)."""
     tok = teacher.tokenizer
@@ -132,7 +176,7 @@ def api_record(task: Task, teacher: ApiTeacher, item: Item, answer: Answer, kept
                   decisions=decisions_from_steps(task, tok, text, steps[:-1]), **common)
 
 
-def api_vocab(teacher: ApiTeacher, task: Task, items: list[Item], answers: list[tuple[Item, Answer]], size: int,
+def api_vocab(teacher: ServedTeacher, task: Task, items: list[Item], answers: list[tuple[Item, Answer]], size: int,
               progress: bool) -> dict[str, Any]:
     """The manifest's `vocab` from the calibration answers: mean top-k probability per id (text-
     only: how often each id spells the canonical answers)."""
@@ -153,78 +197,8 @@ def api_vocab(teacher: ApiTeacher, task: Task, items: list[Item], answers: list[
     return build_vocab(teacher, task, items, size, Calibration(mass / max(n, 1), answers), progress)  # type: ignore[arg-type]
 
 
-def _header(task: Task, teacher: ApiTeacher) -> dict[str, Any]:
-    return {"task": task.model_dump(mode="json"), "task_fingerprint": task.fingerprint(), "teacher": teacher.describe()}
-
-
-def _existing(out_dir: Path, header: dict[str, Any]) -> dict[str, Any] | None:
-    if not (out_dir / "manifest.json").exists():
-        return None
-    manifest = read_manifest(out_dir)
-    for key in ("task_fingerprint", "teacher"):
-        if manifest.get(key) != header[key]:
-            raise StoreError(f"{out_dir} holds shards made with a different {key.replace('_', ' ')}; "
-                             "use another --out folder or delete this one")
-    return manifest
-
-
-def extract_api(input_path: str | Path, out_dir: str | Path, cfg: Any, task: Task | None = None,
-                progress: bool = True) -> Path:
-    """Label the corpus at `input_path` through the API teacher `cfg.teacher` and write shards to
-    `out_dir` (`cfg` is an extract.ExtractConfig). Returns `out_dir`."""
-    t_start = time.perf_counter()
-    task = task or load_task(cfg.task)
-    out_dir = Path(out_dir)
-    raw = read_corpus(input_path, field=cfg.field, labels=cfg.labels)
-    teacher = load_api_teacher(cfg.teacher, cfg.teacher_url, cfg.teacher_tokenizer, progress)
-    items, report = filter_inputs(raw, task, teacher.tokenizer, source=str(input_path))
-    say(f"{input_path}: {report.summary()}", progress)
-    header = _header(task, teacher)
-    existing = _existing(out_dir, header)
-    done = ShardSet.ids_in(out_dir, existing) if existing else set()
-    # one call per input: the corpus may repeat a text when the task does not de-duplicate
-    todo = list({example_id(it.text): it for it in items[:cfg.limit] if example_id(it.text) not in done}.values())
-    usage = Usage.from_dict(existing.get("api_usage") if existing else None)
-    if not todo:
-        if existing:
-            ShardWriter(out_dir, {**header, **{k: existing[k] for k in ("signal", "vocab")}}).close()
-        say(f"{out_dir}: nothing to label ({len(done)} examples already there)", progress)
-        return out_dir
-    first = (todo[0], teacher.probe(task, todo[0].text))
-    if existing and existing.get("signal") != teacher.signal:
-        raise StoreError(f"{out_dir} holds {existing.get('signal')} shards but this server now gives "
-                         f"{teacher.signal} ones ({'; '.join(teacher.notes)}); use another --out folder")
-    header.update(signal=teacher.signal, api={"url": teacher.url, "top_logprobs": TOP_K if teacher.logprobs else 0,
-                                              "json_schema": teacher.structured, "notes": teacher.notes})
-    stream = chain([first], in_flight(teacher, task, todo[1:], cfg.concurrency))
-    t0 = time.perf_counter()
-    if existing and "vocab" in existing:
-        header["vocab"] = existing["vocab"]
-    else:
-        calib = list(islice(stream, max(cfg.calibration, 1)))
-        header["vocab"] = api_vocab(teacher, task, items, calib, cfg.vocab_size, progress)
-        stream = chain(calib, stream)
-    writer = ShardWriter(out_dir, header)
-    if not (out_dir / "tokenizer").is_dir():
-        with atomic_dir(out_dir / "tokenizer") as tmp:
-            teacher.tokenizer.save_pretrained(str(tmp))
-    stats = _label(writer, stream, task, teacher, usage, len(todo), progress, t0)
-    if writer.n_done == 0 and stats["skipped"]:
-        raise TeacherError(f"teacher {teacher.source} at {teacher.url}: no answer could be stored; the last: {stats['last']}")
-    seconds = max(time.perf_counter() - t0, 1e-9)
-    timings = {**writer.manifest.get("timings", {}), "extract_s": round(time.perf_counter() - t_start, 3),
-               "examples_per_s": round(stats["written"] / seconds, 4),
-               "tokens_per_s": round(stats["tokens"] / seconds, 2), "concurrency": cfg.concurrency}
-    filters = {**report.as_dict(), "corpus": str(input_path), "cut_at_max_tokens": stats["cut"], "skipped": stats["skipped"]}
-    writer.close(timings=timings, filters=filters, api_usage=usage.as_dict())
-    say(f"{stats['written']} new examples ({stats['cut']} cut at {task.output.max_tokens} tokens, {stats['skipped']} "
-        f"skipped), {timings['examples_per_s']:.2f} examples/s, {usage.retries} retried calls in all", progress)
-    say(f"{out_dir}: {writer.n_done} examples", progress)
-    return out_dir
-
-
-def _label(writer: ShardWriter, stream: Iterator[tuple[Item, Answer]], task: Task, teacher: ApiTeacher, usage: Usage,
-           total: int, progress: bool, t0: float) -> dict[str, Any]:
+def store_answers(writer: ShardWriter, stream: Iterator[tuple[Item, Answer]], task: Task, teacher: ServedTeacher,
+                  usage: Usage, total: int, progress: bool, t0: float) -> dict[str, Any]:
     """Store every answer of `stream`; on any error the finished records are flushed first."""
     kept = {tid: k for k, tid in enumerate(writer.manifest["vocab"]["kept"])}
     eos = int(writer.manifest["vocab"]["eos"])

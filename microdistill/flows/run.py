@@ -23,7 +23,7 @@ from microdistill.core.options import Options
 from microdistill.core.console import say
 from microdistill.core.errors import UserError
 from microdistill.evaluate.evaluation import EvalConfig
-from microdistill.extract.local import ExtractConfig, extract
+from microdistill.extract import ExtractConfig, extract
 from microdistill.core.files import atomic_write_json
 from microdistill.report.evaluation import make_report
 from microdistill.train import TrainConfig, train_once

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from microdistill.plan.cost import Analysis, CostConfig, CostError, RunFiles, Throughput, analyse, throughput_from_logs
-from microdistill.extract.local import ExtractConfig, extract
+from microdistill.extract import ExtractConfig, extract
 from microdistill.core.files import save_figure
 from microdistill.report.evaluation import write_cost
 from microdistill.data.shards import VAL_FRACTION, ShardSet

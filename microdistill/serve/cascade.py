@@ -1,18 +1,19 @@
 """The cascade: the student answers when it is sure of every field, the teacher answers the rest.
 
-    from microdistill.serve.cascade import Cascade, TeacherLabeller, threshold_for
+    from microdistill.serve.cascade import Cascade, teacher_for, threshold_for
     student = load_student("runs/demo/student")
     cascade = Cascade(student, threshold_for(student, target_agreement=0.97),
-                      TeacherLabeller("qwen2.5-coder-0.5b-instruct", student))
+                      teacher_for("qwen2.5-coder-0.5b-instruct", student))
     cascade.predict(["you are an idiot"])   # [{"fields", "output", "confidence", "answered_by", ...}]
 
 The student is anything with `.task`, `.fields` and `.predict(texts, batch_size)` returning
 LoadedHeads-style dicts with a "confidence" per field (a heads student folder, or an export
 folder of either kind, runtime.load_exported). An input is escalated when its least sure field's
 confidence is below the threshold; the teacher then answers it exactly as extraction asked it
-(constrained greedy decoding, speed.teacher_runner), and the answer says `answered_by`. The
-confidences reported are always the student's, so a client sees why a call was escalated.
-serve.py runs the two halves on separate workers; `predict` here runs them one after the other.
+(teachers/labeller.py: constrained greedy decoding, or a served teacher's call), and the answer
+says `answered_by`. The confidences reported are always the student's, so a client sees why a
+call was escalated. service.py runs the two halves on separate workers; `predict` here runs
+them one after the other.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from microdistill.core.errors import UserError
 from microdistill.core.files import read_json
 from microdistill.data.corpus import clean_inputs
 from microdistill.core.temperatures import CALIBRATION
-from microdistill.core.task import parse_or_none
+from microdistill.teachers.labeller import TeacherAnswers
 
 
 class CascadeError(UserError):
@@ -62,27 +63,14 @@ def threshold_for(student, min_confidence: float | None = None, target_agreement
     return threshold_of(point_for(curve, target_agreement))
 
 
-class TeacherLabeller:
-    """Texts -> the teacher's answers ({output, fields}), decoded as extraction decodes them.
+def teacher_for(spec: str, student, url: str | None = None) -> TeacherAnswers:
+    """The teacher of `spec` (any spec extract takes; `url` for a served one) answering the
+    student's task as extraction asked it, in the dtype it labelled the student's shards in
+    when it is that teacher."""
+    from microdistill.teachers import load_teacher
 
-    When it is the teacher that labelled the student's shards, it runs in the dtype it labelled
-    them in, so its answers here are the ones the student learned from.
-    """
-
-    def __init__(self, spec: str, student):
-        from microdistill.evaluate.speed import teacher_runner
-        from microdistill.teachers import load_teacher
-
-        teacher = load_teacher(spec)
-        labelled_by = (getattr(student, "meta", None) or {}).get("shards", {}).get("teacher") or {}
-        if teacher.sha256 == labelled_by.get("sha256"):
-            teacher.to_dtype(labelled_by.get("dtype", "float32"))
-        self.name, self.task = teacher.name, student.task
-        self.run = teacher_runner(teacher, student.task, None)
-
-    def __call__(self, texts: Sequence[str]) -> list[dict[str, Any]]:
-        outputs = self.run(clean_inputs(self.task, texts)) if texts else []
-        return [{"output": o, "fields": parse_or_none(self.task, o)} for o in outputs]
+    labelled_by = (getattr(student, "meta", None) or {}).get("shards", {}).get("teacher")
+    return TeacherAnswers(load_teacher(spec, url), student.task, labelled_by)
 
 
 @dataclass

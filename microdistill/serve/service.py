@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from microdistill.serve.cascade import Cascade, TeacherLabeller, check_student, threshold_for
+from microdistill.serve.cascade import Cascade, check_student, teacher_for, threshold_for
 from microdistill.core.options import Options
 from microdistill.core.errors import UserError
+from microdistill.teachers import is_served_spec
 
 log = logging.getLogger("uvicorn.error")
 
@@ -36,6 +37,7 @@ class ServeConfig(Options):
     """How the server runs: who answers, where it listens, and its limits."""
 
     teacher: str | None = None  # a teacher spec (as extract takes) for escalated inputs
+    teacher_url: str | None = None  # the OpenAI base URL of an openai:MODEL teacher
     min_confidence: float | None = None  # every field must reach this for the student to answer
     target_agreement: float | None = None  # or: the threshold reaching this on the held-out curve
     host: str = "127.0.0.1"
@@ -56,6 +58,8 @@ class ServeConfig(Options):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 1.0:
                 raise ServeError(f"--{name.replace('_', '-')} must be between 0 and 1, got {v}")
+        if self.teacher_url is not None and not is_served_spec(self.teacher or ""):
+            raise ServeError(f"--teacher-url is for a served teacher (openai:MODEL), not {self.teacher!r}")
         if self.teacher is not None and self.min_confidence is None and self.target_agreement is None:
             raise ServeError("with --teacher, give --min-confidence or --target-agreement: without a threshold "
                              "the teacher would never be asked")
@@ -244,5 +248,5 @@ def build_service(student_dir: Path, config: ServeConfig) -> Service:
     student = load_answerer(Path(student_dir), threads=config.threads)
     check_student(student, f"student folder {student_dir}")
     threshold = threshold_for(student, config.min_confidence, config.target_agreement)
-    teacher = TeacherLabeller(config.teacher, student) if config.teacher else None
+    teacher = teacher_for(config.teacher, student, config.teacher_url) if config.teacher else None
     return Service(Cascade(student, threshold, teacher), config, student.task.name)

@@ -49,6 +49,7 @@ class HFTeacher:
     sha256: str
     tokenizer_sha256: str
     source: str = ""
+    access: str = "white"  # full logits at every step, and hidden states
 
     @property
     def dtype(self) -> str:
@@ -81,6 +82,13 @@ class HFTeacher:
         for m in task.messages(text)[1:]:
             parts.append(m["content"] if m["role"] == "user" else m["content"] + "\n")
         return "\n".join(parts) + "\n"
+
+    def labeller(self, task: Task, kept: list[int] | None = None):
+        """Texts -> answer texts by constrained greedy decoding, as extraction runs it (over the
+        `kept` ids when given, as the shards were labelled)."""
+        from microdistill.teachers.labeller import local_labeller
+
+        return local_labeller(self, task, kept)
 
     def describe(self) -> dict[str, Any]:
         """The manifest's `teacher` entry (its dtype only when not float32, the dtype of every
@@ -222,23 +230,11 @@ def states_after(model, layer: int, **inputs) -> torch.Tensor:
     raise RuntimeError(f"layer {layer} of the teacher never ran")
 
 
-def hidden_layer_spec(spec: int | str | None) -> int | str | None:
-    """A --hidden-layer as given, checked before the teacher loads: None ("none"), "middle",
-    "last" or a layer number (its range needs the teacher: hidden_layer_of)."""
-    if spec is None or spec == "none":
-        return None
-    if spec in ("middle", "last"):
-        return spec
-    try:
-        return int(spec)
-    except (TypeError, ValueError):
-        raise TeacherError(f"--hidden-layer {spec!r}: expected middle, last, none or a layer from 0 to the "
-                           "teacher's number of layers") from None
-
-
 def hidden_layer_of(teacher: HFTeacher, spec: int | str | None) -> int | None:
     """The teacher layer to store input hidden states from: "middle", "last", a number from 0
     (the embeddings) to the number of layers, or None / "none" for no hidden states."""
+    from microdistill.teachers import hidden_layer_spec
+
     given = hidden_layer_spec(spec)
     if given is None:
         return None

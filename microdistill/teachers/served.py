@@ -16,7 +16,7 @@ the model came from (vLLM's `root`) when it exists here. It is checked on the fi
 server's count of prompt tokens must equal the local count of the chat-templated prompt, and
 every returned token must be a token of it. Then the top-k log-probabilities are stored as a
 sparse soft target over the kept vocabulary (`signal: "logits"`), and each enum field's
-decision point is read from the step where its value starts (extract_api.py).
+decision point is read from the step where its value starts (extract/served.py).
 
 Without it (a model microdistill cannot load, or a server that returns no log-probabilities)
 the shards are text-only (`signal: "text"`): sequence-level distillation from the answers,
@@ -32,9 +32,11 @@ import math
 import os
 import re
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from microdistill.core.console import say
 from microdistill.core.task import Task
@@ -46,11 +48,8 @@ TOP_K = 20  # the most OpenAI's own API returns; vLLM serves more with --max-log
 ATTEMPTS = 6  # per call, for rate limits, server errors, timeouts and lost connections
 JSON_ATTEMPTS = 3  # per input, for answers that are not valid JSON for the task
 TIMEOUT_S = 120.0
+CONCURRENCY = 8  # calls in flight by default
 STAND_IN = "qwen2.5-coder-0.5b-instruct"
-
-
-def is_api_spec(spec: str) -> bool:
-    return str(spec).startswith(PREFIX)
 
 
 @dataclass
@@ -88,7 +87,7 @@ def _tokenizer_from(spec: str):
         raise TeacherError(f"tokenizer {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
-class ApiTeacher:
+class ServedTeacher:
     """A served model behind an OpenAI-compatible API; see the module docstring.
 
     Besides the `Teacher` attributes: `logprobs` (the server returns them), `structured` (it
@@ -102,7 +101,7 @@ class ApiTeacher:
 
         from microdistill.teachers.hf import end_of_answer_id, tokenizer_sha256
 
-        if not is_api_spec(spec) or not spec[len(PREFIX):]:
+        if not spec.startswith(PREFIX) or not spec[len(PREFIX):]:
             raise TeacherError(f"teacher {spec!r}: an API teacher is written openai:MODEL")
         if not url:
             raise TeacherError(f"teacher {spec!r} needs --teacher-url, the server's OpenAI base URL (e.g. http://127.0.0.1:8000/v1)")
@@ -126,6 +125,8 @@ class ApiTeacher:
         self.name, self.sha256, self.source = self.model, "", spec
         self.logprobs, self.structured, self.probed = True, True, False
         self._ids: dict[bytes, int] | None = None
+        self.access = "black"  # answers and, where the server gives them, top-k log-probabilities
+        self.concurrency = CONCURRENCY  # calls in flight when it labels many texts
 
     # ---- the Teacher protocol ---------------------------------------------------------------
     def prompt_text(self, task: Task, text: str) -> str:
@@ -136,6 +137,21 @@ class ApiTeacher:
         of one model may label one folder)."""
         return {"name": self.name, "source": self.source, "sha256": self.sha256, "tokenizer": self.tokenizer_spec,
                 "tokenizer_sha256": self.tokenizer_sha256, "vocab_size": self.vocab_size}
+
+    def labeller(self, task: Task, kept: list[int] | None = None):
+        """Texts -> answer texts (canonical JSON, or "" for an unusable answer), with up to
+        `concurrency` calls in flight; the first call of all goes alone (`probe`). `kept` is
+        for the common interface: a served model decodes over its whole vocabulary."""
+        def run(texts: list[str]) -> list[str]:
+            answers: dict[int, Answer] = {}
+            todo = list(enumerate(texts))
+            if todo and not self.probed:
+                answers[0] = self.probe(task, todo.pop(0)[1])
+            for (i, _), answer in in_flight(self, task, todo, self.concurrency):
+                answers[i] = answer
+            return [task.serialize(a.fields) if a.fields is not None else "" for a in (answers[i] for i in range(len(texts)))]
+
+        return run
 
     @property
     def signal(self) -> str:
@@ -296,6 +312,26 @@ class ApiTeacher:
         return self._ids[bytes(data) if data is not None else token.encode("utf-8")]
 
 
+def in_flight(teacher: ServedTeacher, task: Task, items: Iterable[tuple[Any, str]], concurrency: int
+              ) -> Iterator[tuple[tuple[Any, str], Answer]]:
+    """((key, text), answer) as answers arrive, with at most `concurrency` calls in flight (and as
+    many queued), so a million-input corpus never becomes a million pending futures."""
+    pool = ThreadPoolExecutor(concurrency, thread_name_prefix="teacher")
+    pending: dict[Any, tuple[Any, str]] = {}
+    it = iter(items)
+    try:
+        while True:
+            for item in islice(it, 2 * concurrency - len(pending)):
+                pending[pool.submit(teacher.ask, task, item[1])] = item
+            if not pending:
+                return
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                yield pending.pop(f), f.result()
+    finally:  # an error (or a consumer that stops): drop the queued calls, let the running ones end
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _message(e: Exception) -> str:
     """The server's own message of an API error, on one line."""
     body = getattr(e, "body", None)
@@ -341,11 +377,4 @@ class Usage:
                    int(d.get("retries", 0)), float(d.get("seconds", 0.0)))
 
 
-def load_api_teacher(spec: str, url: str | None, tokenizer: str | None = None, progress: bool = True) -> ApiTeacher:
-    from microdistill.core.console import quiet_transformers
-
-    quiet_transformers()
-    return ApiTeacher(spec, url, tokenizer, progress=progress)
-
-
-__all__ = ["Answer", "ApiTeacher", "Usage", "floor_logprob", "is_api_spec", "load_api_teacher"]
+__all__ = ["Answer", "ServedTeacher", "Usage", "floor_logprob", "in_flight"]

@@ -139,6 +139,8 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
 
 def _train(ranks: Ranks, data_dir: Path, out: Path, cfg: TrainConfig, resume: bool, progress: bool,
            on_step: Callable[[int], None] | None) -> Path:
+    # The training loop, one function on purpose: step, log, stop, evaluate and checkpoint read
+    # top to bottom in the order they happen, as an exact resume depends on.
     started = time.perf_counter()
     ranks.same_options({**cfg.to_dict(), "data": str(data_dir), "out": str(out), "resume": resume})
     run = set_up(data_dir, cfg, progress and ranks.main)
@@ -198,13 +200,18 @@ def _train(ranks: Ranks, data_dir: Path, out: Path, cfg: TrainConfig, resume: bo
     state["wall_s"] = wall_before + time.perf_counter() - started
     if ranks.main:
         ranks.on_cpu(model, lambda: run.save(out))
-        atomic_write_json(out / "training.json", {
-            "wall_s": round(state["wall_s"], 3), "train_s": round(state["train_s"], 3), "steps": state["step"],
-            "epochs": state["epoch"], "tokens": state["tokens"],
-            "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1), "examples": len(train_set),
-            "parameters": count_parameters(model), "compute_parameters": compute_parameters(model), "student": kind_for(cfg.student, run.shards.task()),
-            "signal": "logits" if run.use_logits else "text", "config": cfg.to_dict(), "processes": ranks.world,
-            **run.info,
-        })
+        write_summary(out, run, cfg, state, ranks.world)
     ranks.barrier()  # every rank returns once the student folder is complete
     return out
+
+
+def write_summary(out: Path, run: Setup, cfg: TrainConfig, state: dict[str, Any], processes: int) -> None:
+    """training.json: how long it took, how much it saw, what it was."""
+    atomic_write_json(out / "training.json", {
+        "wall_s": round(state["wall_s"], 3), "train_s": round(state["train_s"], 3), "steps": state["step"],
+        "epochs": state["epoch"], "tokens": state["tokens"],
+        "tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1), "examples": len(run.train_set),
+        "parameters": count_parameters(run.model), "compute_parameters": compute_parameters(run.model),
+        "student": kind_for(cfg.student, run.shards.task()), "signal": "logits" if run.use_logits else "text",
+        "config": cfg.to_dict(), "processes": processes, **run.info,
+    })

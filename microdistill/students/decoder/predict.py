@@ -136,63 +136,72 @@ def _generate_batch_drafted(student: LoadedDecoder, rows: list[list[int]]) -> li
     cache drops the rejected drafts.
     """
     kept = torch.as_tensor(student.kept, dtype=torch.long)
-    K, eos = len(kept), student.eos_id
     index = {int(t): k for k, t in enumerate(kept.tolist())}
     B = len(rows)
-    batch = student.grammar.batch(B)
-    budget = step_budget(student.task, student.config.max_output)
-    done = [False] * B
-    chosen = [0] * B  # tokens chosen per row (EOS included), at most `budget`
-    out: list[list[int]] = [[] for _ in range(B)]
+    walk = _DraftWalk(student, kept, student.grammar.batch(B), step_budget(student.task, student.config.max_output), B)
     logits, cache = student.model.prefill(_pad(rows))
     logits = logits[:, None]  # [B, 1 + drafts, V]: position i follows the pending token and i drafts
     pending = [[] for _ in range(B)]  # per row: the drafts fed in the last call (as output indices)
-    nxt = torch.zeros(B, dtype=torch.long)  # each row's token to feed next (output index)
     fed = None  # real tokens each row had in the cache before the last call
     while True:
-        scores = logits[:, :, :K].float()
+        scores = logits[:, :, :len(kept)].float()
         keep = cache.pos.clone() if fed is None else fed.clone()  # a finished row drops its filler
         for b in range(B):
-            if done[b]:
-                continue
-            draft, a = pending[b], 0
-            for i in range(1 + len(draft)):
-                allowed = _allowed(batch, [b], kept)[0]
-                if not bool(allowed.any()):
-                    done[b] = True
-                    break
-                k = int(scores[b, i].masked_fill(~allowed, float("-inf")).argmax())
-                t = int(kept[k])
-                batch.accept(b, t)
-                chosen[b] += 1
-                if t == eos:
-                    done[b] = True
-                else:
-                    out[b].append(t)
-                    done[b] = batch.done(b)
-                nxt[b] = k
-                if done[b] or chosen[b] >= budget or i == len(draft) or k != draft[i]:
-                    break
-                a += 1
-            if chosen[b] >= budget:
-                done[b] = True
-            if fed is not None:
-                keep[b] = fed[b] + 1 + a  # the token fed first, then the confirmed drafts
+            if not walk.done[b]:
+                confirmed = walk.row(b, scores[b], pending[b])
+                if fed is not None:
+                    keep[b] = fed[b] + 1 + confirmed  # the token fed first, then the confirmed drafts
         if fed is not None:
             cache = cache.truncate(keep)
-        if all(done):
+        if all(walk.done):
             break
-        pending = [[] if done[b] else [index[t] for t in student.grammar.forced_tokens(batch.matchers[b], budget - chosen[b] - 1)]
-                   for b in range(B)]
-        n = 1 + max(len(d) for d in pending)
-        tok = torch.zeros(B, n, dtype=torch.long)
-        tok[:, 0] = nxt
+        pending = [[] if walk.done[b] else [index[t] for t in student.grammar.forced_tokens(
+            walk.batch.matchers[b], walk.budget - walk.chosen[b] - 1)] for b in range(B)]
+        tok = torch.zeros(B, 1 + max(len(d) for d in pending), dtype=torch.long)
+        tok[:, 0] = walk.next
         for b, d in enumerate(pending):
             tok[b, 1:1 + len(d)] = torch.tensor(d, dtype=torch.long)
         fed = cache.pos.clone()
         lengths = torch.tensor([1 + len(d) for d in pending], dtype=torch.long)
         logits, cache = student.model.decode_tokens(tok, cache, lengths)
-    return out
+    return walk.out
+
+
+class _DraftWalk:
+    """The rows of a drafted batch as greedy decoding walks them: what each has chosen so far."""
+
+    def __init__(self, student: LoadedDecoder, kept: torch.Tensor, batch, budget: int, B: int):
+        self.kept, self.eos, self.batch, self.budget = kept, student.eos_id, batch, budget
+        self.done = [False] * B
+        self.chosen = [0] * B  # tokens chosen per row (EOS included), at most `budget`
+        self.out: list[list[int]] = [[] for _ in range(B)]
+        self.next = torch.zeros(B, dtype=torch.long)  # each row's token to feed next (output index)
+
+    def row(self, b: int, scores: torch.Tensor, draft: list[int]) -> int:
+        """Choose row b's tokens from its positions' scores [1 + len(draft), K]: the masked
+        argmax at each, while it equals the draft; returns how many drafts were confirmed."""
+        confirmed = 0
+        for i in range(1 + len(draft)):
+            allowed = _allowed(self.batch, [b], self.kept)[0]
+            if not bool(allowed.any()):
+                self.done[b] = True
+                break
+            k = int(scores[i].masked_fill(~allowed, float("-inf")).argmax())
+            t = int(self.kept[k])
+            self.batch.accept(b, t)
+            self.chosen[b] += 1
+            if t == self.eos:
+                self.done[b] = True
+            else:
+                self.out[b].append(t)
+                self.done[b] = self.batch.done(b)
+            self.next[b] = k
+            if self.done[b] or self.chosen[b] >= self.budget or i == len(draft) or k != draft[i]:
+                break
+            confirmed += 1
+        if self.chosen[b] >= self.budget:
+            self.done[b] = True
+        return confirmed
 
 
 def step_budget(task: Task, max_output: int) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from synthetic import label, make_texts
 
 from microdistill.extract import ExtractConfig, extract
@@ -180,8 +181,11 @@ def test_concurrent_worker_processes_from_the_environment(corpus, tiny_teacher_d
             "--out", str(out), "--batch-size", "1", "--vocab-size", "200", "--calibration", "6", "--field", "body",
             "--label", "toxicity=tox", "--quiet"]
     root = Path(__file__).resolve().parents[1]
+    # as many threads as the in-process run that made `single`: a matrix product summed by another
+    # number of threads may round differently, and the comparison below is bit for bit
+    threads = str(torch.get_num_threads())
     procs = [subprocess.Popen(argv, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": threads})
              for r in (1, 0)]
     for p in procs:
         out_, err = p.communicate(timeout=300)

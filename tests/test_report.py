@@ -1,4 +1,4 @@
-"""report.py on a hand-made evaluation: report.md states the figures, report.json is the input
+"""report/evaluation.py on a hand-made evaluation: report.md states the figures, report.json is the input
 plus its plots, the plots are real PNG files, and old metrics files still read."""
 
 from __future__ import annotations

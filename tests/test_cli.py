@@ -18,6 +18,7 @@ from microdistill.cli import app, main
 from microdistill.plan.cost import CostConfig
 from microdistill.evaluate.evaluation import EvalConfig
 from microdistill.extract.local import ExtractConfig
+from microdistill.flows.compare import CompareConfig
 from microdistill.flows.run import RunConfig
 from microdistill.train import TrainConfig
 
@@ -98,6 +99,13 @@ def test_cost_defaults_are_cost_config_defaults():
     assert params("cost")["preset"] == signature["preset"].default
 
 
+def test_compare_defaults_are_compare_config_defaults():
+    matched, unmatched = matched_defaults("compare", CompareConfig())
+    assert_same("compare", matched)
+    assert set(matched) == {f.name for f in fields(CompareConfig)}
+    assert unmatched == {"data", "out", "configs", "plan", "list_", "quiet"}
+
+
 def test_run_defaults_are_run_config_defaults():
     """`run`'s own defaults (20 epochs, dropout 0.1) are RunConfig().train's, not TrainConfig()'s."""
     run = RunConfig()
@@ -130,6 +138,7 @@ def _config_built(args: list[str]):
 
 def test_verbs_build_default_configs(monkeypatch, tmp_path):
     import microdistill.extract.local
+    import microdistill.flows.compare
     import microdistill.flows.cost
     import microdistill.flows.eval
     import microdistill.flows.run
@@ -145,6 +154,8 @@ def test_verbs_build_default_configs(monkeypatch, tmp_path):
     assert _config_built(["run"]) == RunConfig()
     _capture(monkeypatch, microdistill.flows.cost, "cost_analysis", 1)
     assert _config_built(["cost", str(tmp_path)]) == CostConfig()
+    _capture(monkeypatch, microdistill.flows.compare, "compare", 3)
+    assert _config_built(["compare", "--data", str(tmp_path), "--out", str(tmp_path / "c")]) == CompareConfig()
 
 
 # ---- user errors --------------------------------------------------------------------------------

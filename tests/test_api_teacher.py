@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 from synthetic import label, make_texts
 
-from microdistill.plan.cost import CostConfig, RunFiles, api_usd_per_call, teacher_per_call
+from microdistill.plan.cost import CostConfig, api_usd_per_call, teacher_per_call
+from microdistill.plan.measured import RunFiles
 from microdistill.extract import ExtractConfig, ExtractError, extract
 from microdistill.extract.served import decisions_from_steps
 from microdistill.data.shards import ShardSet

@@ -18,6 +18,7 @@ from microdistill.cli import app, main
 from microdistill.plan.cost import CostConfig
 from microdistill.evaluate.evaluation import EvalConfig
 from microdistill.extract.config import ExtractConfig
+from microdistill.flows.compare import CompareConfig
 from microdistill.flows.run import RunConfig
 from microdistill.train import TrainConfig
 
@@ -89,13 +90,20 @@ def test_cost_defaults_are_cost_config_defaults():
     matched, unmatched = matched_defaults("cost", CostConfig(), ExtractConfig(), TrainConfig(), skip=("student",))
     assert_same("cost", matched)
     assert {f.name for f in fields(CostConfig)} | {"task", "teacher", "preset"} == set(matched)
-    # the rest are arguments of forecast.cost_analysis: same defaults there
-    from microdistill.plan.forecast import cost_analysis
+    # the rest are arguments of flows/cost.py's cost_analysis: same defaults there
+    from microdistill.flows.cost import cost_analysis
 
     signature = inspect.signature(cost_analysis).parameters
     for name in ("sample", "train_steps", "target_agreement", "points"):
         assert params("cost")[name] == signature[name].default, name
     assert params("cost")["preset"] == signature["preset"].default
+
+
+def test_compare_defaults_are_compare_config_defaults():
+    matched, unmatched = matched_defaults("compare", CompareConfig())
+    assert_same("compare", matched)
+    assert set(matched) == {f.name for f in fields(CompareConfig)}
+    assert unmatched == {"data", "out", "configs", "plan", "list_", "quiet"}
 
 
 def test_run_defaults_are_run_config_defaults():
@@ -130,21 +138,24 @@ def _config_built(args: list[str]):
 
 def test_verbs_build_default_configs(monkeypatch, tmp_path):
     import microdistill.extract
-    import microdistill.plan.forecast
+    import microdistill.flows.compare
+    import microdistill.flows.cost
+    import microdistill.flows.eval
     import microdistill.flows.run
-    import microdistill.report.evaluation
     import microdistill.train
 
     _capture(monkeypatch, microdistill.train, "train", 2)
     assert _config_built(["train", "--data", str(tmp_path), "--out", str(tmp_path / "s")]) == TrainConfig()
     _capture(monkeypatch, microdistill.extract, "extract", 2)
     assert _config_built(["extract", "--input", str(tmp_path), "--out", str(tmp_path / "x")]) == ExtractConfig()
-    _capture(monkeypatch, microdistill.report.evaluation, "make_report", 3)
+    _capture(monkeypatch, microdistill.flows.eval, "make_report", 3)
     assert _config_built(["eval", "--student", str(tmp_path), "--data", str(tmp_path)]) == EvalConfig()
     _capture(monkeypatch, microdistill.flows.run, "run", 0)
     assert _config_built(["run"]) == RunConfig()
-    _capture(monkeypatch, microdistill.plan.forecast, "cost_analysis", 1)
+    _capture(monkeypatch, microdistill.flows.cost, "cost_analysis", 1)
     assert _config_built(["cost", str(tmp_path)]) == CostConfig()
+    _capture(monkeypatch, microdistill.flows.compare, "compare", 3)
+    assert _config_built(["compare", "--data", str(tmp_path), "--out", str(tmp_path / "c")]) == CompareConfig()
 
 
 # ---- user errors --------------------------------------------------------------------------------

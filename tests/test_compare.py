@@ -12,12 +12,14 @@ import pytest
 from synthetic import make_shards
 
 import microdistill.train.runs as runs_mod
-from microdistill.flows.compare import CONFIGS, CompareError, build_runs, compare, load_plan
+from microdistill.flows.compare import CompareConfig, CompareError, build_runs, compare, load_plan
 from microdistill.train import TrainConfig, TrainError
 from microdistill.train.losses import curriculum_weight
+from microdistill.train.recipes import CONFIGS
 
 SHARED = {"preset": "nano", "seed": 3, "max_steps": 7, "limit_train": None}
 COMMON = {"batch_size": 16, "lr": 5e-3}
+RUN = {"preset": "nano", "max_steps": 6, "seed": 1}  # the fixture's comparison-wide options
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -29,8 +31,8 @@ def shards(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def compared(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    result = compare(shards, out, ["curriculum", "ce", "kd"], preset="nano", max_steps=6, seed=1, sizes=[16, 10_000],
-                     progress=False, common=COMMON)
+    result = compare(shards, out, ["curriculum", "ce", "kd"], CompareConfig(**RUN, sizes=(16, 10_000), **COMMON),
+                     progress=False)
     return out, result
 
 
@@ -65,6 +67,13 @@ def test_every_named_configuration_builds_the_training_it_names():
     assert runs["tail"].tail and not runs["curriculum"].tail
     assert runs["t2"].temperature == 2.0 and runs["curriculum"].temperature == 1.0
     assert runs["heads"].student == "heads" and runs["curriculum"].student == "decoder"
+
+
+def test_contradicting_options_are_one_line_errors():
+    with pytest.raises(CompareError, match=r"^give a step budget \(--max-steps\) or --epochs, not both$"):
+        CompareConfig(max_steps=5, epochs=2)
+    with pytest.raises(CompareError, match=r"^sizes \[16, 0\]: expected positive numbers of training examples$"):
+        CompareConfig(sizes=(16, 0))
 
 
 def test_report_holds_each_runs_own_numbers(compared):
@@ -125,23 +134,23 @@ def test_rerun_reuses_finished_runs_and_refuses_changed_ones(compared, shards, m
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(runs_mod, "train", no_training)
-    again = compare(shards, out, ["curriculum", "ce", "kd"], preset="nano", max_steps=6, seed=1, sizes=[16, 10_000],
-                    progress=False, common=COMMON)
+    again = compare(shards, out, ["curriculum", "ce", "kd"], CompareConfig(**RUN, sizes=(16, 10_000), **COMMON),
+                    progress=False)
     assert again["runs"] == first["runs"] and again["efficiency"] == first["efficiency"]
     # a run finished before an option existed reads it as its default, and is reused
     stats = json.loads((out / "kd" / "training.json").read_text())
     del stats["config"]["hidden_weight"]
     (out / "kd" / "training.json").write_text(json.dumps(stats))
-    assert compare(shards, out, ["kd"], preset="nano", max_steps=6, seed=1, progress=False,
-                   common=COMMON)["runs"][0]["exact_match"] == again["runs"][2]["exact_match"]
-    only_kd = compare(shards, out, ["curriculum", "ce", "kd"], preset="nano", max_steps=6, seed=1, sizes=[16],
-                      progress=False, common=COMMON, sizes_for=["kd"])
+    assert compare(shards, out, ["kd"], CompareConfig(**RUN, **COMMON),
+                   progress=False)["runs"][0]["exact_match"] == again["runs"][2]["exact_match"]
+    only_kd = compare(shards, out, ["curriculum", "ce", "kd"], CompareConfig(**RUN, sizes=(16,), sizes_for=("kd",), **COMMON),
+                      progress=False)
     assert list(only_kd["efficiency"]) == ["kd"] and only_kd["efficiency"]["kd"] == first["efficiency"]["kd"]
     with pytest.raises(CompareError, match=r"sizes for jsd: not among the configurations compared \(curriculum, ce, kd\)"):
-        compare(shards, out, ["curriculum", "ce", "kd"], preset="nano", max_steps=6, seed=1, sizes=[16],
-                progress=False, common=COMMON, sizes_for=["jsd"])
+        compare(shards, out, ["curriculum", "ce", "kd"], CompareConfig(**RUN, sizes=(16,), sizes_for=("jsd",), **COMMON),
+                progress=False)
     with pytest.raises(TrainError, match=r"kd: holds a finished run with other options \(max_steps=6"):
-        compare(shards, out, ["kd"], preset="nano", max_steps=5, seed=1, progress=False, common=COMMON)
+        compare(shards, out, ["kd"], CompareConfig(**{**RUN, "max_steps": 5}, **COMMON), progress=False)
 
 
 def test_plan_file_runs_are_validated(tmp_path):
@@ -187,8 +196,8 @@ def test_cli_reports_a_bad_plan_in_one_line(tmp_path, shards):
 def test_ce_runs_on_text_only_shards_and_kl_configs_are_refused(tmp_path, tiny_tokenizer):
     text = make_shards(tmp_path / "text", tiny_tokenizer, n=48, with_logits=False)
     with pytest.raises(CompareError, match="text-only shards have no teacher logits, which kd, tail need"):
-        compare(text, tmp_path / "bad", ["ce", "kd", "tail"], preset="nano", max_steps=2, progress=False)
-    result = compare(text, tmp_path / "cmp", ["ce"], preset="nano", max_steps=3, progress=False, common=COMMON)
+        compare(text, tmp_path / "bad", ["ce", "kd", "tail"], CompareConfig(preset="nano", max_steps=2), progress=False)
+    result = compare(text, tmp_path / "cmp", ["ce"], CompareConfig(preset="nano", max_steps=3, **COMMON), progress=False)
     (row,) = result["runs"]
     assert row["signal"] == "text" and row["steps"] == 3 and row["train_divergence"] is None
     assert result["verdict"] == {"winner": "ce", "runner_up": None, "margin": None, "margin_se": None, "token_margin": None}

@@ -11,15 +11,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import microdistill.plan.forecast as forecast_mod
+import microdistill.flows.cost as cost_flow
 import microdistill.train.runs as runs_mod
-from microdistill.plan.cost import (
-    Analysis, CostConfig, CostError, OneOff, PerCall, RunFiles, Throughput, analyse, api_usd_per_call, estimate_time,
-    measure_call_tokens, throughput_from_logs,
-)
 from microdistill.extract.config import ExtractConfig
-from microdistill.plan.forecast import forecast, measure_throughput, pilot, plan_from_forecast, plot_forecast
-from microdistill.report.evaluation import cost_section_markdown, write_cost
+from microdistill.flows.cost import measure_throughput, pilot
+from microdistill.plan.cost import Analysis, CostConfig, OneOff, PerCall, analyse, api_usd_per_call, estimate_time
+from microdistill.plan.forecast import forecast, plan_from_forecast
+from microdistill.plan.measured import CostError, RunFiles, Throughput, measure_call_tokens, throughput_from_logs
+from microdistill.report.cost import cost_section_markdown, plot_forecast, write_cost
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -157,8 +156,8 @@ def test_measure_throughput_times_library_stages(tmp_path, monkeypatch):
         Path(out_dir).mkdir(parents=True)
         Path(out_dir, "training.json").write_text(json.dumps({**TRAINING, "epochs": 2, "wall_s": 4.0}))
 
-    monkeypatch.setattr(forecast_mod, "extract", fake_extract)
-    monkeypatch.setattr(forecast_mod, "train_once", fake_train)
+    monkeypatch.setattr(cost_flow, "extract", fake_extract)
+    monkeypatch.setattr(cost_flow, "train_once", fake_train)
     tp = measure_throughput(tmp_path / "c.jsonl", tmp_path / "m", ExtractConfig(teacher="t"), preset="small", sample=48,
                             train_steps=7)
     assert calls["extract"] == ("reddit-comment", "t", 48)

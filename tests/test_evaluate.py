@@ -20,7 +20,7 @@ from microdistill.evaluate.agreement import (
 )
 from microdistill.evaluate.evaluation import EvalConfig, EvalError, eval_split
 from microdistill.evaluate.speed import PeakMemory, timing
-from microdistill.report.evaluation import make_report
+from microdistill.flows.eval import make_report
 from microdistill.data.shards import Record, ShardSet, ShardWriter
 from microdistill.core.task import load_task
 

@@ -1,4 +1,4 @@
-"""report.py on a hand-made evaluation: report.md states the figures, report.json is the input
+"""report/evaluation.py on a hand-made evaluation: report.md states the figures, report.json is the input
 plus its plots, the plots are real PNG files, and old metrics files still read."""
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def test_a_log_scale_plot_prints_no_font_warnings(tmp_path):
     from pathlib import Path
 
     code = ("import sys; from pathlib import Path; from matplotlib.figure import Figure; "
-            "from microdistill.files import save_figure; fig = Figure(); ax = fig.add_subplot(); "
+            "from microdistill.core.files import save_figure; fig = Figure(); ax = fig.add_subplot(); "
             "ax.plot([1, 10, 1000], [1, 2, 3]); ax.set_xscale('log'); save_figure(fig, Path(sys.argv[1]))")
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.png")], capture_output=True, text=True,
                        timeout=120, cwd=Path(__file__).parent.parent)

@@ -383,7 +383,7 @@ def test_sigterm_lets_an_in_flight_request_finish(student_dir, tiny_teacher_dir)
 
 def test_the_report_draws_calibration_and_the_coverage_table(student_dir, tmp_path):
     from microdistill.evaluate.evaluation import EvalConfig
-    from microdistill.report.evaluation import make_report
+    from microdistill.flows.eval import make_report
 
     shards = student_dir.parent / "shards"
     report = make_report(student_dir, shards, tmp_path, EvalConfig(time_teacher=False, peers=False, consistency_inputs=0),

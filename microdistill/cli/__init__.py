@@ -143,11 +143,11 @@ def cost(
     """Break-even of the student against the teacher: cost per day, one-off cost, days to pay back."""
     import json
 
-    from microdistill.plan.cost import CostConfig
     from microdistill.extract.config import ExtractConfig
-    from microdistill.plan.forecast import cost_analysis, parse_points
-    from microdistill.flows.run import sample_corpus
-    from microdistill.report.evaluation import summary_rows
+    from microdistill.flows.cost import cost_analysis
+    from microdistill.plan.cost import CostConfig
+    from microdistill.plan.forecast import parse_points
+    from microdistill.report.cost import summary_table
 
     cfg = CostConfig(
         calls_per_day=calls_per_day, machine_usd_per_hour=machine_usd_per_hour,
@@ -157,22 +157,16 @@ def cost(
         student_usd_per_call=student_usd_per_call, basis=basis, corpus_size=corpus_size, epochs=epochs,
     )
     analysis = cost_analysis(
-        run_dir, cfg, out or (run_dir / "cost" if run_dir else Path("cost")), shards=shards, student=student,
-        report=report, measure=ExtractConfig(task=task, teacher=teacher) if measure else None,
-        corpus=input or sample_corpus(), preset=preset, sample=sample, train_steps=train_steps,
-        target_agreement=target_agreement, points=parse_points(points) if points else None)
+        run_dir, cfg, out, shards=shards, student=student, report=report,
+        measure=ExtractConfig(task=task, teacher=teacher) if measure else None, corpus=input, preset=preset,
+        sample=sample, train_steps=train_steps, target_agreement=target_agreement,
+        points=parse_points(points) if points else None)
     if json_out:
         typer.echo(json.dumps(analysis.to_dict(), indent=1))
         return
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title="cost of the teacher vs distilling once and serving the student")
-    for col in ("figure", "value", "basis"):
-        table.add_column(col)
-    for row in summary_rows(analysis):
-        table.add_row(*row)
-    Console().print(table)
+    Console().print(summary_table(analysis))
     typer.echo(f"plot: {analysis.plot}")
 
 
@@ -289,7 +283,7 @@ def eval_(
     import json
 
     from microdistill.evaluate.evaluation import EvalConfig
-    from microdistill.report.evaluation import make_report
+    from microdistill.flows.eval import make_report
 
     cfg = EvalConfig(teacher=teacher, teacher_url=teacher_url, time_teacher=not no_teacher, limit=limit, timing_inputs=timing_inputs,
                      batch_size=batch_size, peers=peers, consistency_inputs=consistency_inputs)

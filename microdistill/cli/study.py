@@ -3,7 +3,8 @@
     microdistill inspect runs/demo/shards
     microdistill compare --data runs/demo/shards --out runs/demo/compare --configs curriculum,ce,kd
 
-Like cli.py: library modules are imported inside each verb (so `--help` imports no torch).
+Like cli.py: library modules are imported inside each verb (so `--help` imports no torch), and
+compare's option defaults are CompareConfig's.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def compare(
     quiet: bool = typer.Option(False, help="No live progress."),
 ) -> None:
     """Train several distillation configurations on the same data and budget -> compare.md, curves.png, compare.json."""
-    from microdistill.flows.compare import CONFIGS, compare as run_compare, load_plan
+    from microdistill.flows.compare import CompareConfig, compare as run_compare, load_plan
+    from microdistill.train.recipes import CONFIGS
 
     if list_:
         for name, (what, _) in CONFIGS.items():
@@ -60,14 +62,14 @@ def compare(
     if data is None or out is None:
         raise UserError("compare needs --data (a shard folder) and --out (a folder for the runs and the report)")
     try:
-        size_list = [int(s) for s in sizes.split(",") if s.strip()] if sizes else None
+        size_list = tuple(int(s) for s in sizes.split(",") if s.strip()) if sizes else None
     except ValueError:
         raise UserError(f"--sizes {sizes!r}: expected comma-separated numbers of training examples, e.g. 100,200,400") from None
     entries = load_plan(plan) if plan else [c.strip() for c in configs.split(",") if c.strip()]
-    common = {k: v for k, v in (("batch_size", batch_size), ("lr", lr), ("eval_limit", eval_limit)) if v is not None}
-    result = run_compare(data, out, entries, preset=preset, max_steps=max_steps, epochs=epochs, seed=seed,
-                         sizes=size_list, progress=not quiet, limit_train=limit_train, common=common,
-                         sizes_for=[c.strip() for c in sizes_for.split(",") if c.strip()] if sizes_for else None)
+    cfg = CompareConfig(preset=preset, max_steps=max_steps, epochs=epochs, seed=seed, limit_train=limit_train,
+                        sizes=size_list, batch_size=batch_size, lr=lr, eval_limit=eval_limit,
+                        sizes_for=tuple(c.strip() for c in sizes_for.split(",") if c.strip()) if sizes_for else None)
+    result = run_compare(data, out, entries, cfg, progress=not quiet)
     v = result["verdict"]
     for r in result["runs"]:
         typer.echo(f"{r['name']:12s} exact match {r['exact_match']:.2%}  token accuracy {r['token_acc']:.2%}  "

@@ -25,7 +25,7 @@ from microdistill.core.errors import UserError
 from microdistill.evaluate.evaluation import EvalConfig
 from microdistill.extract import ExtractConfig, extract
 from microdistill.core.files import atomic_write_json
-from microdistill.report.evaluation import make_report
+from microdistill.flows.eval import make_report
 from microdistill.train import TrainConfig, train_once
 
 SAMPLE_LABELS = {"tone": "tone", "sentiment": "sentiment", "toxicity": "toxicity"}

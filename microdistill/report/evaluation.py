@@ -1,28 +1,25 @@
-"""Reports: report.json (the numbers), report.md and PNG plots a person can open.
+"""The evaluation report rendered: report.json (the numbers), report.md and PNG plots a person can open.
 
     microdistill eval --student runs/demo/student --data runs/demo/shards --out runs/demo/eval
 
-evaluate.py measures and cost.py prices; this module renders both (`make_report` runs an
-evaluation and writes its report, with a cost section at example prices). Plots use matplotlib's Figure directly (no
-pyplot), so no GUI backend is needed on servers or in tests.
+evaluate/ measures, flows/eval.py runs it; this module renders the dict it is given, with the
+cost and confidence sections it is handed (report/cost.py, report/confidence.py). Plots use
+matplotlib's Figure directly (no pyplot), so no GUI backend is needed on servers or in tests.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from microdistill.core.console import say
-from microdistill.plan.cost import DAYS_PER_YEAR, Analysis, CostConfig, CostError, RunFiles, analyse
+from microdistill.core.files import atomic_write_bytes, atomic_write_json
+from microdistill.plan.cost import Analysis
 from microdistill.report.confidence import confidence_section
-from microdistill.evaluate.evaluation import EvalConfig, evaluate
-from microdistill.core.files import atomic_write_bytes, atomic_write_json, save_figure
+from microdistill.report.format import pct, save_plot, smooth
 
 
 OLD_KEYS = {"kl": "divergence", "w_kl": "w_div"}  # metrics.jsonl keys before the divergence was named so
@@ -39,18 +36,6 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
         return [], []
     rows = [_renamed(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if not r.get("eval")], [r for r in rows if r.get("eval") and r.get("val_examples")]
-
-
-def save_plot(fig, path: Path) -> str:
-    return save_figure(fig, path).name
-
-
-def smooth(y: np.ndarray, n: int) -> np.ndarray:
-    """Trailing moving average over up to `n` points (per-batch accuracy is noisy)."""
-    c = np.concatenate([[0.0], np.cumsum(y)])
-    i = np.arange(1, len(y) + 1)
-    k = np.minimum(i, n)
-    return (c[i] - c[i - k]) / k
 
 
 def plot_learning_curves(steps: list[dict], evals: list[dict], path: Path) -> str:
@@ -127,10 +112,6 @@ def slug(name: str) -> str:
 
 
 # ---- Markdown -------------------------------------------------------------------------------------
-def pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
-
-
 def count(n: float | None) -> str:
     if n is None:
         return "—"
@@ -269,128 +250,8 @@ def write_report(report: dict[str, Any], out_dir: Path, metrics_path: Path, cost
         report["notes"].append(f"no learning curves: {metrics_path} is missing or empty")
     if cost_md and (out_dir / "cost.png").is_file():
         plots["cost"] = "cost.png"
-    confidence_md, confidence_plots = confidence_section(report, out_dir, analysis)  # coverage.py
+    confidence_md, confidence_plots = confidence_section(report, out_dir, analysis)  # report/confidence.py
     report["plots"] = {**plots, **confidence_plots}
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_bytes(out_dir / "report.md", markdown(report, cost_md, confidence_md).encode())
     return report
-
-
-def make_report(student_dir: Path, data_dir: Path, out_dir: Path, config: EvalConfig | None = None,
-                progress: bool = True) -> dict:
-    """Evaluate the student on the shards (evaluate.evaluate) and write the report into
-    `out_dir`: report.json, report.md, plots, and a cost section when the logs allow one."""
-    report = evaluate(student_dir, data_dir, config, progress)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cost_md, why, analysis = cost_section(student_dir, data_dir, out_dir, report["speed"])
-    report["notes"] += [why] if why else []
-    say(f"[eval] writing the report to {out_dir}", progress)
-    return write_report(report, out_dir, Path(student_dir) / "metrics.jsonl", cost_md, analysis)
-
-
-def cost_section(student_dir: Path, data_dir: Path, out_dir: Path,
-                 speed: dict) -> tuple[str | None, str | None, Analysis | None]:
-    """(Markdown of the break-even analysis at example prices, None, the analysis) or (None, why it is missing, None)."""
-    parent = Path(student_dir).parent
-    run = parent if (parent / "run.json").is_file() else None
-    try:
-        analysis = analyse(RunFiles.resolve(run, shards=data_dir, student=student_dir), CostConfig(), speed=speed)
-    except CostError as e:
-        return None, f"no cost section: {e}", None
-    analysis = replace(analysis, plot=str(plot_cumulative(analysis, Path(out_dir) / "cost.png")))
-    return cost_section_markdown(analysis), None, analysis
-
-
-# ---- cost: tables, section, plot --------------------------------------------------------------------------------
-def usd(x: float) -> str:
-    """Money for people: cents for sums, three significant digits for per-call fractions."""
-    if abs(x) >= 0.01 or x == 0:
-        return f"-${-x:,.2f}" if x < 0 else f"${x:,.2f}"
-    return f"${x:.3g}"
-
-
-def duration(seconds: float) -> str:
-    hours = seconds / 3600
-    return f"{hours:,.1f} h" if hours >= 1 else f"{seconds / 60:,.1f} min"
-
-
-def summary_rows(a: Analysis) -> list[tuple[str, str, str]]:
-    """(figure, value, how it was obtained): one source for the CLI table and the report."""
-    c, o = a.config, a.one_off
-    days, calls = a.break_even_days, a.break_even_calls
-    rows = [
-        ("calls per day", f"{c.calls_per_day:,.0f}", "assumed"),
-        ("teacher cost per call", usd(a.teacher.usd), a.teacher.basis),
-        ("student cost per call", usd(a.student.usd), a.student.basis),
-        ("teacher cost per day", usd(a.teacher_per_day), ""),
-        ("student cost per day", usd(a.student_per_day), ""),
-        ("saving per day", usd(a.saving_per_day), ""),
-        ("one-off cost of distilling", usd(o.usd),
-         f"{o.basis}: extraction {duration(o.extract_s)} x ${c.teacher_usd_per_hour:g}/h"
-         f" + training {duration(o.train_s)} x ${c.machine_usd_per_hour:g}/h"),
-        ("break-even", "never" if days is None else f"{days:,.1f} days" if days >= 1 else f"{days * 24:.1f} hours", ""),
-        ("break-even calls", "never" if calls is None else f"{math.ceil(calls):,}", ""),
-        ("first-year saving", usd(a.first_year_saving), "net of the one-off cost"),
-    ]
-    if a.forecast is not None:
-        fc = a.forecast
-        need_n = f"{fc['n_needed']:,}" if fc["reachable"] else "not reachable"
-        rows.append((f"training examples for {fc['target']:.1%} agreement", need_n,
-                     f"learning curve error = {fc['a']:.3g} n^-{fc['b']:.3g}"))
-    return rows
-
-
-def cost_section_markdown(a: Analysis) -> str:
-    """The cost section of an evaluation report (Markdown, starting with a level-2 heading)."""
-    lines = [
-        "## Cost",
-        "",
-        "| figure | value | basis |",
-        "|---|---|---|",
-        *(f"| {name} | {value} | {basis} |" for name, value, basis in summary_rows(a)),
-        "",
-        *(f"- {note}\n" for note in a.notes),
-        f"Assumed prices: machine ${a.config.machine_usd_per_hour:g}/h (training, student), "
-        f"${a.config.teacher_usd_per_hour:g}/h (extraction, local teacher); API ${a.config.api_usd_per_m_input:g} / "
-        f"${a.config.api_usd_per_m_output:g} per million input / output tokens. The defaults are examples, not quotes; "
-        "re-run with yours: `microdistill cost RUN --calls-per-day N --machine-usd-per-hour P "
-        "--api-usd-per-m-input P --api-usd-per-m-output P`.",
-    ]
-    if a.plot:
-        lines += ["", f"![cumulative cost]({Path(a.plot).name})"]
-    return "\n".join(lines) + "\n"
-
-
-def horizon_days(a: Analysis) -> float:
-    """A year, or long enough to show the break-even point."""
-    days = a.break_even_days
-    return max(DAYS_PER_YEAR, 1.25 * days) if days is not None and days < 50 * DAYS_PER_YEAR else DAYS_PER_YEAR
-
-
-def plot_cumulative(a: Analysis, path: Path) -> Path:
-    """PNG of the cumulative cost of calling the teacher vs distilling once then the student."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in servers and tests
-
-    days = np.linspace(0, horizon_days(a), 400)
-    fig = Figure(figsize=(7, 4), dpi=120)
-    ax = fig.add_subplot()
-    ax.plot(days, a.teacher_per_day * days, label=f"teacher ({usd(a.teacher_per_day)}/day)")
-    ax.plot(days, a.one_off.usd + a.student_per_day * days, label=f"distil once + student ({usd(a.student_per_day)}/day)")
-    if a.break_even_days is not None:
-        ax.axvline(a.break_even_days, color="grey", linestyle=":", label=f"break-even: {a.break_even_days:,.1f} days")
-    ax.set_xlabel("days")
-    ax.set_ylabel("cumulative cost (USD)")
-    ax.set_title(f"{a.config.calls_per_day:,.0f} calls per day")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return save_figure(fig, path)
-
-
-def write_cost(a: Analysis, out_dir: Path) -> Analysis:
-    """`cost.png` and `cost.json` in `out_dir`; returns the analysis with its plot path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    a = replace(a, plot=str(plot_cumulative(a, out_dir / "cost.png")))
-    atomic_write_json(out_dir / "cost.json", a.to_dict())
-    return a

@@ -1,109 +1,69 @@
-"""The HTTP API over a `Service` (serve.py), OpenAI-compatible, run under uvicorn.
+"""The HTTP API over a `Service` (service.py), OpenAI-compatible, run under uvicorn.
 
     microdistill serve --student runs/demo/student --teacher qwen2.5-coder-0.5b-instruct --target-agreement 0.97
 
 Routes: POST /v1/predict {"texts": [...]} -> per text {fields, output, confidence, answered_by};
 POST /v1/chat/completions (OpenAI's shape: the last user message is the input, the reply's
-content the JSON object); GET /v1/models, /health, /metrics (Prometheus text). Every error is
-JSON in OpenAI's shape, {"error": {"message", "type", "code"}}. Token counts in `usage` are the
-student's tokenizer's ([CLS]/[SEP] included), whoever answered: the only tokenizer a student
-folder is sure to have. On SIGTERM uvicorn stops accepting connections and lets in-flight
-requests finish (up to drain_timeout_s); then the service drains its queues and the process ends.
+content the JSON object); GET /v1/models, /health, /metrics (Prometheus text). Request bodies and
+error bodies are protocol.py's. Token counts in `usage` are the student's tokenizer's
+([CLS]/[SEP] included), whoever answered: the only tokenizer a student folder is sure to have.
+On SIGTERM uvicorn stops accepting connections and lets in-flight requests finish (up to
+drain_timeout_s); then the service drains its queues and the process ends.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
+from microdistill.serve.protocol import ChatRequest, PredictRequest, error_body, last_user_text, parse_json
 from microdistill.serve.service import RequestError, ServeConfig, Service, build_service
 
 log = logging.getLogger("uvicorn.error")
-
-
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    texts: list[str] = Field(min_length=1)
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[TextPart] | None = None
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # sampling options (temperature, ...) are accepted and have no effect
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    n: int = 1
-
-
-def error_body(status: int, message: str) -> dict:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    return {"error": {"message": message, "type": kind, "code": status}}
-
-
-def parse_json(raw: bytes, content_type: str, model: type[BaseModel]):
-    """The request body as `model`, or a RequestError: 415 not JSON, 400 malformed, 422 invalid."""
-    if content_type.split(";")[0].strip().lower() != "application/json":
-        raise RequestError(415, f"content type {content_type or 'none'!r}: send application/json")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"the body is not valid JSON ({e})") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        where = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:5])
-        raise RequestError(422, f"invalid request: {where}") from None
-
-
-def last_user_text(request: ChatRequest) -> str:
-    for m in reversed(request.messages):
-        if m.role == "user":
-            content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
-            if not content.strip():
-                raise RequestError(422, "messages: the last user message is empty")
-            return content
-    raise RequestError(422, "messages: no user message to answer")
+ROUTES = {"/v1/predict", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}  # the rest count as "other"
 
 
 def make_app(service: Service):
     """The FastAPI app: routes translate HTTP to `service` calls and back, nothing more."""
+    app = FastAPI(title="microdistill", lifespan=lifespan(service), docs_url=None, redoc_url=None, openapi_url=None)
+    add_observer(app, service)
+    add_error_handlers(app)
+    add_answer_routes(app, service)
+    add_status_routes(app, service)
+    return app
+
+
+def lifespan(service: Service):
+    """Start the service with the app; on shutdown, once uvicorn has let in-flight requests finish,
+    drain what is queued."""
     @asynccontextmanager
-    async def lifespan(app):
+    async def run(app):
         await service.start()
         c = service.config
         log.info("serving %s: the student answers when every field's confidence is >= %.4g; teacher: %s",
                  service.model_id, service.cascade.threshold, c.teacher or "none (the student answers everything)")
         yield
-        await service.close()  # uvicorn has let in-flight requests finish; drain what is queued
+        await service.close()
 
-    app = FastAPI(title="microdistill", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    routes = {"/v1/predict", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+    return run
+
+
+def add_observer(app: FastAPI, service: Service) -> None:
+    """Every request: refused early when its declared body is too large, timed and counted per
+    route and status, and a bug answered as one JSON 500 with the trace in the log."""
     m = service.metrics
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
-        route = request.url.path if request.url.path in routes else "other"
+        route = request.url.path if request.url.path in ROUTES else "other"
         api = route.startswith("/v1/")  # in flight: calls being answered, not scrapes of /metrics or /health
         service.in_flight += api
         t0 = time.perf_counter()
@@ -123,6 +83,9 @@ def make_app(service: Service):
         m.requests.labels(route, str(response.status_code)).inc()
         return response
 
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Request errors and HTTP errors (unknown route, wrong method) as JSON in OpenAI's shape."""
     @app.exception_handler(RequestError)
     async def request_error(request, e: RequestError):
         headers = {"Retry-After": "1"} if e.status == 503 else None
@@ -132,6 +95,9 @@ def make_app(service: Service):
     async def http_error(request, e: HTTPException):
         return JSONResponse(error_body(e.status_code, str(e.detail)), e.status_code)
 
+
+def add_answer_routes(app: FastAPI, service: Service) -> None:
+    """POST /v1/predict and /v1/chat/completions: the calls the student (or the teacher) answers."""
     async def body(request: Request, model: type[BaseModel]):
         raw = await request.body()
         if len(raw) > service.config.max_body_bytes:  # a body sent without a content length
@@ -161,6 +127,9 @@ def make_app(service: Service):
                 "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
                 "microdistill": {k: r[k] for k in ("fields", "confidence", "answered_by")}}
 
+
+def add_status_routes(app: FastAPI, service: Service) -> None:
+    """GET /v1/models, /health and /metrics: what is served and how it is doing."""
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": service.model_id, "object": "model", "created": 0,
@@ -177,9 +146,7 @@ def make_app(service: Service):
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(m.text(), media_type=CONTENT_TYPE_LATEST)
-
-    return app
+        return Response(service.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
 
 def run_server(student_dir: Path, config: ServeConfig) -> None:

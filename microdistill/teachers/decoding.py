@@ -26,7 +26,7 @@ import torch
 
 from microdistill.core.grammar import Grammar
 from microdistill.core.task import EnumField, Task
-from microdistill.teachers.hf import HFTeacher
+from microdistill.teachers.teacher import Teacher
 
 SENTINEL = "MICRODISTILLINPUTSENTINEL"
 # inputs the prefix/rest split is checked on: leading space, punctuation, digits, non-ASCII
@@ -55,7 +55,7 @@ def _split_points(before: str, tokenizer) -> list[int]:
     return sorted(points, reverse=True) + [0]
 
 
-def prompt_layout(teacher: HFTeacher, task: Task) -> PromptLayout:
+def prompt_layout(teacher: Teacher, task: Task) -> PromptLayout:
     """Find the longest prefix shared by every prompt whose tokens never depend on the input."""
     tok = teacher.tokenizer
     rendered = teacher.prompt_text(task, SENTINEL)
@@ -126,7 +126,7 @@ class Decoder:
             hidden-state distillation. It comes from the forward pass decoding needs anyway.
     """
 
-    def __init__(self, teacher: HFTeacher, task: Task, grammar: Grammar, keep_ids: Sequence[int] | None = None,
+    def __init__(self, teacher: Teacher, task: Task, grammar: Grammar, keep_ids: Sequence[int] | None = None,
                  use_drafts: bool = True, keep_hidden: bool = False, hidden_layer: int | None = None):
         self.teacher, self.task, self.grammar = teacher, task, grammar
         self.use_drafts, self.keep_hidden, self.hidden_layer = use_drafts, keep_hidden, hidden_layer

@@ -21,6 +21,7 @@ import torch
 from microdistill.core.files import atomic_dir, file_sha256
 from microdistill.core.task import Task
 from microdistill.teachers.presets import TeacherError, cache_root
+from microdistill.teachers.teacher import hidden_layer_spec
 
 DTYPES = ("float32", "bfloat16")
 
@@ -233,8 +234,6 @@ def states_after(model, layer: int, **inputs) -> torch.Tensor:
 def hidden_layer_of(teacher: HFTeacher, spec: int | str | None) -> int | None:
     """The teacher layer to store input hidden states from: "middle", "last", a number from 0
     (the embeddings) to the number of layers, or None / "none" for no hidden states."""
-    from microdistill.teachers import hidden_layer_spec
-
     given = hidden_layer_spec(spec)
     if given is None:
         return None

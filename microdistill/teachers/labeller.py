@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from microdistill.core.task import Task, parse_or_none
 from microdistill.data.corpus import clean_inputs
-from microdistill.teachers import Teacher, same_teacher
+from microdistill.teachers.teacher import Teacher, same_teacher
 
 
 def local_labeller(teacher, task: Task, kept: Sequence[int] | None) -> Callable[[list[str]], list[str]]:

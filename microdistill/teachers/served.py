@@ -41,8 +41,8 @@ from typing import Any, Iterable, Iterator
 from microdistill.core.console import say
 from microdistill.core.task import Task
 from microdistill.teachers.presets import PRESETS, TeacherError
+from microdistill.teachers.teacher import SERVED_PREFIX as PREFIX
 
-PREFIX = "openai:"
 KEY_VARS = ("MICRODISTILL_API_KEY", "OPENAI_API_KEY")
 TOP_K = 20  # the most OpenAI's own API returns; vLLM serves more with --max-logprobs
 ATTEMPTS = 6  # per call, for rate limits, server errors, timeouts and lost connections

@@ -21,7 +21,7 @@ from microdistill.data.shards import ShardSet
 from microdistill.students.kind import compute_parameters
 from microdistill.students.heads.encoder import keep_layers, load_encoder, prune_embeddings, prune_vocabulary, tokenizer_from_json
 from microdistill.students.heads.teacher_body import cut_teacher, is_teacher_spec
-from microdistill.students.heads import enum_fields
+from microdistill.students.heads.fields import enum_fields
 from microdistill.students.heads.folder import save_heads
 from microdistill.students.heads.model import HeadsBatch, HeadsStudent, collate_heads, examples_of, held_out
 from microdistill.train.config import TrainConfig, TrainError

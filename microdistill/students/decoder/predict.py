@@ -18,7 +18,7 @@ same mask at a fraction of the cost (the teacher vocabulary can be 262k wide).
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -27,14 +27,11 @@ from microdistill.students.decoder.config import PAD
 from microdistill.core.task import EnumField, StringField, Task, parse_or_none
 from microdistill.students.decoder.data import Example, collate
 
-if TYPE_CHECKING:
-    from microdistill.students.decoder.folder import LoadedDecoder
-
-
-def predict(student: LoadedDecoder, texts: Sequence[str], constrain: bool = True, batch_size: int = 64,
+def predict(student, texts: Sequence[str], constrain: bool = True, batch_size: int = 64,
             drafts: bool = True) -> list[dict[str, Any]]:
-    """One result per text: {"text", "output" (str), "fields" (dict, or None when the output is
-    not a valid object), "valid" (bool), "truncated" (bool: the input exceeded the context)}."""
+    """One result per text of a LoadedDecoder (folder.py): {"text", "output" (str), "fields" (dict,
+    or None when the output is not a valid object), "valid" (bool), "truncated" (bool: the input
+    exceeded the context)}."""
     ids = [student.encoder.encode(t) for t in clean_inputs(student.task, texts)]
     limit = student.config.max_input
     outputs = generate(student, [x[:limit] for x in ids], constrain=constrain, batch_size=batch_size, drafts=drafts)
@@ -47,7 +44,7 @@ def predict(student: LoadedDecoder, texts: Sequence[str], constrain: bool = True
     return results
 
 
-def generate(student: LoadedDecoder, input_ids: Sequence[Sequence[int]], constrain: bool = True,
+def generate(student, input_ids: Sequence[Sequence[int]], constrain: bool = True,
              batch_size: int = 64, drafts: bool = True) -> list[list[int]]:
     """Greedy outputs (teacher ids, without EOS) for inputs given as teacher ids of the input vocabulary.
 
@@ -81,7 +78,7 @@ def _pad(rows: list[list[int]]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _generate_batch(student: LoadedDecoder, rows: list[list[int]], constrain: bool,
+def _generate_batch(student, rows: list[list[int]], constrain: bool,
                     drafts: bool = False) -> list[list[int]]:
     """Greedy decoding of one batch; returns teacher ids per row, EOS excluded.
 
@@ -126,7 +123,7 @@ def _generate_batch(student: LoadedDecoder, rows: list[list[int]], constrain: bo
 
 
 @torch.no_grad()
-def _generate_batch_drafted(student: LoadedDecoder, rows: list[list[int]]) -> list[list[int]]:
+def _generate_batch_drafted(student, rows: list[list[int]]) -> list[list[int]]:
     """`_generate_batch` under the grammar, with grammar drafts: the same tokens in fewer calls.
 
     After each chosen token, the tokens the grammar forces next (keys, quotes, punctuation, the
@@ -170,7 +167,7 @@ def _generate_batch_drafted(student: LoadedDecoder, rows: list[list[int]]) -> li
 class _DraftWalk:
     """The rows of a drafted batch as greedy decoding walks them: what each has chosen so far."""
 
-    def __init__(self, student: LoadedDecoder, kept: torch.Tensor, batch, budget: int, B: int):
+    def __init__(self, student, kept: torch.Tensor, batch, budget: int, B: int):
         self.kept, self.eos, self.batch, self.budget = kept, student.eos_id, batch, budget
         self.done = [False] * B
         self.chosen = [0] * B  # tokens chosen per row (EOS included), at most `budget`
@@ -238,7 +235,7 @@ def _allowed(batch, rows: list[int], kept: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def held_out(student: LoadedDecoder, examples: list[Example], records: list, batch_size: int) -> dict[str, Any]:
+def held_out(student, examples: list[Example], records: list, batch_size: int) -> dict[str, Any]:
     """Held-out metrics against the teacher: teacher-forced token accuracy, and free-running
     (greedy, constrained) exact match of the whole output and agreement per field."""
     if not examples:

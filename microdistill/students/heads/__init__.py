@@ -9,6 +9,7 @@ real tokens, and has one linear head per field. Its answer is the most probable 
 field, assembled into the task's canonical JSON, so it is always valid; each field's softmax
 probability is its confidence.
 
+    fields.py        the task's fields a classifier head can produce
     model.py         the model, its examples, batches and held-out metrics
     folder.py        save / load its folder; LoadedHeads, the loaded student
     encoder.py       a pretrained encoder from PyPI (whole or pruned vocabulary, fewer layers)
@@ -20,27 +21,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from microdistill.core.errors import UserError
-from microdistill.core.task import EnumField, Task
+from microdistill.core.task import Task
+from microdistill.students.heads.fields import HeadsError, enum_fields, free_fields
 from microdistill.students.kind import Kind
 
-
-class HeadsError(UserError):
-    """A task or folder the classifier-head student cannot serve; one line for the user."""
-
-
-def free_fields(task: Task) -> list[str]:
-    """The task's fields a classifier head cannot produce (free text, numbers)."""
-    return [f.name for f in task.output.fields if not isinstance(f, EnumField)]
-
-
-def enum_fields(task: Task, where: str) -> list[EnumField]:
-    """The task's fields, which must all be enums for this student."""
-    free = free_fields(task)
-    if free:
-        raise HeadsError(f"{where}: task {task.name!r} has free-text or number fields ({', '.join(free)}), which a "
-                         "classifier-head student cannot produce; use --student decoder")
-    return list(task.output.fields)
+__all__ = ["HeadsError", "KIND", "enum_fields", "free_fields"]
 
 
 def _serves(task: Task) -> str | None:

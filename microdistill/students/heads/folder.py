@@ -31,7 +31,7 @@ from microdistill.core.temperatures import read_temperatures
 from microdistill.data.corpus import clean_inputs
 from microdistill.data.shards import Record, ShardSet
 from microdistill.students.folder import StudentFolderError, check_files, save_folder, shards_summary
-from microdistill.students.heads import enum_fields
+from microdistill.students.heads.fields import enum_fields
 from microdistill.students.heads.model import (MAX_LENGTH, HeadsExample, HeadsStudent, collate_heads, encode_texts,
                                                examples_of, held_out, token_ids)
 from microdistill.students.heads.teacher_body import TeacherTokens

@@ -29,25 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def timing(fn, texts: list[str], batched: list[str], batch: int) -> dict:
-    """p50/p95 ms of fn([text]) after one warm-up call, and texts/s of fn(batched) in batches of `batch`."""
-    import numpy as np
-
-    fn(texts[:1])
-    ms = []
-    for t in texts:
-        t0 = time.perf_counter()
-        fn([t])
-        ms.append((time.perf_counter() - t0) * 1e3)
-    t0 = time.perf_counter()
-    for i in range(0, len(batched), batch):
-        fn(batched[i:i + batch])
-    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-            "per_s": len(batched) / (time.perf_counter() - t0), "batch": batch}
-
-
 def worker(kind: str, path: Path, data: Path, texts: list[str], batched: list[str], started: float) -> dict:
     """Load one model, answer once (cold start), then time it; runs in its own process."""
+    from microdistill.evaluate.speed import timing
+
     if kind == "teacher":
         from microdistill.data.shards import ShardSet
         from microdistill.evaluate.speed import teacher_file_bytes
@@ -76,7 +61,7 @@ def worker(kind: str, path: Path, data: Path, texts: list[str], batched: list[st
         batch = 64
     fn(texts[:1])
     info["cold_start_s"] = time.time() - started
-    info.update(timing(fn, texts, batched, batch))
+    info.update(timing(fn, texts, batched, batch)[0])
     info["peak_rss_bytes"] = peak_rss()
     info["torch_imported"] = "torch" in sys.modules
     return info
@@ -107,6 +92,7 @@ def padded(exported):
             for row, seq in enumerate(chunk):
                 x[row, :len(seq)], mask[row, :len(seq)] = seq, 1
             exported.session.run(None, {"input_ids": x, "attention_mask": mask})
+        return []  # only the time counts
     return run
 
 

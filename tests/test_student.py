@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from microdistill.students.decoder.model import (
-    N_SPECIAL, PAD, LARGE_INPUT_VOCAB, Student, StudentConfig, config_for,
-    count_parameters, describe, init_input_embeddings_pca, parameter_count,
+from microdistill.students.decoder.config import (
+    LARGE_INPUT_VOCAB, N_SPECIAL, PAD, StudentConfig, config_for, describe, parameter_count,
 )
+from microdistill.students.decoder.model import Student, init_input_embeddings_pca
+from microdistill.students.kind import count_parameters
 
 TINY = StudentConfig(input_vocab=40, output_vocab=24, d_model=32, n_layers=2, n_heads=4, d_ff=64,
                      max_input=10, max_output=8)

@@ -26,7 +26,8 @@ from test_cli import assert_same, matched_defaults
 from microdistill.serve.cascade import Cascade, teacher_for, threshold_for
 from microdistill.students.confidence import (assess, coverage_curve, cross_fit, ece, fit_temperature, point_for, reliability,
                                      softmax)
-from microdistill.serve.service import MicroBatcher, RequestError, ServeConfig, Service
+from microdistill.serve.config import ServeConfig
+from microdistill.serve.service import MicroBatcher, RequestError, Service
 from microdistill.students import StudentFolderError
 from microdistill.students import load_student
 from microdistill.core.task import load_task
@@ -382,7 +383,7 @@ def test_sigterm_lets_an_in_flight_request_finish(student_dir, tiny_teacher_dir)
 
 
 def test_the_report_draws_calibration_and_the_coverage_table(student_dir, tmp_path):
-    from microdistill.evaluate.evaluation import EvalConfig
+    from microdistill.evaluate.config import EvalConfig
     from microdistill.flows.eval import make_report
 
     shards = student_dir.parent / "shards"

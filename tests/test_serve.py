@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from synthetic import make_shards, make_texts
-from test_cli import assert_same, matched_defaults
 
 from microdistill.serve.cascade import Cascade, teacher_for, threshold_for
 from microdistill.students.confidence import (assess, coverage_curve, cross_fit, ece, fit_temperature, point_for, reliability,
@@ -210,12 +209,6 @@ def test_a_slow_teacher_never_holds_up_a_confident_answer():
         await service.close()
 
     asyncio.run(main())
-
-
-def test_serve_flags_default_to_serve_config():
-    matched, unmatched = matched_defaults("serve", ServeConfig())
-    assert_same("serve", matched)
-    assert set(matched) == {f for f in ServeConfig.__dataclass_fields__} and unmatched == {"student"}
 
 
 def test_a_decoder_student_cannot_be_served(tmp_path, tiny_tokenizer):

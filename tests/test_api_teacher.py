@@ -297,7 +297,8 @@ def test_eval_times_and_the_server_defers_to_a_served_teacher(server, tmp_path):
     import httpx
     from test_serve import start_server
 
-    from microdistill.evaluate.evaluation import EvalConfig, evaluate
+    from microdistill.evaluate.config import EvalConfig
+    from microdistill.evaluate.evaluation import evaluate
     from microdistill.train import TrainConfig, train
 
     corpus = tmp_path / "c.jsonl"

@@ -12,7 +12,8 @@ import pytest
 from synthetic import make_shards
 
 import microdistill.train.runs as runs_mod
-from microdistill.flows.compare import CompareConfig, CompareError, build_runs, compare, load_plan
+from microdistill.flows.compare import build_runs, compare, load_plan
+from microdistill.flows.config import CompareConfig, CompareError
 from microdistill.train import TrainConfig, TrainError
 from microdistill.train.losses import curriculum_weight
 from microdistill.train.recipes import CONFIGS

@@ -18,7 +18,8 @@ from microdistill.evaluate.agreement import (
     INVALID, agreement, confusion, exact_by_certainty, field_agreement, human_accuracy, teacher_certainty,
     wilson_interval,
 )
-from microdistill.evaluate.evaluation import EvalConfig, EvalError, eval_split
+from microdistill.evaluate.config import EvalConfig, EvalError
+from microdistill.evaluate.evaluation import eval_split
 from microdistill.evaluate.speed import PeakMemory, timing
 from microdistill.flows.eval import make_report
 from microdistill.data.shards import Record, ShardSet, ShardWriter

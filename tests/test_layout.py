@@ -189,7 +189,7 @@ def test_the_graph_sees_function_level_and_relative_imports():
     assert "microdistill.teachers.decoding" in targets["microdistill.extract.local"]  # inside a method
     assert "microdistill.core.task" in targets["microdistill.data.shards"]  # inside a method
     assert "microdistill.train.loop" in targets["microdistill.train"]  # package __init__
-    assert "microdistill.flows.run" in targets["microdistill.cli"]  # inside a typer command
+    assert "microdistill.flows.run" in targets["microdistill.cli.distil"]  # inside a typer command
 
 
 def test_relative_imports_resolve(tmp_path):

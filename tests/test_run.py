@@ -9,9 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from microdistill.cli import app
-from microdistill.evaluate.evaluation import EvalConfig
+from microdistill.evaluate.config import EvalConfig
 from microdistill.extract.config import ExtractConfig
-from microdistill.flows.run import RunConfig, RunError, run, sample_corpus
+from microdistill.flows.config import RunConfig
+from microdistill.flows.run import RunError, run, sample_corpus
 from microdistill.train import TrainConfig, TrainError
 
 TEXTS = [

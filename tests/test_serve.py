@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from synthetic import make_shards, make_texts
-from test_cli import assert_same, matched_defaults
 
 from microdistill.serve.cascade import Cascade, teacher_for, threshold_for
 from microdistill.students.confidence import (assess, coverage_curve, cross_fit, ece, fit_temperature, point_for, reliability,
                                      softmax)
-from microdistill.serve.service import MicroBatcher, RequestError, ServeConfig, Service
+from microdistill.serve.config import ServeConfig
+from microdistill.serve.service import MicroBatcher, RequestError, Service
 from microdistill.students import StudentFolderError
 from microdistill.students import load_student
 from microdistill.core.task import load_task
@@ -211,12 +211,6 @@ def test_a_slow_teacher_never_holds_up_a_confident_answer():
     asyncio.run(main())
 
 
-def test_serve_flags_default_to_serve_config():
-    matched, unmatched = matched_defaults("serve", ServeConfig())
-    assert_same("serve", matched)
-    assert set(matched) == {f for f in ServeConfig.__dataclass_fields__} and unmatched == {"student"}
-
-
 def test_a_decoder_student_cannot_be_served(tmp_path, tiny_tokenizer):
     shards = make_shards(tmp_path / "shards", tiny_tokenizer, n=16)
     out = train(shards, tmp_path / "dec", TrainConfig(student="decoder", preset="nano", max_steps=1), progress=False)
@@ -382,7 +376,7 @@ def test_sigterm_lets_an_in_flight_request_finish(student_dir, tiny_teacher_dir)
 
 
 def test_the_report_draws_calibration_and_the_coverage_table(student_dir, tmp_path):
-    from microdistill.evaluate.evaluation import EvalConfig
+    from microdistill.evaluate.config import EvalConfig
     from microdistill.flows.eval import make_report
 
     shards = student_dir.parent / "shards"

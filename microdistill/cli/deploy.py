@@ -1,11 +1,12 @@
-"""The verbs that put a student in front of traffic; cli.py adds them to the `microdistill` command.
+"""The verbs that use a student; cli/__init__.py adds them to the `microdistill` command.
 
+    microdistill predict --student runs/demo/student "some text"
     microdistill export --student runs/demo/student --out runs/demo/export [--quantize int8]
     microdistill serve --student runs/demo/student --teacher qwen2.5-coder-0.5b-instruct --target-agreement 0.97
     microdistill calibrate-confidence --student runs/demo/student
 
-Like cli.py: library modules are imported inside each verb (so `--help` imports no torch), and
-every option's default is ServeConfig's.
+Library modules are imported inside each verb (so `--help` imports no torch); serve's flags come
+from ServeConfig (verbs.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,31 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from microdistill.cli.verbs import Flags, fail, verb
+from microdistill.serve.config import ServeConfig
+
+
+def predict(
+    texts: list[str] = typer.Argument(None, help="Texts to label (or use --input)."),
+    student: Path = typer.Option(..., help="Student folder (the --out of train) or export folder (of export: no torch)."),
+    input: Optional[Path] = typer.Option(None, "--input", help="A file with one text per line ('-' for stdin)."),
+    constrain: bool = typer.Option(True, help="Constrain generation to the task's schema (--no-constrain: raw output)."),
+    batch_size: int = typer.Option(64, help="Texts decoded together."),
+    task: Optional[str] = typer.Option(None, help="Refuse a student that does another task than this one."),
+) -> None:
+    """Label texts with a trained or exported student; prints one JSON object per input."""
+    import json
+
+    from microdistill.data.corpus import read_lines
+    from microdistill.serve.answerers import load_answerer
+
+    items = list(texts or []) + (read_lines(input) if input is not None else [])
+    if not items:
+        fail("nothing to predict: give texts as arguments or --input FILE")
+    results = load_answerer(student, task).predict(items, batch_size, constrain=constrain)
+    for r in results:
+        typer.echo(json.dumps(r, ensure_ascii=False))
 
 
 def export(
@@ -28,35 +54,16 @@ def export(
     run_export(student, out, quantize=quantize, data=data)
 
 
+@verb
 def serve(
-    student: Path = typer.Option(..., help="Student folder (a classifier-head student: it gives a confidence per field) or an export folder (heads or decoder; no torch)."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher for inputs the student is unsure of: preset, HF folder, "
-                                          ".gguf or openai:MODEL (with --teacher-url)."),
-    teacher_url: Optional[str] = typer.Option(None, help="OpenAI base URL of an openai:MODEL teacher (key: $MICRODISTILL_API_KEY)."),
-    min_confidence: Optional[float] = typer.Option(None, help="The student answers when every field's calibrated "
-                                                   "confidence reaches this; the teacher answers the rest."),
-    target_agreement: Optional[float] = typer.Option(None, help="Or: the threshold that reached this agreement with the "
-                                                     "teacher on the held-out inputs (the student's calibration.json)."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(8000, help="Port to listen on."),
-    batch_window_ms: float = typer.Option(2.0, help="How long the student waits for concurrent requests to join a batch."),
-    max_batch: int = typer.Option(64, help="Texts per batch gathered from concurrent requests."),
-    max_queue: int = typer.Option(1024, help="Texts waiting for the student or the teacher before requests get 503."),
-    max_texts: int = typer.Option(256, help="Texts per request (413 beyond)."),
-    max_text_chars: int = typer.Option(10_000, help="Characters per text (413 beyond)."),
-    max_body_bytes: int = typer.Option(1_048_576, help="Bytes per request body (413 beyond)."),
-    drain_timeout_s: float = typer.Option(30.0, help="On SIGTERM, how long in-flight requests may take to finish."),
-    threads: Optional[int] = typer.Option(None, help="Threads for the student (torch or onnxruntime; default: their own choice)."),
+    student: Path = typer.Option(..., help="Student folder (a classifier-head student: it gives a confidence per "
+                                 "field) or an export folder (heads or decoder; no torch)."),
+    cfg: ServeConfig = Flags(ServeConfig),
 ) -> None:
     """Serve the student over HTTP: /v1/predict, OpenAI-compatible /v1/chat/completions, /health, /metrics."""
     from microdistill.serve.app import run_server
-    from microdistill.serve.service import ServeConfig
 
-    run_server(student, ServeConfig(
-        teacher=teacher, teacher_url=teacher_url, min_confidence=min_confidence, target_agreement=target_agreement, host=host, port=port,
-        batch_window_ms=batch_window_ms, max_batch=max_batch, max_queue=max_queue, max_texts=max_texts,
-        max_text_chars=max_text_chars, max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout_s,
-        threads=threads))
+    run_server(student, cfg)
 
 
 def calibrate_confidence(
@@ -73,7 +80,4 @@ def calibrate_confidence(
                f"temperatures {temps}; written to {student / 'calibration.json'}")
 
 
-def add_serving_verbs(app: typer.Typer) -> None:
-    app.command("export")(export)
-    app.command("serve")(serve)
-    app.command("calibrate-confidence")(calibrate_confidence)
+VERBS = {"predict": predict, "export": export, "serve": serve, "calibrate-confidence": calibrate_confidence}

@@ -1,10 +1,12 @@
-"""The verbs that study shards and training choices; cli.py adds them to the `microdistill` command.
+"""The verbs that study whether and how to distil; cli/__init__.py adds them to the `microdistill` command.
 
-    microdistill inspect runs/demo/shards
+    microdistill cost runs/demo --calls-per-day 20000
     microdistill compare --data runs/demo/shards --out runs/demo/compare --configs curriculum,ce,kd
+    microdistill inspect runs/demo/shards
+    microdistill tasks
 
-Like cli.py: library modules are imported inside each verb (so `--help` imports no torch), and
-compare's option defaults are CompareConfig's.
+Library modules are imported inside each verb (so `--help` imports no torch); cost's and compare's
+flags come from their config classes (verbs.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,53 @@ from typing import Optional
 
 import typer
 
+from microdistill.cli.verbs import Flags, verb
 from microdistill.core.errors import UserError
+from microdistill.extract.config import ExtractConfig
+from microdistill.flows.config import CompareConfig
+from microdistill.plan.cost import CostConfig, PilotConfig
+
+
+@verb
+def cost(
+    run_dir: Optional[Path] = typer.Argument(None, metavar="RUN", help="A run folder (runs/NAME) whose logs and report "
+                                             "to use."),
+    cfg: CostConfig = Flags(CostConfig),
+    shards: Optional[Path] = typer.Option(None, help="Shard folder (default: RUN/shards)."),
+    student: Optional[Path] = typer.Option(None, help="Student folder (default: RUN/student)."),
+    report: Optional[Path] = typer.Option(None, help="Evaluation report.json or its folder (default: RUN/eval)."),
+    measure: bool = typer.Option(False, help="Measure throughput on a small sample (--input, --task, --teacher, "
+                                 "--preset) instead of a run's logs."),
+    input: Optional[Path] = typer.Option(None, "--input", help="Corpus for --measure (default: the packaged sample "
+                                         "comments)."),
+    measured: ExtractConfig = Flags(ExtractConfig, only=("task", "teacher")),
+    pilot: PilotConfig = Flags(PilotConfig),
+    target_agreement: Optional[float] = typer.Option(None, help="Forecast the examples needed for this exact-match "
+                                                     "agreement (0-1); plans that corpus unless --corpus-size."),
+    points: Optional[str] = typer.Option(None, help="Pilot results 'examples:agreement,...' for the forecast "
+                                         "(default: train a pilot at 25/50/100% of the shards)."),
+    out: Optional[Path] = typer.Option(None, help="Where cost.json, cost.png and forecast.png go (default: RUN/cost, "
+                                       "or ./cost)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the analysis as JSON."),
+) -> None:
+    """Break-even of the student against the teacher: cost per day, one-off cost, days to pay back."""
+    import json
+
+    from microdistill.flows.cost import cost_analysis
+    from microdistill.plan.forecast import parse_points
+    from microdistill.report.cost import summary_table
+
+    analysis = cost_analysis(
+        run_dir, cfg, out, shards=shards, student=student, report=report, measure=measured if measure else None,
+        corpus=input, preset=pilot.preset, sample=pilot.sample, train_steps=pilot.train_steps,
+        target_agreement=target_agreement, points=parse_points(points) if points else None)
+    if json_out:
+        typer.echo(json.dumps(analysis.to_dict(), indent=1))
+        return
+    from rich.console import Console
+
+    Console().print(summary_table(analysis))
+    typer.echo(f"plot: {analysis.plot}")
 
 
 def inspect(
@@ -33,26 +81,20 @@ def inspect(
     typer.echo(summary(info))
 
 
+@verb
 def compare(
     data: Optional[Path] = typer.Option(None, help="Shard folder written by extract."),
-    out: Optional[Path] = typer.Option(None, help="Comparison folder: one student folder per configuration and the report."),
+    out: Optional[Path] = typer.Option(None, help="Comparison folder: one student folder per configuration and the "
+                                       "report."),
     configs: str = typer.Option("curriculum,ce,kd", help="Comma-separated named configurations (see --list)."),
-    plan: Optional[Path] = typer.Option(None, help="YAML list of runs (name, optional base, TrainConfig fields) instead of --configs."),
-    preset: str = typer.Option("micro", help="Student size preset for every run."),
-    max_steps: Optional[int] = typer.Option(None, help="The same step budget for every run."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs for every run instead of a step budget (default 10)."),
-    seed: int = typer.Option(0, help="Random seed for every run."),
-    limit_train: Optional[int] = typer.Option(None, help="Use only the first N training examples."),
-    sizes: Optional[str] = typer.Option(None, help="Also train on the first N examples for each N, e.g. 100,200,400 (accuracy vs data)."),
-    sizes_for: Optional[str] = typer.Option(None, help="Only these configurations get the --sizes curve (default: all)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size for every run (default: train's)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate for every run (default: train's)."),
-    eval_limit: Optional[int] = typer.Option(None, help="Evaluate on at most N held-out examples per epoch."),
+    plan: Optional[Path] = typer.Option(None, help="YAML list of runs (name, optional base, TrainConfig fields) "
+                                        "instead of --configs."),
+    cfg: CompareConfig = Flags(CompareConfig),
     list_: bool = typer.Option(False, "--list", help="List the named configurations and exit."),
     quiet: bool = typer.Option(False, help="No live progress."),
 ) -> None:
     """Train several distillation configurations on the same data and budget -> compare.md, curves.png, compare.json."""
-    from microdistill.flows.compare import CompareConfig, compare as run_compare, load_plan
+    from microdistill.flows.compare import compare as run_compare, load_plan
     from microdistill.train.recipes import CONFIGS
 
     if list_:
@@ -61,14 +103,7 @@ def compare(
         return
     if data is None or out is None:
         raise UserError("compare needs --data (a shard folder) and --out (a folder for the runs and the report)")
-    try:
-        size_list = tuple(int(s) for s in sizes.split(",") if s.strip()) if sizes else None
-    except ValueError:
-        raise UserError(f"--sizes {sizes!r}: expected comma-separated numbers of training examples, e.g. 100,200,400") from None
     entries = load_plan(plan) if plan else [c.strip() for c in configs.split(",") if c.strip()]
-    cfg = CompareConfig(preset=preset, max_steps=max_steps, epochs=epochs, seed=seed, limit_train=limit_train,
-                        sizes=size_list, batch_size=batch_size, lr=lr, eval_limit=eval_limit,
-                        sizes_for=tuple(c.strip() for c in sizes_for.split(",") if c.strip()) if sizes_for else None)
     result = run_compare(data, out, entries, cfg, progress=not quiet)
     v = result["verdict"]
     for r in result["runs"]:
@@ -80,6 +115,13 @@ def compare(
     typer.echo(f"report: {out / 'compare.md'}")
 
 
-def add_study_verbs(app: typer.Typer) -> None:
-    app.command("inspect")(inspect)
-    app.command("compare")(compare)
+def tasks() -> None:
+    """List the built-in task presets."""
+    from microdistill.core.task import load_task, presets
+
+    for name in presets():
+        t = load_task(name)
+        typer.echo(f"{name:20s} fields: {', '.join(t.field_names)}")
+
+
+VERBS = {"cost": cost, "compare": compare, "inspect": inspect, "tasks": tasks}

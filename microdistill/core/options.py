@@ -1,16 +1,36 @@
 """Typed options: the one place each default lives, and how saved options are read back.
 
 Every stage's options are a frozen dataclass deriving from `Options` (ExtractConfig,
-TrainConfig, EvalConfig, CostConfig, RunConfig). The CLI builds its flags' defaults from these
-classes, and every folder a stage writes records the options that made it. A folder written
-before an option existed reads it as the value older code behaved with: the class's default,
-or an explicit `legacy` value where the default changed since.
+TrainConfig, EvalConfig, ServeConfig, CostConfig, CompareConfig, RunConfig). Each field is
+declared with `option(default, help=...)`, so its default and what it means are written once: the
+CLI generates its flags from these fields (cli/verbs.py), and every folder a stage writes records
+the options that made it. A folder written before an option existed reads it as the value older
+code behaved with: the class's default, or an explicit `legacy` value where the default changed
+since.
 """
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, fields
-from typing import Any, ClassVar
+from dataclasses import MISSING, asdict, field, fields
+from typing import Any, Callable, ClassVar, NamedTuple, get_type_hints
+
+
+def option(default: Any = MISSING, *, help: str, default_factory: Callable[[], Any] | Any = MISSING,
+           path: bool = False) -> Any:
+    """A field of an `Options` dataclass with its help: the one place its default and meaning live.
+    `default_factory` is for mutable defaults; `path` says the command line reads it as a path
+    (normalised as pathlib does) though the options hold a string."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help, "path": path})
+
+
+class Described(NamedTuple):
+    """One option as the command line shows it."""
+
+    name: str
+    type: Any  # the annotation, resolved: int, float | None, dict[str, str] | None, ...
+    default: Any
+    help: str
+    path: bool
 
 
 class Options:
@@ -29,6 +49,13 @@ class Options:
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         given = {cls.renamed.get(k, k): v for k, v in d.items()}
         return cls(**{k: v for k, v in {**(legacy or {}), **given}.items() if k in known})
+
+    @classmethod
+    def described(cls) -> list[Described]:
+        """Every option in declaration order, with its resolved type, default and help."""
+        hints = get_type_hints(cls)
+        return [Described(f.name, hints[f.name], default_of(cls, f.name), f.metadata.get("help", ""),
+                          f.metadata.get("path", False)) for f in fields(cls)]  # type: ignore[arg-type]
 
     def differences(self, saved: dict[str, Any], legacy: dict[str, Any] | None = None,
                     ignore: tuple[str, ...] = ()) -> list[str]:

@@ -40,10 +40,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
+# safetensors is imported where it is used: the command line imports this module (through the option
+# classes its flags come from) in the runtime-only install too, which leaves safetensors out.
 from microdistill.data.corpus import example_id
 from microdistill.core.errors import UserError
 from microdistill.core.files import atomic_write_bytes, atomic_write_json, read_format
@@ -100,6 +99,8 @@ def _ragged(arrays: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encode_shard(records: list[Record]) -> bytes:
+    from safetensors.numpy import save as st_save
+
     tensors: dict[str, np.ndarray] = {}
     tensors["input_ids"], tensors["input_offsets"] = _ragged([r.input_ids for r in records], np.int32)
     tensors["output_ids"], tensors["output_offsets"] = _ragged([r.output_ids for r in records], np.int32)
@@ -124,6 +125,8 @@ def encode_shard(records: list[Record]) -> bytes:
 
 
 def decode_shard(data: bytes, path: Path) -> list[Record]:
+    from safetensors.numpy import load as st_load  # outside the try: a missing package is no damaged shard
+
     try:
         t = st_load(data)
         examples = json.loads(header_metadata(data)["examples"])
@@ -286,6 +289,8 @@ class ShardSet:
 
     @staticmethod
     def ids_in(path: Path, manifest: dict) -> set[str]:
+        from safetensors import safe_open
+
         ids: set[str] = set()
         for s in manifest["shards"]:
             with safe_open(str(Path(path) / s["file"]), "np") as f:

@@ -13,59 +13,23 @@ inputs (constrained generation for both), beside their sizes and memory. Everyth
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
-
-
 
 from microdistill.evaluate.agreement import (agreement, exact_by_certainty, field_agreement, human_accuracy, valid_rate,
                                     wilson_interval)
 from microdistill.students.confidence import FOLDS, assess_student
-from microdistill.core.options import Options
 from microdistill.evaluate.consistency import self_consistency
 from microdistill.core.console import say
-from microdistill.core.errors import UserError
+from microdistill.evaluate.config import EvalConfig, EvalError
 from microdistill.evaluate.peers import PeerError, score_peers
 from microdistill.evaluate.speed import (PeakMemory, Timed, speed_size_memory, student_runner, teacher_file_bytes,
                                          timing, weights_bytes)
 from microdistill.data.shards import Record, ShardSet, StoreError
 from microdistill.students.kind import count_parameters
 from microdistill.students import PerField, load_student
-from microdistill.teachers import TeacherError, is_served_spec, load_teacher, recorded_spec, same_teacher
+from microdistill.teachers import TeacherError, load_teacher, recorded_spec, same_teacher
 from microdistill.teachers.labeller import TeacherAnswers
-
-TIMING_SAMPLE = 16  # the teacher is slow on a CPU; a few inputs give a stable median
-
-
-class EvalError(UserError):
-    """An evaluation input that cannot be used; the message is one line for the user."""
-
-
-@dataclass(frozen=True)
-class EvalConfig(Options):
-    """What an evaluation scores and times."""
-
-    teacher: str | None = None  # a teacher spec to time beside the student (None: the shards' own)
-    teacher_url: str | None = None  # the OpenAI base URL of an openai:MODEL teacher (default: the shards' server)
-    time_teacher: bool = True  # False: load and time no teacher
-    limit: int | None = None  # score at most N held-out examples
-    timing_inputs: int = TIMING_SAMPLE  # inputs both models are timed on
-    batch_size: int = 64  # student batch size while scoring
-    peers: bool = True  # score the peer baselines (peers.py) on the same split
-    consistency_inputs: int = 100  # held-out inputs the timed teacher answers again, edited (0: off)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.consistency_inputs, int) or self.consistency_inputs < 0:
-            raise EvalError(f"--consistency-inputs must be a non-negative integer, got {self.consistency_inputs!r}")
-        for name in ("limit", "timing_inputs", "batch_size"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise EvalError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        if self.teacher is not None and not self.time_teacher:
-            raise EvalError("--teacher and --no-teacher contradict each other; give one")
-        if self.teacher_url is not None and self.teacher is not None and not is_served_spec(self.teacher):
-            raise EvalError(f"--teacher-url is for a served teacher (openai:MODEL), not {self.teacher!r}")
 
 
 # ---- the evaluation -------------------------------------------------------------------------------

@@ -8,8 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from microdistill.core.errors import UserError
-from microdistill.core.options import Options
-from microdistill.teachers import DEFAULT_TEACHER, TeacherError, hidden_layer_spec, is_served_spec
+from microdistill.core.options import Options, option
+from microdistill.teachers import DEFAULT_TEACHER, PRESETS, TeacherError, hidden_layer_spec, is_served_spec
+
+
+TEACHER_URL_HELP = "OpenAI base URL of an openai:MODEL teacher (key: $MICRODISTILL_API_KEY)."
 
 
 class ExtractError(UserError):
@@ -20,23 +23,27 @@ class ExtractError(UserError):
 class ExtractConfig(Options):
     """What an extraction asks of which teacher; recorded in the run that made the shards."""
 
-    task: str = "reddit-comment"  # a preset name or a task YAML file
-    teacher: str = DEFAULT_TEACHER  # a preset, a Hugging Face model folder, a .gguf file or openai:MODEL
-    field: str = "text"  # the corpus' text field or column
-    labels: dict[str, str] | None = None  # task field -> corpus column of human labels
-    limit: int | None = None  # only the first N inputs that pass the filters (a later run continues)
-    batch_size: int = 16  # inputs the teacher decodes together
-    vocab_size: int = 512  # size of the kept output vocabulary
-    calibration: int = 64  # inputs decoded to choose the kept vocabulary (first run only)
-    # the teacher layer whose hidden state of each input is stored (first run only): last,
-    # middle, a layer number, or none
-    hidden_layer: str | int | None = "last"
-    # the teacher's dtype (first run only): float32, bfloat16, or auto (bfloat16 where the CPU runs
-    # it natively and it answers the calibration inputs as float32 does; see choose_dtype)
-    dtype: str = "float32"
-    teacher_url: str | None = None  # the OpenAI base URL of an `openai:MODEL` teacher (teachers/served.py)
-    teacher_tokenizer: str | None = None  # the API model's tokenizer: a preset, model folder or .gguf
-    concurrency: int = 8  # calls in flight to an API teacher
+    task: str = option("reddit-comment", help="Task preset name or YAML file.")
+    teacher: str = option(DEFAULT_TEACHER, help=(
+        f"Teacher preset ({', '.join(PRESETS)}), HF model folder, .gguf file or openai:MODEL."))
+    field: str = option("text", help="Text field/column of the corpus.")
+    labels: dict[str, str] | None = option(None, help=(
+        "Human label column for a task field, FIELD=COLUMN (repeatable)."))
+    limit: int | None = option(None, help=(
+        "Extract only the first N inputs that pass the filters (a later run continues)."))
+    batch_size: int = option(16, help="Inputs decoded together by the teacher.")
+    vocab_size: int = option(512, help="Size of the kept output vocabulary.")
+    calibration: int = option(64, help="Inputs decoded to choose the kept vocabulary (first run only).")
+    hidden_layer: str | int | None = option("last", help=(
+        "Teacher layer whose hidden state of each input is stored for hidden-state distillation (first run only): "
+        "last, middle, a number, or none."))
+    dtype: str = option("float32", help=(
+        "Teacher dtype (first run only): float32, bfloat16, or auto (bfloat16 where this CPU runs it natively and "
+        "it answers the calibration inputs as float32 does)."))
+    teacher_url: str | None = option(None, help=TEACHER_URL_HELP)
+    teacher_tokenizer: str | None = option(None, help=(
+        "That model's tokenizer: preset, folder or .gguf (default: found)."))
+    concurrency: int = option(8, help="Calls in flight to an API teacher.")
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:

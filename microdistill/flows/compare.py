@@ -15,15 +15,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from microdistill.core.console import say
-from microdistill.core.errors import UserError
 from microdistill.core.files import atomic_write_bytes, atomic_write_json
-from microdistill.core.options import Options
 from microdistill.data.shards import ShardSet
+from microdistill.flows.config import CompareConfig, CompareError
 from microdistill.evaluate.peers import PeerError, score_peers
 from microdistill.report.compare import markdown, plot_curves, plot_efficiency
 from microdistill.report.evaluation import read_metrics
@@ -32,48 +31,6 @@ from microdistill.train.recipes import CONFIGS, SHARED
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 RESERVED = {"sizes"}  # out/sizes/ holds the data-efficiency runs
-
-
-class CompareError(UserError):
-    """A comparison that cannot run as asked (unknown configuration, bad plan file); one line."""
-
-
-@dataclass(frozen=True)
-class CompareConfig(Options):
-    """The options of one comparison; field names are the `compare` flags (`_` -> `-`).
-
-    preset, seed, the budget (max_steps, or epochs) and limit_train are the same for every run;
-    batch_size, lr and eval_limit (None: TrainConfig's) go under each run's own options. Their
-    ranges are TrainConfig's, checked as each run is built so the error names the configuration.
-    """
-
-    preset: str = "micro"
-    max_steps: int | None = None
-    epochs: int | None = None  # with no max_steps, None is TrainConfig's epochs
-    seed: int = 0
-    limit_train: int | None = None
-    sizes: tuple[int, ...] | None = None  # also train on the first N examples for each N (accuracy vs data)
-    sizes_for: tuple[str, ...] | None = None  # the configurations that get that curve (None: all)
-    batch_size: int | None = None
-    lr: float | None = None
-    eval_limit: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_steps is not None and self.epochs is not None:
-            raise CompareError("give a step budget (--max-steps) or --epochs, not both")
-        if self.sizes and any(not isinstance(n, int) or n < 1 for n in self.sizes):
-            raise CompareError(f"sizes {list(self.sizes)}: expected positive numbers of training examples")
-
-    def shared(self) -> dict[str, Any]:
-        """The TrainConfig fields every run gets, whatever its own options say."""
-        budget = ({"max_steps": self.max_steps} if self.max_steps is not None
-                  else {"epochs": self.epochs or TrainConfig.epochs})
-        return {"preset": self.preset, "seed": self.seed, "limit_train": self.limit_train, **budget}
-
-    def common(self) -> dict[str, Any]:
-        """The TrainConfig fields set for every run, under each run's own."""
-        return {k: v for k, v in (("batch_size", self.batch_size), ("lr", self.lr), ("eval_limit", self.eval_limit))
-                if v is not None}
 
 
 # ---- which runs --------------------------------------------------------------------------------

@@ -20,15 +20,15 @@ from pathlib import Path
 from microdistill.data.shards import ShardSet
 from microdistill.extract import ExtractConfig, extract
 from microdistill.flows.run import sample_corpus
-from microdistill.plan.cost import Analysis, CostConfig, analyse
+from microdistill.plan.cost import Analysis, CostConfig, PilotConfig, analyse
 from microdistill.plan.forecast import forecast, plan_from_forecast
 from microdistill.plan.measured import CostError, RunFiles, Throughput, throughput_from_logs
 from microdistill.report.cost import plot_forecast, write_cost
 from microdistill.train import TrainConfig, held_out_exact, train_once, train_sizes
 
 
-def measure_throughput(corpus: Path, out_dir: Path, extract_config: ExtractConfig, *, preset: str = "micro",
-                       sample: int = 128, train_steps: int = 20) -> Throughput:
+def measure_throughput(corpus: Path, out_dir: Path, extract_config: ExtractConfig, *, preset: str = PilotConfig.preset,
+                       sample: int = PilotConfig.sample, train_steps: int = PilotConfig.train_steps) -> Throughput:
     """Time a short extraction of `sample` inputs and `train_steps` training steps.
 
     The sample's shards and student stay in `out_dir` (`shards/`, `student/`), so a second
@@ -62,7 +62,7 @@ def pilot(data_dir: Path, out_dir: Path, fractions: tuple[float, ...] = (0.25, 0
 
 
 def learning_forecast(shards: Path, out_dir: Path, target: float, points: list[tuple[int, float]] | None = None,
-                      preset: str = "micro") -> dict:
+                      preset: str = PilotConfig.preset) -> dict:
     """Forecast from given pilot points, or from a pilot trained on `shards`; writes forecast.png."""
     if points is None:
         if shards is None:
@@ -77,8 +77,9 @@ def learning_forecast(shards: Path, out_dir: Path, target: float, points: list[t
 
 def cost_analysis(run_dir: Path | None, cfg: CostConfig, out: Path | None = None, *, shards: Path | None = None,
                   student: Path | None = None, report: Path | None = None, measure: ExtractConfig | None = None,
-                  corpus: Path | None = None, preset: str = "micro", sample: int = 128, train_steps: int = 20,
-                  target_agreement: float | None = None, points: list[tuple[int, float]] | None = None) -> Analysis:
+                  corpus: Path | None = None, preset: str = PilotConfig.preset, sample: int = PilotConfig.sample,
+                  train_steps: int = PilotConfig.train_steps, target_agreement: float | None = None,
+                  points: list[tuple[int, float]] | None = None) -> Analysis:
     """The whole `cost` verb: measure throughput on a sample if asked (`measure`: what to
     extract; `corpus`: from where, default the packaged sample comments), forecast the corpus a
     target agreement needs if asked, then the break-even analysis, written to `out` (default

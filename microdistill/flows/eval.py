@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from microdistill.core.console import say
-from microdistill.evaluate.evaluation import EvalConfig, evaluate
+from microdistill.evaluate.config import EvalConfig
+from microdistill.evaluate.evaluation import evaluate
 from microdistill.plan.cost import Analysis, CostConfig, analyse
 from microdistill.plan.measured import CostError, RunFiles
 from microdistill.report.cost import cost_section_markdown, with_plot

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from microdistill.core.options import Options
 from microdistill.core.console import say
 from microdistill.core.errors import UserError
-from microdistill.evaluate.evaluation import EvalConfig
 from microdistill.extract import ExtractConfig, extract
 from microdistill.core.files import atomic_write_json
+from microdistill.flows.config import RunConfig, saved_identity
 from microdistill.flows.eval import make_report
-from microdistill.train import TrainConfig, train_once
+from microdistill.train import train_once
 
 SAMPLE_LABELS = {"tone": "tone", "sentiment": "sentiment", "toxicity": "toxicity"}
 
@@ -38,56 +36,6 @@ class RunError(UserError):
 def sample_corpus() -> Path:
     """The comments shipped with the package (written for it; see microdistill/data/README.md)."""
     return Path(str(resources.files("microdistill").joinpath("data/sample_comments.jsonl")))
-
-
-@dataclass(frozen=True)
-class RunConfig(Options):
-    """A run: where it lives, what it reads, and each stage's options.
-
-    The run's own defaults differ from the stages' where a whole run is better served: the
-    teacher in bfloat16 where that is fast and answers as float32 does (extract --dtype auto),
-    the student kind that fits the task (heads for all-enum tasks), 20 epochs with dropout 0.1
-    (BENCHMARKS.md)."""
-
-    name: str = "default"
-    root: str = "runs"
-    input: str | None = None  # None: the packaged sample corpus with its human labels
-    extract: ExtractConfig = field(default_factory=lambda: ExtractConfig(dtype="auto"))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(student="auto", epochs=20, dropout=0.1))
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(teacher=None))
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.root) / self.name
-
-    def identity(self) -> dict[str, Any]:
-        """What decides the artefacts (not where they live, nor how the report times the teacher)."""
-        return {"input": self.input, "extract": self.extract.to_dict(), "train": self.train.to_dict()}
-
-
-# The flat run.json "config" of folders written before the stages had configs of their own.
-FLAT_EXTRACT = ("field", "labels", "task", "teacher", "limit", "batch_size", "vocab_size", "calibration", "hidden_layer")
-FLAT_TRAIN = ("preset", "epochs", "dropout", "hidden_weight", "max_steps", "seed")
-
-
-# What folders written before these options existed were made with.
-LEGACY_EXTRACT = {"dtype": "float32"}
-LEGACY_TRAIN = {"student": "decoder"}
-
-
-def saved_identity(saved: dict[str, Any]) -> dict[str, Any]:
-    """A run.json "config" read as RunConfig.identity(); the flat form of older folders is
-    converted, and options newer than the folder read as what it was made with (LEGACY_*),
-    else as the run's defaults."""
-    if "extract" not in saved:
-        saved = {"input": saved.get("input"),
-                 "extract": {k: saved[k] for k in FLAT_EXTRACT if k in saved},
-                 "train": {**saved.get("extra_train", {}), **{k: saved[k] for k in FLAT_TRAIN if k in saved}}}
-    defaults = RunConfig()
-    return {"input": saved.get("input"),
-            "extract": ExtractConfig.from_dict({**defaults.extract.to_dict(), **LEGACY_EXTRACT,
-                                                **saved["extract"]}).to_dict(),
-            "train": TrainConfig.from_dict({**defaults.train.to_dict(), **LEGACY_TRAIN, **saved["train"]}).to_dict()}
 
 
 def _flat(identity: dict[str, Any]) -> dict[str, Any]:

@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
-from microdistill.core.options import Options
+from microdistill.core.options import Options, option
 from microdistill.data.shards import VAL_FRACTION
+from microdistill.students.decoder.config import DEFAULT_PRESET
 from microdistill.plan.measured import (
     CostError, RunFiles, Throughput, api_call_tokens, measure_call_tokens, need, throughput_from_logs,
 )
@@ -37,19 +38,25 @@ class CostConfig(Options):
     not claims about any provider: pass your own.
     """
 
-    calls_per_day: float = 10_000
-    machine_usd_per_hour: float = 0.10
-    teacher_machine_usd_per_hour: float | None = None  # None: the same machine price
-    teacher_pricing: Literal["api", "local"] = "api"
-    api_usd_per_m_input: float = 0.15
-    api_usd_per_m_output: float = 0.60
-    input_tokens: float | None = None  # None: measured from the shards
-    output_tokens: float | None = None
-    teacher_usd_per_call: float | None = None  # a known figure overrides everything above
-    student_usd_per_call: float | None = None
-    basis: Literal["latency", "throughput"] = "latency"
-    corpus_size: int | None = None  # plan this many teacher-labelled examples instead of the run's
-    epochs: float | None = None  # for a planned corpus; None: the measured run's epochs
+    calls_per_day: float = option(10_000, help="Calls per day the student would take over (example default).")
+    machine_usd_per_hour: float = option(0.10, help=(
+        "Machine price for training and the student; example default: a small cloud CPU VM."))
+    teacher_machine_usd_per_hour: float | None = option(None, help=(
+        "Machine price for extraction and a local teacher (default: --machine-usd-per-hour)."))
+    teacher_pricing: Literal["api", "local"] = option("api", help=(
+        "Teacher cost per call: 'api' (token prices) or 'local' (measured speed x machine price)."))
+    api_usd_per_m_input: float = option(0.15, help="API price per million input tokens (example default).")
+    api_usd_per_m_output: float = option(0.60, help="API price per million output tokens (example default).")
+    input_tokens: float | None = option(None, help="Input tokens per call (default: measured from the shards' task prompt).")
+    output_tokens: float | None = option(None, help="Output tokens per call (default: mean output length in the shards).")
+    teacher_usd_per_call: float | None = option(None, help=(
+        "A known teacher cost per call (overrides the pricing above)."))
+    student_usd_per_call: float | None = option(None, help="A known student cost per call (overrides the measured one).")
+    basis: Literal["latency", "throughput"] = option("latency", help=(
+        "Measured speed to price: 'latency' (p50, batch 1) or 'throughput' (batched)."))
+    corpus_size: int | None = option(None, help=(
+        "Plan this many teacher-labelled examples instead of the run's: estimate the one-off cost from throughput."))
+    epochs: float | None = option(None, help="Epochs for the planned corpus (default: the measured run's).")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -64,6 +71,16 @@ class CostConfig(Options):
     @property
     def teacher_usd_per_hour(self) -> float:
         return self.teacher_machine_usd_per_hour or self.machine_usd_per_hour
+
+
+@dataclass(frozen=True)
+class PilotConfig(Options):
+    """The small runs the analysis trains when asked: a sample to time (--measure) and a pilot to
+    forecast from (--target-agreement without --points)."""
+
+    preset: str = option(DEFAULT_PRESET, help="Student preset for --measure and the pilot.")
+    sample: int = option(128, help="Inputs to extract for --measure.")
+    train_steps: int = option(20, help="Training steps to time for --measure.")
 
 
 # ---- per-call costs --------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from microdistill.serve.protocol import ChatRequest, PredictRequest, error_body, last_user_text, parse_json
-from microdistill.serve.service import RequestError, ServeConfig, Service, build_service
+from microdistill.serve.config import ServeConfig
+from microdistill.serve.service import RequestError, Service, build_service
 
 log = logging.getLogger("uvicorn.error")
 ROUTES = {"/v1/predict", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}  # the rest count as "other"

@@ -15,59 +15,14 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 
 from microdistill.serve.cascade import Cascade, check_student, teacher_for, threshold_for
-from microdistill.core.options import Options
-from microdistill.core.errors import UserError
-from microdistill.teachers import is_served_spec
+from microdistill.serve.config import ServeConfig
 
 log = logging.getLogger("uvicorn.error")
-
-
-class ServeError(UserError):
-    """A serving option that cannot be used; one line for the user."""
-
-
-@dataclass(frozen=True)
-class ServeConfig(Options):
-    """How the server runs: who answers, where it listens, and its limits."""
-
-    teacher: str | None = None  # a teacher spec (as extract takes) for escalated inputs
-    teacher_url: str | None = None  # the OpenAI base URL of an openai:MODEL teacher
-    min_confidence: float | None = None  # every field must reach this for the student to answer
-    target_agreement: float | None = None  # or: the threshold reaching this on the held-out curve
-    host: str = "127.0.0.1"
-    port: int = 8000
-    batch_window_ms: float = 2.0  # how long the student waits for other callers to join a batch
-    max_batch: int = 64  # texts per student batch gathered from several requests
-    max_queue: int = 1024  # texts waiting for a worker before requests get 503
-    max_texts: int = 256  # texts per request (413 beyond)
-    max_text_chars: int = 10_000  # characters per text (413 beyond)
-    max_body_bytes: int = 1_048_576  # request body (413 beyond)
-    drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
-    threads: int | None = None  # torch threads per worker (None: torch's default, one per core)
-
-    def __post_init__(self) -> None:
-        if self.min_confidence is not None and self.target_agreement is not None:
-            raise ServeError("give --min-confidence or --target-agreement, not both")
-        for name in ("min_confidence", "target_agreement"):
-            v = getattr(self, name)
-            if v is not None and not 0.0 <= v <= 1.0:
-                raise ServeError(f"--{name.replace('_', '-')} must be between 0 and 1, got {v}")
-        if self.teacher_url is not None and not is_served_spec(self.teacher or ""):
-            raise ServeError(f"--teacher-url is for a served teacher (openai:MODEL), not {self.teacher!r}")
-        if self.teacher is not None and self.min_confidence is None and self.target_agreement is None:
-            raise ServeError("with --teacher, give --min-confidence or --target-agreement: without a threshold "
-                             "the teacher would never be asked")
-        for name in ("max_batch", "max_queue", "max_texts", "max_text_chars", "max_body_bytes", "threads"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ServeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.batch_window_ms < 0 or self.drain_timeout_s < 0:
-            raise ServeError("--batch-window-ms and --drain-timeout-s must not be negative")
 
 
 class RequestError(Exception):

@@ -13,8 +13,28 @@
 """
 
 from microdistill.train.config import TrainConfig, TrainError, TrainingInterrupted
-from microdistill.train.loop import train, train_step
-from microdistill.train.runs import held_out_exact, train_once, train_sizes
 
 __all__ = ["TrainConfig", "TrainError", "TrainingInterrupted", "held_out_exact", "train", "train_once", "train_sizes",
            "train_step"]
+
+
+# The command line imports train.config to build its flags, and so this package: the names that
+# need torch are imported on first use, so that `--help` imports no torch.
+def _loop() -> dict:
+    from microdistill.train.loop import train, train_step
+
+    return {"train": train, "train_step": train_step}
+
+
+def _runs() -> dict:
+    from microdistill.train.runs import held_out_exact, train_once, train_sizes
+
+    return {"held_out_exact": held_out_exact, "train_once": train_once, "train_sizes": train_sizes}
+
+
+def __getattr__(name: str):
+    for load, names in ((_loop, ("train", "train_step")), (_runs, ("held_out_exact", "train_once", "train_sizes"))):
+        if name in names:
+            globals().update(load())  # later lookups (and monkeypatches) find them here
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

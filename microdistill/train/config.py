@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from microdistill.core.options import Options
+from microdistill.core.options import Options, option
 from microdistill.core.errors import UserError
 from microdistill.students import KINDS
 from microdistill.students.decoder.config import DEFAULT_PRESET, PRESET_ALIASES, PRESETS
@@ -33,45 +33,48 @@ class TrainingInterrupted(KeyboardInterrupt):
 class TrainConfig(Options):
     """Everything that decides the trained weights (eval_limit aside); stored in every checkpoint."""
 
-    # the kind: "decoder" (any output), "heads" (enum fields; a pretrained encoder) or "auto"
-    # (heads when the task's fields are all enums, else the decoder)
-    student: str = "decoder"
-    preset: str = DEFAULT_PRESET  # decoder size: nano, micro, small, large
-    encoder: str = "minilm"  # the heads student's pretrained encoder: a preset or a folder (students/encoder.py)
-    # "teacher" cuts the body from the teacher's first blocks instead (students/teacher_body.py)
-    encoder_layers: int | None = None  # keep only the body's first N layers (faster; a teacher body: 2 when unset)
-    mlp_width: int | None = None  # a teacher body's MLP width after pruning by activation importance (1024 when unset)
-    # a pretrained encoder's input vocabulary: "full" keeps every piece it learnt to read; "corpus" keeps
-    # the pieces the training inputs use (a smaller file, but new words reach it as unfamiliar fragments)
-    input_vocab: str = "full"
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 2e-3  # peak; tiny models tolerate (and need) more than LLM-scale rates
-    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
-    warmup_frac: float = 0.05  # fraction of all steps with a linear warm-up
-    weight_decay: float = 0.1  # on matrices and embeddings, not on norm gains
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    pretrained_lr_ratio: float = 0.05  # a pretrained encoder's weights learn at lr x this
-    dropout: float = 0.0  # on the student's residual branches while training (its `dropout`)
-    seed: int = 0
-    divergence: str = "forward_kl"  # see DIVERGENCES (losses.py)
-    temperature: float = 1.0
-    beta: float = 0.5  # jsd
-    alpha: float = 0.1  # skew_kl
-    curriculum: str = "cosine"  # schedule of the divergence's weight, see CURRICULA
-    divergence_start: float = 0.9  # the divergence's weight at the start; CE gets the rest
-    divergence_end: float = 0.1
-    tail: bool = False  # one extra output class for the teacher's mass outside the kept set
-    signal: str = "auto"  # "logits", "text" (CE only), or "auto": logits when the shards have them
-    # "teacher": input embeddings start from the teacher's vectors (PCA to d_model) when the shards hold
-    # them, else random; "random": N(0, 0.02) like every other weight
-    embed_init: str = "teacher"
-    # Weight of the hidden-state loss when the shards hold the teacher's input hidden states and
-    # teacher logits are used (text-only training has no teacher internals); 0 turns it off.
-    hidden_weight: float = 1.0
-    max_steps: int | None = None  # a fixed step budget instead of `epochs` (the last epoch may be partial)
-    limit_train: int | None = None  # use only the first N training examples
-    eval_limit: int | None = None  # evaluate on at most N held-out examples
+    student: str = option("decoder", help=(
+        "Student kind: decoder (any output), heads (enum fields: a pretrained encoder with one softmax per field), "
+        "or auto (heads when every field is an enum, else the decoder)."))
+    preset: str = option(DEFAULT_PRESET, help=f"Decoder size preset: {', '.join(PRESETS)}.")
+    encoder: str = option("minilm", help=(
+        "Body of a heads student: minilm, a model folder, or teacher (the teacher's first blocks, pruned; "
+        "teacher:SPEC for another copy of it)."))
+    encoder_layers: int | None = option(None, help="Keep only the body's first N layers (faster; teacher: 2).")
+    mlp_width: int | None = option(None, help="A teacher body's MLP width, pruned by activation importance (1024).")
+    input_vocab: str = option("full", help=(
+        "A pretrained encoder's input vocabulary: full (every piece it learnt to read) or corpus (the pieces the "
+        "training inputs use: a smaller file, but new words reach it as unfamiliar fragments)."))
+    epochs: int = option(10, help="Passes over the training split.")
+    batch_size: int = option(32, help="Examples per optimiser step.")
+    lr: float = option(2e-3, help=(
+        "Peak learning rate (linear warm-up, then cosine); tiny models tolerate, and need, more than LLM-scale rates."))
+    min_lr_ratio: float = option(0.1, help="Final learning rate as a fraction of --lr.")
+    warmup_frac: float = option(0.05, help="Fraction of the steps spent warming up.")
+    weight_decay: float = option(0.1, help="AdamW weight decay on matrices and embeddings (not on norm gains).")
+    grad_clip: float = option(1.0, help="Max global gradient norm (0: no clipping).")
+    pretrained_lr_ratio: float = option(0.05, help="A pretrained encoder learns at --lr times this.")
+    dropout: float = option(0.0, help="Dropout on the student's residual branches while training.")
+    seed: int = option(0, help="Random seed (initialisation and data order).")
+    divergence: str = option("forward_kl", help=f"{', '.join(DIVERGENCES[:-1])} or {DIVERGENCES[-1]}.")
+    temperature: float = option(1.0, help="Distillation temperature T.")
+    beta: float = option(0.5, help="JSD mixing weight (--divergence jsd).")
+    alpha: float = option(0.1, help="Skew (--divergence skew_kl).")
+    curriculum: str = option("cosine", help=(
+        f"Schedule of the divergence's weight: {', '.join(CURRICULA[:-1])} or {CURRICULA[-1]}."))
+    divergence_start: float = option(0.9, help="The divergence's weight at the start (CE gets 1 - it).")
+    divergence_end: float = option(0.1, help="The divergence's weight at the end.")
+    tail: bool = option(False, help="Add an output class for the teacher's mass outside the kept vocabulary.")
+    signal: str = option("auto", help="Teacher signal: logits, text (CE only), or auto (logits when the shards have them).")
+    embed_init: str = option("teacher", help=(
+        "Input embeddings: teacher (the teacher's rows, PCA to the student's width, when the shards hold them; "
+        "else random) or random (N(0, 0.02) like every other weight)."))
+    hidden_weight: float = option(1.0, help=(
+        "Weight of the decoder student's hidden-state loss when the shards hold the teacher's input hidden states "
+        "and its logits are used (text-only training has no teacher internals); 0: off."))
+    max_steps: int | None = option(None, help="A fixed step budget instead of --epochs (the last epoch may be partial).")
+    limit_train: int | None = option(None, help="Use only the first N training examples.")
+    eval_limit: int | None = option(None, help="Evaluate on at most N held-out examples per epoch.")
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:

@@ -1,0 +1,116 @@
+"""The verbs that make a student, in the order of the work; cli/__init__.py adds them to `microdistill`.
+
+    microdistill run                                   # all three stages under runs/NAME/
+    microdistill extract --input comments.jsonl --out runs/demo/shards
+    microdistill train --data runs/demo/shards --out runs/demo/student
+    microdistill eval --student runs/demo/student --data runs/demo/shards
+
+Each verb's flags come from its config class (verbs.py); library modules are imported inside the
+verb, so `--help` imports no torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from microdistill.cli.verbs import Flags, verb
+from microdistill.evaluate.config import EvalConfig
+from microdistill.extract.config import ExtractConfig
+from microdistill.flows.config import RunConfig
+from microdistill.train.config import TrainConfig
+
+LABEL = {"labels": "--label"}  # one FIELD=COLUMN pair per flag, repeated
+
+
+@verb
+def run(cfg: RunConfig = Flags(RunConfig, nested={
+    "extract": Flags(ExtractConfig, names=LABEL, only=(
+        "task", "teacher", "field", "labels", "limit", "batch_size", "vocab_size", "hidden_layer", "dtype",
+        "teacher_url", "concurrency")),
+    "train": Flags(TrainConfig, only=(
+        "student", "preset", "encoder", "epochs", "dropout", "hidden_weight", "max_steps", "seed")),
+    "eval": Flags(EvalConfig, only=("time_teacher",), names={"time_teacher": "--eval-teacher/--no-eval-teacher"}),
+})) -> None:
+    """Extract, train and evaluate in one go, under runs/NAME/ (re-run to resume)."""
+    from microdistill.flows.run import run as run_pipeline
+
+    run_pipeline(cfg)
+
+
+@verb
+def extract(
+    input: Path = typer.Option(..., "--input", help="Corpus: .txt, .jsonl, .csv, .parquet or a HF datasets folder."),
+    out: Path = typer.Option(..., help="Shard folder to write (re-run the same command to continue it)."),
+    cfg: ExtractConfig = Flags(ExtractConfig, names=LABEL),
+    part: Optional[str] = typer.Option(None, help="I/N: worker I of N, all with this --out (default under torchrun: "
+                                       "RANK/WORLD_SIZE)."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Label a corpus with the teacher under the task's schema and store its logits as shards."""
+    from microdistill.extract import extract as run_extract
+    from microdistill.extract.parts import Part, from_env
+
+    path = run_extract(input, out, cfg, progress=not quiet, part=Part.parse(part) if part else from_env())
+    typer.echo(f"shards: {path}")
+
+
+@verb
+def train(
+    data: Path = typer.Option(..., help="Shard folder written by extract."),
+    out: Path = typer.Option(..., help="Student folder to write (model, config, tokenizer, metrics, checkpoint)."),
+    cfg: TrainConfig = Flags(TrainConfig),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint (same options)."),
+    quiet: bool = typer.Option(False, help="No live progress line."),
+) -> None:
+    """Train a student on teacher shards; Ctrl-C saves a checkpoint, --resume continues it exactly (torchrun: DDP)."""
+    import json
+    import os
+
+    from microdistill.train import TrainingInterrupted, train as run_training
+
+    try:
+        path = run_training(data, out, cfg, resume=resume, progress=not quiet)
+    except TrainingInterrupted as e:
+        typer.secho(str(e), err=True)
+        raise typer.Exit(130)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        stats = json.loads((path / "training.json").read_text())
+        typer.echo(f"student saved in {path} ({stats['steps']} steps, {stats['wall_s']:.1f} s, "
+                   f"{stats['tokens_per_s']:.0f} tokens/s)")
+
+
+@verb
+def eval_(
+    student: Path = typer.Option(..., help="Student folder (the --out of train)."),
+    data: Path = typer.Option(..., help="Shard folder the student was trained on; its held-out split is scored."),
+    cfg: EvalConfig = Flags(EvalConfig, names={"time_teacher": " /--no-teacher"}),
+    out: Optional[Path] = typer.Option(None, help="Report folder (default: 'eval' beside the student folder)."),
+    json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
+    quiet: bool = typer.Option(False, help="No progress lines."),
+) -> None:
+    """Agreement with the teacher, speed, size and memory -> report.md, PNG plots and report.json."""
+    import json
+
+    from microdistill.flows.eval import make_report
+
+    out = out or student.parent / "eval"
+    report = make_report(student, data, out, cfg, progress=not quiet)
+    if json_out:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    speed = report["speed"]
+    lo, hi = report["student_only_exact_ci95"]
+    typer.echo(f"{report['n_eval']} {report['split']} examples: exact match {report['student_only_exact']:.2%} "
+               f"(95% interval {lo:.1%}–{hi:.1%}), "
+               f"token accuracy {report['teacher_forced_token_acc']:.2%}, "
+               f"valid JSON without the grammar {report['valid_json_unconstrained']:.2%}")
+    if speed["speedup_p50"]:
+        typer.echo(f"student vs teacher: {speed['speedup_p50']:.1f}x faster at batch 1, "
+                   f"{speed['speedup_throughput']:.1f}x the throughput")
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+VERBS = {"run": run, "extract": extract, "train": train, "eval": eval_}

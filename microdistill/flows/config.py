@@ -1,0 +1,121 @@
+"""The options of the flows: a whole run (`RunConfig`, and how older run.json files read) and a
+comparison (`CompareConfig`).
+
+    microdistill run --help
+    microdistill compare --help
+
+No torch here: the command line builds its flags from these classes, and run.py and compare.py
+(which train) run them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from microdistill.core.errors import UserError
+from microdistill.core.options import Options, option
+from microdistill.evaluate.config import EvalConfig
+from microdistill.extract.config import ExtractConfig
+from microdistill.students.decoder.config import DEFAULT_PRESET
+from microdistill.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class RunConfig(Options):
+    """A run: where it lives, what it reads, and each stage's options.
+
+    The run's own defaults differ from the stages' where a whole run is better served: the
+    teacher in bfloat16 where that is fast and answers as float32 does (extract --dtype auto),
+    the student kind that fits the task (heads for all-enum tasks), 20 epochs with dropout 0.1
+    (BENCHMARKS.md)."""
+
+    name: str = option("default", help="Run folder name under --root.")
+    root: str = option("runs", help="Where run folders live.", path=True)
+    input: str | None = option(None, help=(
+        "Corpus file or HF datasets folder (default: the packaged sample comments, with their human labels)."),
+        path=True)
+    extract: ExtractConfig = option(default_factory=lambda: ExtractConfig(dtype="auto"), help="The extraction's options.")
+    train: TrainConfig = option(default_factory=lambda: TrainConfig(student="auto", epochs=20, dropout=0.1),
+                                help="The training's options.")
+    eval: EvalConfig = option(default_factory=lambda: EvalConfig(teacher=None), help="The evaluation's options.")
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.root) / self.name
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the artefacts (not where they live, nor how the report times the teacher)."""
+        return {"input": self.input, "extract": self.extract.to_dict(), "train": self.train.to_dict()}
+
+
+# The flat run.json "config" of folders written before the stages had configs of their own.
+FLAT_EXTRACT = ("field", "labels", "task", "teacher", "limit", "batch_size", "vocab_size", "calibration", "hidden_layer")
+FLAT_TRAIN = ("preset", "epochs", "dropout", "hidden_weight", "max_steps", "seed")
+
+
+# What folders written before these options existed were made with.
+LEGACY_EXTRACT = {"dtype": "float32"}
+LEGACY_TRAIN = {"student": "decoder"}
+
+
+def saved_identity(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run.json "config" read as RunConfig.identity(); the flat form of older folders is
+    converted, and options newer than the folder read as what it was made with (LEGACY_*),
+    else as the run's defaults."""
+    if "extract" not in saved:
+        saved = {"input": saved.get("input"),
+                 "extract": {k: saved[k] for k in FLAT_EXTRACT if k in saved},
+                 "train": {**saved.get("extra_train", {}), **{k: saved[k] for k in FLAT_TRAIN if k in saved}}}
+    defaults = RunConfig()
+    return {"input": saved.get("input"),
+            "extract": ExtractConfig.from_dict({**defaults.extract.to_dict(), **LEGACY_EXTRACT,
+                                                **saved["extract"]}).to_dict(),
+            "train": TrainConfig.from_dict({**defaults.train.to_dict(), **LEGACY_TRAIN, **saved["train"]}).to_dict()}
+
+
+# ---- a comparison ------------------------------------------------------------------------------------
+class CompareError(UserError):
+    """A comparison that cannot run as asked (unknown configuration, bad plan file); one line."""
+
+
+@dataclass(frozen=True)
+class CompareConfig(Options):
+    """The options of one comparison; field names are the `compare` flags (`_` -> `-`).
+
+    preset, seed, the budget (max_steps, or epochs) and limit_train are the same for every run;
+    batch_size, lr and eval_limit (None: TrainConfig's) go under each run's own options. Their
+    ranges are TrainConfig's, checked as each run is built so the error names the configuration.
+    """
+
+    preset: str = option(DEFAULT_PRESET, help="Student size preset for every run.")
+    max_steps: int | None = option(None, help="The same step budget for every run.")
+    epochs: int | None = option(None, help=(
+        f"Epochs for every run instead of a step budget (default {TrainConfig.epochs}, train's)."))
+    seed: int = option(0, help="Random seed for every run.")
+    limit_train: int | None = option(None, help="Use only the first N training examples.")
+    sizes: tuple[int, ...] | None = option(None, help=(
+        "Also train on the first N examples for each N, e.g. 100,200,400 (accuracy vs data)."))
+    sizes_for: tuple[str, ...] | None = option(None, help=(
+        "Only these configurations get the --sizes curve (default: all)."))
+    batch_size: int | None = option(None, help="Batch size for every run (default: train's).")
+    lr: float | None = option(None, help="Peak learning rate for every run (default: train's).")
+    eval_limit: int | None = option(None, help="Evaluate on at most N held-out examples per epoch.")
+
+    def __post_init__(self) -> None:
+        if self.max_steps is not None and self.epochs is not None:
+            raise CompareError("give a step budget (--max-steps) or --epochs, not both")
+        if self.sizes and any(not isinstance(n, int) or n < 1 for n in self.sizes):
+            raise CompareError(f"sizes {list(self.sizes)}: expected positive numbers of training examples")
+
+    def shared(self) -> dict[str, Any]:
+        """The TrainConfig fields every run gets, whatever its own options say."""
+        budget = ({"max_steps": self.max_steps} if self.max_steps is not None
+                  else {"epochs": self.epochs or TrainConfig.epochs})
+        return {"preset": self.preset, "seed": self.seed, "limit_train": self.limit_train, **budget}
+
+    def common(self) -> dict[str, Any]:
+        """The TrainConfig fields set for every run, under each run's own."""
+        return {k: v for k, v in (("batch_size", self.batch_size), ("lr", self.lr), ("eval_limit", self.eval_limit))
+                if v is not None}

@@ -1,0 +1,63 @@
+"""Serving options: who answers, where the server listens, and its limits, checked before anything loads.
+
+    microdistill serve --help
+
+No torch here: the command line builds its flags from `ServeConfig` (service.py runs it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from microdistill.core.errors import UserError
+from microdistill.core.options import Options, option
+from microdistill.extract.config import TEACHER_URL_HELP
+from microdistill.teachers import is_served_spec
+
+
+class ServeError(UserError):
+    """A serving option that cannot be used; one line for the user."""
+
+
+@dataclass(frozen=True)
+class ServeConfig(Options):
+    """How the server runs: who answers, where it listens, and its limits."""
+
+    teacher: str | None = option(None, help=(
+        "Teacher for inputs the student is unsure of: preset, HF folder, .gguf or openai:MODEL (with --teacher-url)."))
+    teacher_url: str | None = option(None, help=TEACHER_URL_HELP)
+    min_confidence: float | None = option(None, help=(
+        "The student answers when every field's calibrated confidence reaches this; the teacher answers the rest."))
+    target_agreement: float | None = option(None, help=(
+        "Or: the threshold that reached this agreement with the teacher on the held-out inputs (the student's "
+        "calibration.json)."))
+    host: str = option("127.0.0.1", help="Address to listen on.")
+    port: int = option(8000, help="Port to listen on.")
+    batch_window_ms: float = option(2.0, help="How long the student waits for concurrent requests to join a batch.")
+    max_batch: int = option(64, help="Texts per batch gathered from concurrent requests.")
+    max_queue: int = option(1024, help=(
+        "Texts waiting for the student or the teacher before requests get 503 (a full queue refuses, it never grows)."))
+    max_texts: int = option(256, help="Texts per request (413 beyond).")
+    max_text_chars: int = option(10_000, help="Characters per text (413 beyond).")
+    max_body_bytes: int = option(1_048_576, help="Bytes per request body (413 beyond).")
+    drain_timeout_s: float = option(30.0, help="On SIGTERM, how long in-flight requests may take to finish.")
+    threads: int | None = option(None, help=(
+        "Threads for the student (torch or onnxruntime; default: their own choice)."))
+
+    def __post_init__(self) -> None:
+        if self.min_confidence is not None and self.target_agreement is not None:
+            raise ServeError("give --min-confidence or --target-agreement, not both")
+        for name in ("min_confidence", "target_agreement"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ServeError(f"--{name.replace('_', '-')} must be between 0 and 1, got {v}")
+        if self.teacher_url is not None and not is_served_spec(self.teacher or ""):
+            raise ServeError(f"--teacher-url is for a served teacher (openai:MODEL), not {self.teacher!r}")
+        if self.teacher is not None and self.min_confidence is None and self.target_agreement is None:
+            raise ServeError("with --teacher, give --min-confidence or --target-agreement: without a threshold "
+                             "the teacher would never be asked")
+        for name in ("max_batch", "max_queue", "max_texts", "max_text_chars", "max_body_bytes", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ServeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.batch_window_ms < 0 or self.drain_timeout_s < 0:
+            raise ServeError("--batch-window-ms and --drain-timeout-s must not be negative")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from microdistill.extract import ExtractConfig, extract
-from microdistill.flows.run import sample_corpus
+from microdistill.data.samples import sample_corpus
 from microdistill.data.shards import ShardSet
 from microdistill.teachers import DEFAULT_TEACHER
 

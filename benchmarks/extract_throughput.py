@@ -21,7 +21,7 @@ from microdistill.data.corpus import filter_inputs, read_corpus
 from microdistill.extract.prepare import build_vocab, calibrate
 from microdistill.extract.local import decode_into
 from microdistill.teachers.decoding import Decoder
-from microdistill.flows.run import sample_corpus
+from microdistill.data.samples import sample_corpus
 from microdistill.data.shards import ShardWriter
 from microdistill.core.task import load_task
 from microdistill.teachers import DEFAULT_TEACHER, load_teacher

@@ -51,7 +51,7 @@ def main() -> None:
         path = args.shards
         if path is None:
             from microdistill.extract import ExtractConfig, extract
-            from microdistill.flows.run import sample_corpus
+            from microdistill.data.samples import sample_corpus
 
             teacher = load_teacher(args.teacher)
             path = extract(sample_corpus(), Path(tmp) / "shards", ExtractConfig(limit=args.n, calibration=min(args.n, 64)),

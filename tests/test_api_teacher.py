@@ -251,7 +251,7 @@ def test_an_unreachable_server_is_one_line_from_the_cli(corpus, tmp_path):
 # ---- vLLM serving the default teacher --------------------------------------------------------
 @pytest.fixture(scope="module")
 def sample_corpus_32(tmp_path_factory):
-    from microdistill.flows.run import sample_corpus
+    from microdistill.data.samples import sample_corpus
 
     rows = [json.loads(line) for line in Path(sample_corpus()).read_text().splitlines()[:32]]
     path = tmp_path_factory.mktemp("sample") / "comments.jsonl"

@@ -12,7 +12,8 @@ from microdistill.cli import app
 from microdistill.evaluate.config import EvalConfig
 from microdistill.extract.config import ExtractConfig
 from microdistill.flows.config import RunConfig
-from microdistill.flows.run import RunError, run, sample_corpus
+from microdistill.data.samples import sample_corpus
+from microdistill.flows.run import RunError, run
 from microdistill.train import TrainConfig, TrainError
 
 TEXTS = [

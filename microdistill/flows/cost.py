@@ -19,7 +19,7 @@ from pathlib import Path
 
 from microdistill.data.shards import ShardSet
 from microdistill.extract import ExtractConfig, extract
-from microdistill.flows.run import sample_corpus
+from microdistill.data.samples import sample_corpus
 from microdistill.plan.cost import Analysis, CostConfig, PilotConfig, analyse
 from microdistill.plan.forecast import forecast, plan_from_forecast
 from microdistill.plan.measured import CostError, RunFiles, Throughput, throughput_from_logs

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,20 +21,13 @@ from microdistill.core.console import say
 from microdistill.core.errors import UserError
 from microdistill.extract import ExtractConfig, extract
 from microdistill.core.files import atomic_write_json
+from microdistill.data.samples import SAMPLE_LABELS, sample_corpus
 from microdistill.flows.config import RunConfig, saved_identity
 from microdistill.flows.eval import make_report
 from microdistill.train import train_once
 
-SAMPLE_LABELS = {"tone": "tone", "sentiment": "sentiment", "toxicity": "toxicity"}
-
-
 class RunError(UserError):
     """A run folder or argument that cannot be used; one line for the user."""
-
-
-def sample_corpus() -> Path:
-    """The comments shipped with the package (written for it; see microdistill/data/README.md)."""
-    return Path(str(resources.files("microdistill").joinpath("data/sample_comments.jsonl")))
 
 
 def _flat(identity: dict[str, Any]) -> dict[str, Any]:

@@ -68,14 +68,15 @@ def teacher_embeddings(tokenizer, seed: int = 0, width: int = 24) -> np.ndarray:
 
 def make_shards(
     path: Path, tokenizer, n: int = 64, with_logits: bool = True, seed: int = 0, task_name: str = "reddit-comment",
-    shard_size: int = 32, labels: bool = False, teacher_sha256: str = "0" * 64, input_embeddings: bool = False,
+    shard_size: int = 32, labels: bool = False, teacher_sha256: str = "0" * 64, input_embeddings: bool = True,
     hidden: int = 0,
 ) -> Path:
     """Write a complete shard folder of `n` examples to `path` and return `path`.
 
     labels=True also stores the rule's answer as human labels; `teacher_sha256` lets a test
-    make shards that look like they came from another teacher. input_embeddings=True also
-    writes the teacher's input embedding rows: those of `teacher_embeddings(tokenizer, seed)`.
+    make shards that look like they came from another teacher. input_embeddings (on by default,
+    as a decoder student needs them and no real teacher stands behind these shards to compute
+    them) writes the teacher's input embedding rows: those of `teacher_embeddings(tokenizer, seed)`.
     hidden=H > 0 also stores a fake teacher hidden state [H] per input (manifest hidden_layer 1):
     the mean of fixed random word vectors plus a direction for the input's label.
     """

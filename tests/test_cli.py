@@ -160,7 +160,7 @@ GIVEN = {
                    limit_train=40, eval_limit=10)],
     "extract": [dict(OPENAI, task="support-ticket", field="body", labels={"tone": "t", "toxicity": "x"}, limit=5,
                      batch_size=4, vocab_size=64, calibration=8, hidden_layer="middle", dtype="bfloat16",
-                     teacher_tokenizer="gemma-3-270m", concurrency=2)],
+                     teacher_tokenizer="gemma-3-270m", concurrency=2, embeddings=True)],
     "eval": [dict(OPENAI, limit=5, timing_inputs=4, batch_size=8, peers=False, consistency_inputs=0),
              dict(time_teacher=False)],
     "serve": [dict(OPENAI, min_confidence=0.9, host="0.0.0.0", port=9000, batch_window_ms=1.0, max_batch=8,

@@ -4,7 +4,9 @@ shards round-trip, resume never duplicates, and the CLI reports user errors in o
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,7 +172,15 @@ def test_hidden_layer_choice_and_none(corpus, teacher, tmp_path):
     assert ShardSet(tmp_path / "none").hidden_layer is None and all(r.hidden is None for r in ShardSet(tmp_path / "none").load())
 
 
-def test_teacher_input_embeddings_are_stored_at_the_input_ids(shards, teacher, tmp_path, corpus):
+@pytest.fixture(scope="module")
+def with_embeddings(corpus, teacher, tmp_path_factory):
+    return _extract(corpus, teacher, tmp_path_factory.mktemp("emb") / "shards", embeddings=True)
+
+
+def test_teacher_input_embeddings_are_stored_at_the_input_ids(shards, with_embeddings, teacher, tmp_path, corpus):
+    assert "input_embeddings" not in ShardSet(shards).manifest  # only asked for: a heads student never reads them
+    assert not (shards / "input_embeddings.safetensors").exists()
+    shards = with_embeddings
     s = ShardSet(shards)
     assert s.manifest["input_embeddings"] == "input_embeddings.safetensors"
     ids = [int(i) for i in s.input_vocab]
@@ -209,7 +219,7 @@ def test_teacher_input_embeddings_are_stored_at_the_input_ids(shards, teacher, t
     del manifest["input_embeddings"]
     (old / "manifest.json").write_text(json.dumps(manifest))
     assert ShardSet(old).input_embeddings() is None
-    _extract(corpus, teacher, old)
+    _extract(corpus, teacher, old, embeddings=True)
     again = ShardSet(old)
     assert again.manifest["input_embeddings"] == "input_embeddings.safetensors"
     assert again.manifest["shards"] == s.manifest["shards"] and again.manifest["vocab"] == s.manifest["vocab"]
@@ -218,6 +228,34 @@ def test_teacher_input_embeddings_are_stored_at_the_input_ids(shards, teacher, t
     (old / "input_embeddings.safetensors").write_bytes(b"junk")
     with pytest.raises(StoreError, match="corrupted or not an input embedding file"):
         again.input_embeddings()
+
+
+def test_a_decoder_student_gets_the_embeddings_it_reads_from_the_shards_teacher(shards, with_embeddings, tmp_path):
+    """Training a decoder on a folder extracted without input embeddings computes them once from the
+    teacher the manifest names: the rows extraction would have stored; a teacher that cannot be
+    loaded is a one-line error naming the command that fixes it."""
+    import shutil
+
+    from microdistill.train import TrainConfig, train
+
+    folder = tmp_path / "later"
+    shutil.copytree(shards, folder)
+    out = train(folder, tmp_path / "student", TrainConfig(preset="nano", max_steps=1, batch_size=4), progress=False)
+    assert json.loads((out / "training.json").read_text())["embed_init"] == "teacher"
+    later = ShardSet(folder)
+    assert later.manifest["input_embeddings"] == "input_embeddings.safetensors"
+    # the same rows (summed in another order: the records', not the corpus')
+    assert torch.allclose(later.input_embeddings(), ShardSet(with_embeddings).input_embeddings(), atol=1e-3)
+    gone = tmp_path / "gone"
+    shutil.copytree(shards, gone)
+    manifest = json.loads((gone / "manifest.json").read_text())
+    manifest["teacher"]["source"] = str(tmp_path / "no-such-teacher")
+    (gone / "manifest.json").write_text(json.dumps(manifest))
+    r = subprocess.run([sys.executable, "-m", "microdistill", "train", "--data", str(gone), "--out", str(tmp_path / "s2"),
+                        "--student", "decoder", "--preset", "nano", "--max-steps", "1", "--quiet"],
+                       capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "holds no input embeddings" in r.stderr and "extract --embeddings" in r.stderr
 
 
 def test_calibration_answers_equal_decoding_again(corpus, teacher, tmp_path, monkeypatch):

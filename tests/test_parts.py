@@ -25,7 +25,7 @@ from microdistill.teachers import load_teacher
 TASK = load_task("reddit-comment")
 # One input per batch: a batch's composition changes the float rounding of its rows (by a float16
 # step at most), so only unbatched decoding can be compared bit for bit; see the batched test below.
-ARGS = dict(batch_size=1, vocab_size=200, calibration=6, field="body", labels={"toxicity": "tox"})
+ARGS = dict(batch_size=1, vocab_size=200, calibration=6, field="body", labels={"toxicity": "tox"}, embeddings=True)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_concurrent_worker_processes_from_the_environment(corpus, tiny_teacher_d
     (RANK / WORLD_SIZE): worker 1 waits for worker 0's calibration, then both label their parts."""
     out = tmp_path / "shards"
     argv = [sys.executable, "-m", "microdistill", "extract", "--input", str(corpus), "--teacher", str(tiny_teacher_dir),
-            "--out", str(out), "--batch-size", "1", "--vocab-size", "200", "--calibration", "6", "--field", "body",
+            "--out", str(out), "--batch-size", "1", "--vocab-size", "200", "--calibration", "6", "--embeddings", "--field", "body",
             "--label", "toxicity=tox", "--quiet"]
     root = Path(__file__).resolve().parents[1]
     # as many threads as the in-process run that made `single`: a matrix product summed by another

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,13 +185,16 @@ def test_input_embeddings_start_from_the_teachers_rows(tmp_path, tiny_tokenizer,
     assert json.loads((random_out / "training.json").read_text())["embed_init"] == "random"
 
 
-def test_teacher_init_without_stored_rows_falls_back_to_random(shards, tmp_path, monkeypatch, capsys):
-    assert ShardSet(shards).input_embeddings() is None
+def test_teacher_init_without_stored_rows_and_no_teacher_is_a_one_line_error(tiny_tokenizer, tmp_path, monkeypatch):
+    """Shards without input embeddings whose teacher cannot be loaded here (these synthetic ones
+    have none): the decoder refuses in one line naming the fixes; --embed-init random trains."""
+    bare = make_shards(tmp_path / "bare", tiny_tokenizer, n=32, input_embeddings=False)
+    assert ShardSet(bare).input_embeddings() is None
+    cfg = TrainConfig(preset="nano", max_steps=1, batch_size=8, eval_limit=1)
+    with pytest.raises(UserError, match=r"holds no input embeddings.*extract --embeddings.*--embed-init random$"):
+        train(bare, tmp_path / "s", cfg, progress=False)
     seen = _initial_weights(monkeypatch)
-    out = train(shards, tmp_path / "s", TrainConfig(preset="nano", max_steps=1, batch_size=8, eval_limit=1),
-                progress=True)
-    err = capsys.readouterr().err
-    assert "holds no teacher input embeddings" in err and "start random" in err
+    out = train(bare, tmp_path / "r", TrainConfig(**{**cfg.to_dict(), "embed_init": "random"}), progress=False)
     scfg, w = seen[0]
     torch.manual_seed(0)
     assert torch.equal(w["embed_in.weight"], Student(scfg).embed_in.weight)
@@ -298,3 +302,21 @@ def test_empty_and_corrupted_shard_folders_are_one_line_errors(shards, tmp_path,
         train(broken, tmp_path / "b", TrainConfig(preset="nano"), progress=False)
     with pytest.raises(StoreError, match="no manifest.json"):
         train(tmp_path, tmp_path / "c", TrainConfig(preset="nano"), progress=False)
+
+
+def test_train_refuses_a_shard_whose_bytes_changed(tiny_tokenizer, tmp_path):
+    """A shard with flipped bytes (same size, still parses) is a one-line error, not training data."""
+    import subprocess
+    import sys
+
+    data = make_shards(tmp_path / "shards", tiny_tokenizer, n=40)
+    shard = sorted(data.glob("shard-*.safetensors"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-4096:] = bytes(b ^ 0xFF for b in raw[-4096:])
+    shard.write_bytes(bytes(raw))
+    r = subprocess.run([sys.executable, "-m", "microdistill", "train", "--data", str(data), "--out", str(tmp_path / "s"),
+                        "--preset", "nano", "--max-steps", "1", "--quiet"], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "checksum mismatch" in r.stderr and shard.name in r.stderr
+    assert not (tmp_path / "s" / "model.safetensors").exists()

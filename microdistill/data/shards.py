@@ -18,7 +18,8 @@ need no teacher) and `shard-NNNNN.safetensors` files of up to 128 examples each.
 float16 tensor `rows` [n_input, D_teacher], one teacher vector per id of `manifest.vocab.input`,
 in that order, from which a student can start its own input table: for the ids the corpus uses,
 the teacher's middle-layer state averaged over the id's occurrences; for the others, the
-teacher's input embedding row.
+teacher's input embedding row. It is written for a student kind that reads it (a decoder), at
+extraction or at that student's first training (extract/embeddings.py).
 
 A folder extracted by N workers (parts.py) has `parts: N` in its manifest and, beside the
 calibration answers in its own shards, `parts/I-of-N/` folders with their own manifest and
@@ -271,7 +272,7 @@ class ShardWriter:
 class ShardSet:
     """Read access to a shard folder, checked against its manifest."""
 
-    def __init__(self, path: Path, verify: bool = False):
+    def __init__(self, path: Path, verify: bool = True):
         self.dir = Path(path)
         self.manifest = read_manifest(self.dir)
         if "part" in self.manifest:
@@ -357,7 +358,8 @@ class ShardSet:
         p = self.dir / s["file"]
         data = p.read_bytes()
         if self.verify and _sha256(data) != s["sha256"]:
-            raise StoreError(f"shard {p}: checksum mismatch (corrupted)")
+            raise StoreError(f"shard {p}: checksum mismatch (corrupted); extract it again (delete the folder, or "
+                             "restore the file)")
         return decode_shard(data, p)
 
     def records(self, split: str | None = None) -> Iterator[Record]:

@@ -40,6 +40,9 @@ class ExtractConfig(Options):
     dtype: str = option("float32", help=(
         "Teacher dtype (first run only): float32, bfloat16, or auto (bfloat16 where this CPU runs it natively and "
         "it answers the calibration inputs as float32 does)."))
+    embeddings: bool = option(False, help=(
+        "Also store the teacher's input embeddings in context (a decoder student's starting rows: one teacher pass "
+        "over the corpus); without it, train --student decoder computes them once from the teacher when needed."))
     teacher_url: str | None = option(None, help=TEACHER_URL_HELP)
     teacher_tokenizer: str | None = option(None, help=(
         "That model's tokenizer: preset, folder or .gguf (default: found)."))

@@ -1,7 +1,8 @@
 """The teacher's reading of each input token in context: a decoder student's starting input rows.
 
 Written once per shard folder as input_embeddings.safetensors (one float16 row per id of the
-input vocabulary), when the folder is made by a local teacher.
+input vocabulary): by `extract --embeddings`, or by `add_input_embeddings` when a decoder
+student first needs them (a heads student never reads them, so extraction does not pay for them).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from typing import Sequence
 import torch
 
 from microdistill.core.console import progress as progress_bar
-from microdistill.core.files import atomic_write_bytes
-from microdistill.data.shards import INPUT_EMBEDDINGS
+from microdistill.core.console import say
+from microdistill.core.files import atomic_write_bytes, atomic_write_json
+from microdistill.data.shards import INPUT_EMBEDDINGS, ShardSet, read_manifest
+from microdistill.teachers import TeacherError, load_teacher, recorded_spec
 from microdistill.teachers.hf import HFTeacher, hidden_layer_of, states_after
 
 
@@ -66,3 +69,28 @@ def save_input_embeddings(teacher: HFTeacher, input_ids: Sequence[int], texts: S
         rows[seen] = ctx * rows[seen].std(0) + rows[seen].mean(0)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(dest, save({"rows": rows.half().contiguous()}))
+
+
+def add_input_embeddings(shards: ShardSet, progress: bool = True) -> None:
+    """Compute and store the input embeddings of a shard folder made without them, from the teacher
+    its manifest names, in the dtype it labelled in, over the texts it labelled. A folder whose
+    teacher cannot be loaded here is a TeacherError naming the command that fixes it."""
+    recorded = shards.manifest.get("teacher") or {}
+    spec = recorded_spec(recorded)
+    try:
+        teacher = load_teacher(spec, progress=progress)
+    except Exception as e:  # a missing preset, a moved folder, a damaged file: say which and what to do
+        raise TeacherError(f"shard folder {shards.dir}: holds no input embeddings, which a decoder student starts "
+                           f"from, and its teacher {spec!r} cannot be loaded here ({str(e).splitlines()[0][:160]}); "
+                           "run microdistill extract --embeddings with the same --input and --out where the teacher "
+                           "is, or train with --embed-init random") from None
+    if getattr(teacher, "access", "") != "white":
+        raise TeacherError(f"shard folder {shards.dir}: its teacher {spec!r} is served; input embeddings need a local "
+                           "teacher's states; train with --embed-init random")
+    teacher.to_dtype(recorded.get("dtype", "float32"))
+    say(f"{shards.dir}: computing the teacher's input embeddings once (a decoder student starts from them)", progress)
+    save_input_embeddings(teacher, [int(i) for i in shards.input_vocab], [r.text for r in shards.records()],
+                          shards.dir, replace=True, progress=progress)
+    manifest = read_manifest(shards.dir)  # the root's own manifest, not the one read with its parts
+    atomic_write_json(shards.dir / "manifest.json", {**manifest, "input_embeddings": INPUT_EMBEDDINGS})
+    shards.manifest["input_embeddings"] = INPUT_EMBEDDINGS

@@ -2,7 +2,7 @@
 the raw logits at the kept ids, the full-vocabulary log-sum-exp and the enum decision points.
 
 A new folder is prepared first (prepare.py: the kept vocabulary from a calibration sample, the
-dtype check; embeddings.py: the input embeddings); an existing one keeps its vocabulary and
+dtype check; embeddings.py: the input embeddings, when asked); an existing one keeps its vocabulary and
 hidden layer, and the rest is labelled as its first examples were. The calibration answers that
 used only kept tokens are stored without decoding them again. With `--part I/N` this process is
 one worker of several (parts.py).
@@ -179,26 +179,31 @@ def decode_into(writer: ShardWriter, decoder: "Decoder", task: Task, items: Sequ
 
 
 def open_folder(out_dir: Path, task: Task, teacher: HFTeacher, items: Sequence[Item], cfg: ExtractConfig,
-                 hidden_layer: int | None, progress: bool, new_fields: dict[str, Any]) -> tuple[ShardWriter, Calibration | None]:
+                hidden_layer: int | None, progress: bool, new_fields: dict[str, Any]) -> tuple[ShardWriter, Calibration | None]:
     """A writer on `out_dir`; a new folder gets its vocabulary from a calibration run first, and
     `new_fields` in its manifest.
 
     An existing folder keeps its vocabulary and hidden layer (resuming never changes what its
-    examples hold) and must have been made with the same task, teacher and vocabulary size.
+    examples hold) and must have been made with the same task, teacher and vocabulary size. The
+    input embeddings are written when `cfg.embeddings` asks for them (and kept when there).
     """
     existing = folder.existing(out_dir)
     dtype = (existing.get("teacher") or {}).get("dtype", "float32") if existing else "float32"
     header = folder.header(task, {**teacher.describe(), **({"dtype": dtype} if dtype != "float32" else {})},
-                           signal="logits", input_embeddings=INPUT_EMBEDDINGS)
+                           signal="logits")
     folder.check_same(out_dir, existing, header, ("task_fingerprint", "teacher", "signal"))  # before calibrating
+    texts = [it.text for it in items]
     if existing and "vocab" in existing:
         if existing["vocab"].get("size") != cfg.vocab_size:
             raise StoreError(f"{out_dir} holds shards made with --vocab-size {existing['vocab'].get('size')}; "
                              "use another --out folder or delete this one")
-        save_input_embeddings(teacher, existing["vocab"]["input"], [it.text for it in items], out_dir,
-                               replace=False, progress=progress)  # if missing
+        if cfg.embeddings:
+            save_input_embeddings(teacher, existing["vocab"]["input"], texts, out_dir, replace=False,
+                                  progress=progress)  # if missing
+            header["input_embeddings"] = INPUT_EMBEDDINGS
         teacher.to_dtype(dtype)  # the rest is labelled as the folder's first examples were
-        kept = {k: existing[k] for k in ("vocab", "hidden_layer", "dtype_check", "parts", "calibration_id") if k in existing}
+        kept = {k: existing[k] for k in ("vocab", "hidden_layer", "dtype_check", "parts", "calibration_id",
+                                          "input_embeddings") if k in existing}
         return ShardWriter(out_dir, {**header, **kept}), None
     header.update(new_fields)
     if hidden_layer is not None:
@@ -206,8 +211,9 @@ def open_folder(out_dir: Path, task: Task, teacher: HFTeacher, items: Sequence[I
     t0 = time.perf_counter()
     calib = calibrate(teacher, task, items[:cfg.calibration], cfg.batch_size, progress, hidden_layer) if cfg.calibration else None
     header["vocab"] = build_vocab(teacher, task, items, cfg.vocab_size, calib, progress)
-    save_input_embeddings(teacher, header["vocab"]["input"], [it.text for it in items], out_dir, replace=True,
-                           progress=progress)
+    if cfg.embeddings:
+        save_input_embeddings(teacher, header["vocab"]["input"], texts, out_dir, replace=True, progress=progress)
+        header["input_embeddings"] = INPUT_EMBEDDINGS
     header["dtype_check"] = choose_dtype(teacher, task, cfg.dtype, cfg.batch_size, calib, progress)
     header["teacher"] = teacher.describe()
     writer = ShardWriter(out_dir, header)

@@ -21,7 +21,9 @@ from microdistill.core.console import say
 from microdistill.core.errors import UserError
 from microdistill.extract import ExtractConfig, extract
 from microdistill.core.files import atomic_write_json
+from microdistill.core.task import load_task
 from microdistill.data.samples import SAMPLE_LABELS, sample_corpus
+from microdistill.students import KINDS, kind_for
 from microdistill.flows.config import RunConfig, saved_identity
 from microdistill.flows.eval import make_report
 from microdistill.train import train_once
@@ -70,6 +72,8 @@ def run(cfg: RunConfig) -> Path:
     ecfg = cfg.extract
     if ecfg.labels is None and cfg.input is None:
         ecfg = ExtractConfig.from_dict({**ecfg.to_dict(), "labels": SAMPLE_LABELS})
+    if "input_embeddings" in KINDS[kind_for(cfg.train.student, load_task(ecfg.task))].reads:
+        ecfg = ExtractConfig.from_dict({**ecfg.to_dict(), "embeddings": True})  # while the teacher is loaded anyway
     shards, student, report = folder / "shards", folder / "student", folder / "eval"
     t0 = time.perf_counter()
     _stage(state, "extract", shards, lambda: extract(corpus, shards, ecfg), path)

@@ -28,6 +28,7 @@ class Kind:
     summary: str  # one line for --help and the docs
     serves: Callable[["Task"], str | None]  # None when the kind can learn the task, else why it cannot
     load: Callable[[Path, dict[str, Any]], "Student"]  # a folder whose config.json says this kind
+    reads: tuple[str, ...] = ()  # what it reads from a shard folder beyond the records ("input_embeddings")
 
 
 class Student(Protocol):

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from microdistill.core.console import say
+from microdistill.extract.embeddings import add_input_embeddings
 from microdistill.train.losses import output_sums, taid_lambda, total_loss, with_tail
 from microdistill.data.shards import ShardSet
 from microdistill.students.decoder.data import Batch, collate, load_split
@@ -50,8 +51,11 @@ def init_embeddings(model: Student, shards: ShardSet, cfg: TrainConfig, progress
     if cfg.embed_init != "teacher":
         return "random"
     rows = shards.input_embeddings()
+    if rows is None and shards.has_logits and "api" not in shards.manifest:  # a local teacher's folder
+        add_input_embeddings(shards, progress)
+        rows = shards.input_embeddings()
     if rows is None:
-        say(f"note: {shards.dir} holds no teacher input embeddings (text-only or older shards); "
+        say(f"note: {shards.dir} holds no teacher input embeddings (a served teacher's shards); "
             "input embeddings start random", progress)
         return "random"
     init_input_embeddings_pca(model, rows)

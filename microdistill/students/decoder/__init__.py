@@ -24,4 +24,4 @@ def _load(path: Path, config: dict[str, Any]):
 
 
 KIND = Kind(name="decoder", summary="any output, free text included: a Gemma-style decoder over the kept vocabulary",
-            serves=lambda task: None, load=_load)
+            serves=lambda task: None, load=_load, reads=("input_embeddings",))

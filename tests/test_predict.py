@@ -162,6 +162,12 @@ def test_cli_train_then_predict(shards, tmp_path, monkeypatch, capsys):
     assert code == 2 and err.strip() == f"error: student folder {tmp_path / 'missing'}: not found"
     code, _, err = run_cli(monkeypatch, capsys, "train", "--data", str(shards.dir), "--out", str(out), "--preset", "nano")
     assert code == 2 and "already holds a training run" in err
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9 ok\n".encode("latin-1"))
+    code, _, err = run_cli(monkeypatch, capsys, "predict", "--student", str(out), "--input", str(latin))
+    assert code == 2 and err.strip() == f"error: input file {latin}: not UTF-8 text (byte 0xe9 at offset 3); convert it to UTF-8"
+    code, _, err = run_cli(monkeypatch, capsys, "predict", "--student", str(out), "--batch-size", "0", "x")
+    assert code == 2 and err.strip() == "error: --batch-size must be at least 1 (got 0)"
 
 
 

@@ -105,6 +105,7 @@ def test_parse_rejects_text_that_is_not_json():
     (lambda d: d["output"]["fields"][0].update(values=["a"]), "output.fields.0"),
     (lambda d: d["output"].update(fieldz=[]), "output.fieldz"),
     (lambda d: d["prompt"].update(user="no placeholder"), "prompt.user"),
+    (lambda d: d["prompt"].update(user="{text} from {other}"), "prompt.user: Value error, the user template has placeholder(s) {other}; only {text}"),
     (lambda d: d["inputs"].update(min_tokens=50, max_tokens=10), "inputs"),
     (lambda d: d["output"]["fields"].append({"name": "kind", "values": ["x", "y"]}), "output.fields"),
     (lambda d: d.update(name="has space"), "name"),

@@ -320,3 +320,11 @@ def test_train_refuses_a_shard_whose_bytes_changed(tiny_tokenizer, tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "checksum mismatch" in r.stderr and shard.name in r.stderr
     assert not (tmp_path / "s" / "model.safetensors").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(shards, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    with pytest.raises(TrainError, match=r"--out .*afile: is a file; give a folder for the student$"):
+        train(shards, afile, TrainConfig(preset="nano", max_steps=1), progress=False)
+    assert afile.read_text() == "keep me"

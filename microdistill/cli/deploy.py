@@ -34,6 +34,8 @@ def predict(
     from microdistill.data.corpus import read_lines
     from microdistill.serve.answerers import load_answerer
 
+    if batch_size < 1:
+        fail(f"--batch-size must be at least 1 (got {batch_size})")
     items = list(texts or []) + (read_lines(input) if input is not None else [])
     if not items:
         fail("nothing to predict: give texts as arguments or --input FILE")

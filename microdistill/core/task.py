@@ -88,6 +88,10 @@ class Prompt(_Strict):
     def _has_text(cls, v: str) -> str:
         if "{text}" not in v:
             raise ValueError("the user template must contain {text}")
+        other = sorted(set(re.findall(r"\{(\w+)\}", v)) - {"text"})
+        if other:  # sent to the teacher literally otherwise: a typo the user would never see
+            raise ValueError(f"the user template has placeholder(s) {', '.join('{' + o + '}' for o in other)}; "
+                             "only {text} is filled in")
         return v
 
 

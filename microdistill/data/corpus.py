@@ -199,13 +199,18 @@ class FilterReport:
 
 def read_lines(path: Path) -> list[str]:
     """The non-empty lines of a text file, or of stdin when `path` is '-' (inputs to label)."""
-    if str(path) == "-":
-        import sys
+    import sys
 
-        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not Path(path).is_file():
+    stdin = str(path) == "-"
+    if not stdin and not Path(path).is_file():
         raise CorpusError(f"input file {path}: not found")
-    return [line for line in Path(path).read_text().splitlines() if line.strip()]
+    data = sys.stdin.buffer.read() if stdin else Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"input {'from stdin' if stdin else f'file {path}'}: not UTF-8 text (byte "
+                          f"0x{data[e.start]:02x} at offset {e.start}); convert it to UTF-8") from None
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def clean(text: str, strip: Iterable[re.Pattern]) -> str:

@@ -130,6 +130,8 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     on_step(step) is called after every optimiser step (progress reporting, tests).
     Raises TrainingInterrupted (a KeyboardInterrupt) after saving a checkpoint on SIGINT/SIGTERM.
     """
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise TrainError(f"--out {out_dir}: is a file; give a folder for the student")
     ranks = start()
     try:
         return _train(ranks, Path(data_dir), Path(out_dir), config or TrainConfig(), resume, progress, on_step)

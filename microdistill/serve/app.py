@@ -14,6 +14,7 @@ drain_timeout_s); then the service drains its queues and the process ends.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from microdistill.serve.protocol import ChatRequest, PredictRequest, error_body, last_user_text, parse_json
 from microdistill.serve.config import ServeConfig
@@ -89,6 +91,8 @@ def add_error_handlers(app: FastAPI) -> None:
     """Request errors and HTTP errors (unknown route, wrong method) as JSON in OpenAI's shape."""
     @app.exception_handler(RequestError)
     async def request_error(request, e: RequestError):
+        if e.status == 499:
+            log.info("%s %s: %s", request.method, request.url.path, e)
         headers = {"Retry-After": "1"} if e.status == 503 else None
         return JSONResponse(error_body(e.status, str(e)), e.status, headers=headers)
 
@@ -100,7 +104,10 @@ def add_error_handlers(app: FastAPI) -> None:
 def add_answer_routes(app: FastAPI, service: Service) -> None:
     """POST /v1/predict and /v1/chat/completions: the calls the student (or the teacher) answers."""
     async def body(request: Request, model: type[BaseModel]):
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # the client's doing: one log line, not a server error
+            raise RequestError(499, "the client closed the connection before sending its whole body") from None
         if len(raw) > service.config.max_body_bytes:  # a body sent without a content length
             raise RequestError(413, f"the body is over {service.config.max_body_bytes:,} bytes")
         return parse_json(raw, request.headers.get("content-type", ""), model)
@@ -162,6 +169,8 @@ def run_server(student_dir: Path, config: ServeConfig) -> None:
                 log.info("shutting down: draining %d in-flight request(s)", service.in_flight)
                 service.draining = True
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # a clean drain is a clean exit (status 0), not death by the signal
+                self._captured_signals.remove(sig)
 
     Server(uvicorn.Config(make_app(service), host=config.host, port=config.port, access_log=False,
                           timeout_graceful_shutdown=config.drain_timeout_s, log_level="info")).run()

@@ -59,5 +59,7 @@ class ServeConfig(Options):
         for name in ("max_batch", "max_queue", "max_texts", "max_text_chars", "max_body_bytes", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ServeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:  # checked before the student loads, not when the socket opens
+            raise ServeError(f"--port must be from 0 to 65535, got {self.port}")
         if self.batch_window_ms < 0 or self.drain_timeout_s < 0:
             raise ServeError("--batch-window-ms and --drain-timeout-s must not be negative")

@@ -55,6 +55,8 @@ def parse_json(raw: bytes, content_type: str, model: type[BaseModel]):
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(400, f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise RequestError(400, "the body's JSON is nested too deeply") from None
     try:
         return model.model_validate(data)
     except ValidationError as e:

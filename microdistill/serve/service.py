@@ -166,6 +166,10 @@ class Service:
         for i, t in enumerate(texts):
             if not t.strip():
                 raise RequestError(422, f"texts[{i}] is empty")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:  # JSON allows a lone surrogate (\ud800) that no tokenizer reads
+                raise RequestError(400, f"texts[{i}] is not valid Unicode (a lone surrogate)") from None
             if len(t) > c.max_text_chars:
                 raise RequestError(413, f"texts[{i}] has {len(t):,} characters; the limit is {c.max_text_chars:,}")
 

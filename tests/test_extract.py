@@ -474,3 +474,22 @@ def test_bfloat16_teacher_is_recorded_and_resumed_in_its_dtype(corpus, tiny_teac
     assert "dtype" not in ShardSet(tmp_path / "slow").manifest["teacher"]  # float32 folders read as before
     with pytest.raises(ExtractError, match="--dtype 'half': choose float32, bfloat16 or auto"):
         _extract(corpus, teacher, tmp_path / "x", dtype="half")
+
+
+def test_one_writer_per_shard_folder(corpus, teacher, tmp_path):
+    """While one process writes a shard folder, a second extraction into it stops at once in one line
+    naming the first; --out an existing file is refused before the teacher works."""
+    import os
+
+    from microdistill.core.files import writer_lock
+
+    out = tmp_path / "shards"
+    with writer_lock(out, "shard folder", ExtractError):
+        with pytest.raises(ExtractError, match=rf"shard folder {out}: process {os.getpid()} is writing it; wait"):
+            _extract(corpus, teacher, out)
+    assert not (out / "manifest.json").exists()
+    assert len(ShardSet(_extract(corpus, teacher, out))) > 0  # once it is free, it extracts
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ExtractError, match="--out .*afile: is a file; give a folder for the shards"):
+        _extract(corpus, teacher, afile)

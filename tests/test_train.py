@@ -328,3 +328,15 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(shards, tmp_path):
     with pytest.raises(TrainError, match=r"--out .*afile: is a file; give a folder for the student$"):
         train(shards, afile, TrainConfig(preset="nano", max_steps=1), progress=False)
     assert afile.read_text() == "keep me"
+
+
+def test_one_writer_per_student_folder(shards, tmp_path):
+    import os
+
+    from microdistill.core.files import writer_lock
+
+    out = tmp_path / "student"
+    with writer_lock(out, "student folder", TrainError):
+        with pytest.raises(TrainError, match=rf"student folder {out}: process {os.getpid()} is writing it"):
+            train(shards, out, TrainConfig(preset="nano", max_steps=1), progress=False)
+    assert not (out / "model.safetensors").exists()

@@ -96,6 +96,33 @@ def check_output_folder(out: Path, flag: str, marker: str, fmt: str, what: str, 
     return out
 
 
+@contextmanager
+def writer_lock(folder: Path, what: str, error: type[UserError]) -> Iterator[None]:
+    """Hold `folder`/.lock while the block writes the folder, so a second process writing the same
+    folder stops at once with a one-line error naming the first. The kernel releases the lock when
+    its process ends, however it ends: a killed writer never leaves a stale lock."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            other = f.read().strip() or "another process"
+            raise error(f"{what} {folder}: {other} is writing it; wait for it to finish or stop it, "
+                        "or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def copy_tree_atomic(src: Path, dst: Path) -> None:
     """Replace folder `dst` by a copy of `src` (see atomic_dir)."""
     with atomic_dir(dst) as tmp:

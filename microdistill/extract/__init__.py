@@ -27,8 +27,10 @@ import time
 from pathlib import Path
 
 from microdistill.core.console import say
+from microdistill.core.files import writer_lock
 from microdistill.core.task import Task, load_task
 from microdistill.data.corpus import filter_inputs, read_corpus
+from microdistill.data.shards import part_dir
 from microdistill.extract.config import ExtractConfig, ExtractError
 from microdistill.extract.parts import WAIT_S, Part
 from microdistill.teachers import Teacher, load_teacher
@@ -64,8 +66,10 @@ def extract(input_path: str | Path, out_dir: str | Path, config: ExtractConfig |
     """
     cfg = config or ExtractConfig()
     started = time.perf_counter()
-    task = task or load_task(cfg.task)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExtractError(f"--out {out_dir}: is a file; give a folder for the shards")
+    task = task or load_task(cfg.task)
     raw_items = read_corpus(input_path, field=cfg.field, labels=cfg.labels)
     teacher = teacher or load_teacher(cfg.teacher, cfg.teacher_url, cfg.teacher_tokenizer, progress=progress)
     way = LABELLINGS[teacher.access]()(teacher, task, cfg, out_dir, progress)
@@ -74,6 +78,14 @@ def extract(input_path: str | Path, out_dir: str | Path, config: ExtractConfig |
     items, report = filter_inputs(raw_items, task, teacher.tokenizer, source=str(input_path))
     say(f"{input_path}: {report.summary()}", progress)
     filters = {**report.as_dict(), "corpus": str(input_path)}
+    mine = part_dir(out_dir, part.index, part.count) if part is not None and part.index else out_dir
+    with writer_lock(mine, "shard folder", ExtractError):
+        return _label(way, items, filters, out_dir, part, wait_s, started, progress)
+
+
+def _label(way, items, filters: dict, out_dir: Path, part: Part | None, wait_s: float, started: float,
+           progress: bool) -> Path:
+    """Open the folder, label what is left and close the manifest (the lock held)."""
     todo = way.open(items, filters, part, wait_s)
     if way.writer is None:  # nothing to label and no folder to update
         return out_dir

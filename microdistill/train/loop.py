@@ -23,15 +23,17 @@ and `training.json` beside the model, so `predict --student DIR` takes the `--ou
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from microdistill.core.files import atomic_write_json
+from microdistill.core.files import atomic_write_json, writer_lock
 from microdistill.train.losses import curriculum_weight, total_loss
 from microdistill.data.shards import ShardSet
 from microdistill.students import kind_for
@@ -132,11 +134,14 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     """
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise TrainError(f"--out {out_dir}: is a file; give a folder for the student")
-    ranks = start()
-    try:
-        return _train(ranks, Path(data_dir), Path(out_dir), config or TrainConfig(), resume, progress, on_step)
-    finally:
-        ranks.close()
+    # one writer per student folder: rank 0 writes it under torchrun, the other ranks never do
+    lock = writer_lock(out_dir, "student folder", TrainError) if os.environ.get("RANK", "0") == "0" else nullcontext()
+    with lock:
+        ranks = start()
+        try:
+            return _train(ranks, Path(data_dir), Path(out_dir), config or TrainConfig(), resume, progress, on_step)
+        finally:
+            ranks.close()
 
 
 def _train(ranks: Ranks, data_dir: Path, out: Path, cfg: TrainConfig, resume: bool, progress: bool,

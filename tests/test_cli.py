@@ -79,7 +79,8 @@ def test_every_config_field_is_a_flag_with_its_default_and_help(verb):
             expected.add(f.name)
             p, value, dashed = given[f.name], getattr(cfg, f.name), f.name.replace("_", "-")
             assert f.metadata["help"] and p.help == f.metadata["help"], f"{verb} {names_of(p)}: help"
-            assert as_field(p.default) == value, f"{verb} {names_of(p)}: default {p.default!r}, config {value!r}"
+            default = tuple(p.default) if f.metadata.get("repeat") else as_field(p.default)  # a repeated flag: a tuple
+            assert default == value, f"{verb} {names_of(p)}: default {p.default!r}, config {value!r}"
             plain = (f"--{dashed}", f"--no-{dashed}") if isinstance(value, bool) else (f"--{dashed}",)
             assert names_of(p) == FLAG_NAMES.get(f.name, {}).get(verb, plain), f"{verb} --{dashed}: {names_of(p)}"
     assert set(given) == expected, f"`microdistill {verb}` flags beyond its config: {set(given) - expected}"
@@ -163,7 +164,7 @@ GIVEN = {
                      teacher_tokenizer="gemma-3-270m", concurrency=2, embeddings=True)],
     "eval": [dict(OPENAI, limit=5, timing_inputs=4, batch_size=8, peers=False, consistency_inputs=0),
              dict(time_teacher=False)],
-    "serve": [dict(OPENAI, min_confidence=0.9, host="0.0.0.0", port=9000, batch_window_ms=1.0, max_batch=8,
+    "serve": [dict(OPENAI, min_confidence=0.9, served_model_name=("gpt-4o-mini", "labeller"), host="0.0.0.0", port=9000, batch_window_ms=1.0, max_batch=8,
                    max_queue=16, max_texts=4, max_text_chars=100, max_body_bytes=1000, drain_timeout_s=1.0,
                    threads=2),
               dict(target_agreement=0.8)],
@@ -195,6 +196,8 @@ def command_line(verb: str, values: dict) -> list[str]:
             out.append(p.opts[0] if v else p.secondary_opts[0])
         elif isinstance(v, dict):
             out += [a for k, x in v.items() for a in (p.opts[0], f"{k}={x}")]
+        elif isinstance(v, tuple) and p.multiple:  # a repeated flag
+            out += [a for x in v for a in (p.opts[0], str(x))]
         else:
             out += [p.opts[0], ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
     return out

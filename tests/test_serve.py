@@ -327,6 +327,37 @@ def test_the_openai_client_talks_to_the_server(cascade_server):
         client.chat.completions.create(model=student.task.name, messages=[{"role": "user", "content": " "}])
 
 
+def test_a_drop_in_for_the_model_an_application_already_calls(student_dir):
+    """--served-model-name: the official client keeps model="gpt-4o-mini", streamed or not, with
+    OpenAI's sampling options and a response_format that asks for the task's own schema."""
+    import openai
+
+    from microdistill.core.task import load_task
+
+    proc, url = start_server(student_dir, "--served-model-name", "gpt-4o-mini", "--served-model-name", "labeller")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed")
+        assert [m.id for m in client.models.list().data] == ["gpt-4o-mini", "labeller"]
+        want = Cascade(load_student(student_dir)).student_answers(TEXTS[:1])[0]["output"]
+        task = load_task("reddit-comment")
+        schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": task.json_schema(), "strict": True}}
+        messages = [{"role": "user", "content": TEXTS[0]}]
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=messages, temperature=0.7, top_p=0.9,
+                                               seed=1, response_format=schema, user="someone")
+        assert reply.choices[0].message.content == want and reply.model == "gpt-4o-mini"
+        chunks = list(client.chat.completions.create(model="labeller", messages=messages, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        other = {**schema, "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"mood": {}}}}}
+        with pytest.raises(openai.BadRequestError, match="asks for the fields"):
+            client.chat.completions.create(model="gpt-4o-mini", messages=messages, response_format=other)
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="reddit-comment", messages=messages)  # the names replace the task's
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def test_bad_requests_are_json_errors_and_the_server_keeps_answering(cascade_server):
     url, _, _ = cascade_server
     before = scrape(url)

@@ -97,6 +97,8 @@ def _flag(d: Described, default: Any, decl: str | None) -> tuple[inspect.Paramet
     convert: Callable[[Any], Any] = _same
     if d.path:  # held as a string, read as a path (so normalised as before)
         kind, convert = Path, _text
+    elif d.repeat:  # --served-model-name a --served-model-name b
+        kind, optional, default, convert = list[str], False, list(default), tuple
     elif get_origin(kind) is dict:  # --label F=C, repeatable
         kind, optional, default, convert = list[str], False, [], lambda pairs: _pairs(pairs, name) or None
     elif get_origin(kind) is tuple:  # --sizes 100,200,400

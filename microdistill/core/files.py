@@ -104,6 +104,7 @@ def writer_lock(folder: Path, what: str, error: type[UserError]) -> Iterator[Non
     import fcntl
 
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a+") as f:
         try:
@@ -121,6 +122,8 @@ def writer_lock(folder: Path, what: str, error: type[UserError]) -> Iterator[Non
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+            if created and [p.name for p in folder.iterdir()] == [".lock"]:  # a run that wrote nothing leaves nothing
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def copy_tree_atomic(src: Path, dst: Path) -> None:

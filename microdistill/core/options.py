@@ -16,11 +16,13 @@ from typing import Any, Callable, ClassVar, NamedTuple, get_type_hints
 
 
 def option(default: Any = MISSING, *, help: str, default_factory: Callable[[], Any] | Any = MISSING,
-           path: bool = False) -> Any:
+           path: bool = False, repeat: bool = False) -> Any:
     """A field of an `Options` dataclass with its help: the one place its default and meaning live.
     `default_factory` is for mutable defaults; `path` says the command line reads it as a path
-    (normalised as pathlib does) though the options hold a string."""
-    return field(default=default, default_factory=default_factory, metadata={"help": help, "path": path})
+    (normalised as pathlib does) though the options hold a string; `repeat`, that a tuple of
+    strings is given by repeating its flag rather than as one comma-separated value."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={"help": help, "path": path, "repeat": repeat})
 
 
 class Described(NamedTuple):
@@ -31,6 +33,7 @@ class Described(NamedTuple):
     default: Any
     help: str
     path: bool
+    repeat: bool = False
 
 
 class Options:
@@ -55,7 +58,8 @@ class Options:
         """Every option in declaration order, with its resolved type, default and help."""
         hints = get_type_hints(cls)
         return [Described(f.name, hints[f.name], default_of(cls, f.name), f.metadata.get("help", ""),
-                          f.metadata.get("path", False)) for f in fields(cls)]  # type: ignore[arg-type]
+                          f.metadata.get("path", False), f.metadata.get("repeat", False))
+                for f in fields(cls)]  # type: ignore[arg-type]
 
     def differences(self, saved: dict[str, Any], legacy: dict[str, Any] | None = None,
                     ignore: tuple[str, ...] = ()) -> list[str]:

@@ -16,17 +16,17 @@ from __future__ import annotations
 import logging
 import signal
 import time
-import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from microdistill.serve.protocol import ChatRequest, PredictRequest, error_body, last_user_text, parse_json
+from microdistill.serve.protocol import (ChatRequest, PredictRequest, check_response_format, completion,
+                                         completion_events, error_body, last_user_text, parse_json)
 from microdistill.serve.config import ServeConfig
 from microdistill.serve.service import RequestError, Service, build_service
 
@@ -121,27 +121,29 @@ def add_answer_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await body(request, ChatRequest)
-        if req.model != service.model_id:
-            raise RequestError(404, f"model {req.model!r} not found; this server serves {service.model_id!r}")
-        if req.stream or req.n != 1:
-            raise RequestError(400, "streaming and n > 1 are not supported: each call has one JSON answer")
+        if req.model not in service.names:
+            raise RequestError(404, f"model {req.model!r} not found; this server serves "
+                                    f"{', '.join(map(repr, service.names))}")
+        if req.n != 1:
+            raise RequestError(400, "n > 1 is not supported: each call has one JSON answer")
+        check_response_format(req.response_format, service.cascade.task)
         text = last_user_text(req)
         r = (await service.predict([text]))[0]
-        prompt, completion = service.count_tokens(text), service.count_tokens(r["output"])
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": service.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": r["output"]},
-                             "finish_reason": "stop", "logprobs": None}],
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
-                "microdistill": {k: r[k] for k in ("fields", "confidence", "answered_by")}}
+        prompt, completion_tokens = service.count_tokens(text), service.count_tokens(r["output"])
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+        extra = {k: r[k] for k in ("fields", "confidence", "answered_by")}
+        if req.stream:
+            return StreamingResponse(iter(completion_events(req.model, r["output"], usage, extra)),
+                                     media_type="text/event-stream")
+        return completion(req.model, r["output"], usage, extra)
 
 
 def add_status_routes(app: FastAPI, service: Service) -> None:
     """GET /v1/models, /health and /metrics: what is served and how it is doing."""
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": service.model_id, "object": "model", "created": 0,
-                                            "owned_by": "microdistill"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "microdistill"}
+                                           for name in service.names]}
 
     @app.get("/health")
     async def health():

@@ -31,6 +31,9 @@ class ServeConfig(Options):
     target_agreement: float | None = option(None, help=(
         "Or: the threshold that reached this agreement with the teacher on the held-out inputs (the student's "
         "calibration.json)."))
+    served_model_name: tuple[str, ...] = option((), repeat=True, help=(
+        "A model name clients may call the student by (repeatable; the first is the id /v1/models lists; default: "
+        "the task's name): an application keeps the model name it sends and changes only its base URL."))
     host: str = option("127.0.0.1", help="Address to listen on.")
     port: int = option(8000, help="Port to listen on.")
     batch_window_ms: float = option(2.0, help="How long the student waits for concurrent requests to join a batch.")
@@ -59,6 +62,8 @@ class ServeConfig(Options):
         for name in ("max_batch", "max_queue", "max_texts", "max_text_chars", "max_body_bytes", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ServeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if any(not name.strip() for name in self.served_model_name):
+            raise ServeError("--served-model-name must not be empty")
         if not 0 <= self.port <= 65535:  # checked before the student loads, not when the socket opens
             raise ServeError(f"--port must be from 0 to 65535, got {self.port}")
         if self.batch_window_ms < 0 or self.drain_timeout_s < 0:

@@ -10,7 +10,9 @@ POST /v1/predict takes {"texts": [...]}; POST /v1/chat/completions takes OpenAI'
 from __future__ import annotations
 
 import json
-from typing import Literal
+import time
+import uuid
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -40,6 +42,7 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     n: int = 1
+    response_format: dict[str, Any] | None = None
 
 
 def error_body(status: int, message: str) -> dict:
@@ -72,3 +75,41 @@ def last_user_text(request: ChatRequest) -> str:
                 raise RequestError(422, "messages: the last user message is empty")
             return content
     raise RequestError(422, "messages: no user message to answer")
+
+
+def check_response_format(fmt: dict[str, Any] | None, task) -> None:
+    """A response_format the student's answer satisfies (text, json_object, or a json_schema with
+    the task's fields and, where it lists them, the task's values), else a 400 that says why."""
+    if fmt is None or fmt.get("type") in ("text", "json_object"):
+        return
+    if fmt.get("type") != "json_schema":
+        raise RequestError(400, f"response_format type {fmt.get('type')!r}: expected text, json_object or json_schema")
+    asked = ((fmt.get("json_schema") or {}).get("schema") or {}).get("properties") or {}
+    mine = task.json_schema()["properties"]
+    if set(asked) != set(mine):
+        raise RequestError(400, f"response_format: its schema asks for the fields {sorted(asked)}; this student "
+                                f"answers {sorted(mine)}")
+    for name, prop in asked.items():
+        if "enum" in prop and "enum" in mine[name] and set(prop["enum"]) != set(mine[name]["enum"]):
+            raise RequestError(400, f"response_format: field {name!r} asks for the values {prop['enum']}; this "
+                                    f"student answers {mine[name]['enum']}")
+
+
+def completion(model: str, content: str, usage: dict[str, int], extra: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI chat completion whose one choice is `content`."""
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                         "finish_reason": "stop", "logprobs": None}],
+            "usage": usage, "microdistill": extra}
+
+
+def completion_events(model: str, content: str, usage: dict[str, int], extra: dict[str, Any]) -> list[str]:
+    """The same answer as server-sent events, as OpenAI streams it: one chunk with the whole
+    content, one that says it stopped, then [DONE]."""
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model}
+    chunks = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": content},
+                                    "finish_reason": None, "logprobs": None}]},
+              {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}],
+               "usage": usage, "microdistill": extra}]
+    return [f"data: {json.dumps(c, ensure_ascii=False)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]

@@ -140,6 +140,7 @@ class Service:
 
     def __init__(self, cascade: Cascade, config: ServeConfig, model_id: str):
         self.cascade, self.config, self.model_id = cascade, config, model_id
+        self.names = config.served_model_name or (model_id,)  # what clients may call it; the first is its id
         self.metrics = Metrics()
         window = config.batch_window_ms / 1000
         self.student = MicroBatcher(cascade.student_answers, "student", config.max_batch, window, config.max_queue)
@@ -208,4 +209,5 @@ def build_service(student_dir: Path, config: ServeConfig) -> Service:
     check_student(student, f"student folder {student_dir}")
     threshold = threshold_for(student, config.min_confidence, config.target_agreement)
     teacher = teacher_for(config.teacher, student, config.teacher_url) if config.teacher else None
-    return Service(Cascade(student, threshold, teacher), config, student.task.name)
+    model_id = config.served_model_name[0] if config.served_model_name else student.task.name
+    return Service(Cascade(student, threshold, teacher), config, model_id)

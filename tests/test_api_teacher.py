@@ -325,3 +325,48 @@ def test_eval_times_and_the_server_defers_to_a_served_teacher(server, tmp_path):
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_a_teacher_that_goes_down_behind_the_cascade(tiny_tokenizer_dir, tmp_path):
+    """The served teacher stops answering: under --on-teacher-error student every call still gets
+    the student's answer, flagged student-fallback and counted; under error, a 503 that says why."""
+    import httpx
+    from test_serve import scrape, start_server
+
+    from microdistill.train import TrainConfig, train
+
+    port = free_port()
+    teacher = subprocess.Popen([sys.executable, str(HERE / "fake_openai.py"), "--port", str(port), "--tokenizer",
+                                str(tiny_tokenizer_dir)], env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    base = f"http://127.0.0.1:{port}"
+    servers = []
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(base + "/stats", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        corpus = tmp_path / "c.jsonl"
+        corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(24, seed=4)))
+        shards = api_extract(corpus, tmp_path / "s", base)
+        student = train(shards.dir, tmp_path / "student", TrainConfig(student="heads", max_steps=2, batch_size=8),
+                        progress=False)
+        common = ["--teacher", "openai:tiny", "--teacher-url", base + "/v1", "--min-confidence", "1.0",
+                  "--teacher-attempts", "1", "--teacher-timeout-s", "5"]
+        servers = [start_server(student, *common, "--on-teacher-error", policy)[0:2] for policy in ("student", "error")]
+        teacher.terminate()
+        teacher.wait(10)
+        (_, fallback), (_, strict) = servers
+        texts = make_texts(5, seed=6)
+        r = httpx.post(f"{fallback}/v1/predict", json={"texts": texts}, timeout=120)
+        assert r.status_code == 200 and [x["answered_by"] for x in r.json()["results"]] == ["student-fallback"] * 5
+        assert scrape(fallback)[("microdistill_errors_total", (("kind", "teacher"),))] == 5
+        r = httpx.post(f"{strict}/v1/predict", json={"texts": texts}, timeout=120)
+        assert r.status_code == 503 and "the teacher is unavailable" in r.json()["error"]["message"]
+        assert httpx.get(f"{strict}/health", timeout=10).status_code == 200  # and it keeps serving
+    finally:
+        teacher.kill()
+        for proc, _ in servers:
+            proc.terminate()
+            proc.wait(60)

@@ -63,14 +63,19 @@ def threshold_for(student, min_confidence: float | None = None, target_agreement
     return threshold_of(point_for(curve, target_agreement))
 
 
-def teacher_for(spec: str, student, url: str | None = None) -> TeacherAnswers:
+def teacher_for(spec: str, student, url: str | None = None, attempts: int | None = None,
+                timeout_s: float | None = None, concurrency: int | None = None) -> TeacherAnswers:
     """The teacher of `spec` (any spec extract takes; `url` for a served one) answering the
     student's task as extraction asked it, in the dtype it labelled the student's shards in
-    when it is that teacher."""
+    when it is that teacher. A served teacher is asked with at most `attempts` tries per call,
+    each up to `timeout_s`, and `concurrency` calls in flight."""
     from microdistill.teachers import load_teacher
 
+    teacher = load_teacher(spec, url)
+    if teacher.access == "black":
+        teacher.limit(attempts=attempts, timeout_s=timeout_s, concurrency=concurrency)
     labelled_by = (getattr(student, "meta", None) or {}).get("shards", {}).get("teacher")
-    return TeacherAnswers(load_teacher(spec, url), student.task, labelled_by)
+    return TeacherAnswers(teacher, student.task, labelled_by)
 
 
 @dataclass

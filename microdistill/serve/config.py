@@ -31,6 +31,12 @@ class ServeConfig(Options):
     target_agreement: float | None = option(None, help=(
         "Or: the threshold that reached this agreement with the teacher on the held-out inputs (the student's "
         "calibration.json)."))
+    on_teacher_error: str = option("student", help=(
+        "When the teacher fails (down, or slow past its tries): student (the student's answer stands, marked "
+        "answered_by student-fallback and counted in /metrics) or error (503)."))
+    teacher_attempts: int = option(2, help="Tries per call to a served teacher before it counts as failed.")
+    teacher_timeout_s: float = option(30.0, help="Seconds a served teacher may take per call.")
+    teacher_concurrency: int = option(8, help="Calls in flight to a served teacher.")
     served_model_name: tuple[str, ...] = option((), repeat=True, help=(
         "A model name clients may call the student by (repeatable; the first is the id /v1/models lists; default: "
         "the task's name): an application keeps the model name it sends and changes only its base URL."))
@@ -64,6 +70,13 @@ class ServeConfig(Options):
                 raise ServeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if any(not name.strip() for name in self.served_model_name):
             raise ServeError("--served-model-name must not be empty")
+        if self.on_teacher_error not in ("student", "error"):
+            raise ServeError(f"--on-teacher-error {self.on_teacher_error!r}: choose student or error")
+        for name in ("teacher_attempts", "teacher_concurrency"):
+            if getattr(self, name) < 1:
+                raise ServeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.teacher_timeout_s <= 0:
+            raise ServeError(f"--teacher-timeout-s must be positive, got {self.teacher_timeout_s}")
         if not 0 <= self.port <= 65535:  # checked before the student loads, not when the socket opens
             raise ServeError(f"--port must be from 0 to 65535, got {self.port}")
         if self.batch_window_ms < 0 or self.drain_timeout_s < 0:

@@ -121,7 +121,7 @@ class Metrics:
         self.batch = Histogram("microdistill_student_batch_texts", "texts per student batch", registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.ratio = Gauge("microdistill_escalation_ratio", "share of answered texts escalated to the teacher", registry=r)
-        self.answers_by = {"student": 0, "teacher": 0}
+        self.answers_by = {"student": 0, "teacher": 0, "student-fallback": 0}
 
     def answered(self, results: list[dict]) -> None:
         for r in results:
@@ -181,9 +181,9 @@ class Service:
             todo = [i for i, r in enumerate(results) if self.cascade.escalates(r)]
             if todo:
                 self.metrics.escalations.inc(len(todo))
-                answers = await self.teacher.submit([texts[i] for i in todo])
-                for i, answer in zip(todo, answers):
-                    results[i] = self.cascade.merge(results[i], answer)
+                for i, answer in zip(todo, await self.ask_teacher([texts[i] for i in todo])):
+                    results[i] = self.cascade.merge(results[i], answer) if answer else \
+                        {**results[i], "answered_by": "student-fallback"}
         except RequestError as e:
             self.metrics.errors.labels("overloaded" if e.status == 503 else "request").inc()
             raise
@@ -193,6 +193,21 @@ class Service:
         self.metrics.errors.labels("invalid_teacher_answer").inc(sum("teacher_error" in r for r in results))
         self.metrics.answered(results)
         return results
+
+    async def ask_teacher(self, texts: list[str]) -> list[dict[str, Any] | None]:
+        """The teacher's answers; when it fails (down, slow past its retries), None for each under
+        --on-teacher-error student (the student's answer stands, flagged), else a 503."""
+        try:
+            return await self.teacher.submit(texts)
+        except RequestError:
+            raise
+        except Exception as e:  # whatever the teacher raised: the policy decides, the log says why
+            self.metrics.errors.labels("teacher").inc(len(texts))
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            log.warning("the teacher failed on %d text(s): %s", len(texts), reason)
+            if self.config.on_teacher_error == "error":
+                raise RequestError(503, f"the teacher is unavailable ({reason})") from None
+            return [None] * len(texts)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` under the student's tokenizer (tokenizers or transformers style)."""
@@ -208,6 +223,8 @@ def build_service(student_dir: Path, config: ServeConfig) -> Service:
     student = load_answerer(Path(student_dir), threads=config.threads)
     check_student(student, f"student folder {student_dir}")
     threshold = threshold_for(student, config.min_confidence, config.target_agreement)
-    teacher = teacher_for(config.teacher, student, config.teacher_url) if config.teacher else None
+    teacher = teacher_for(config.teacher, student, config.teacher_url, attempts=config.teacher_attempts,
+                          timeout_s=config.teacher_timeout_s, concurrency=config.teacher_concurrency) \
+        if config.teacher else None
     model_id = config.served_model_name[0] if config.served_model_name else student.task.name
     return Service(Cascade(student, threshold, teacher), config, model_id)

@@ -127,6 +127,15 @@ class ServedTeacher:
         self._ids: dict[bytes, int] | None = None
         self.access = "black"  # answers and, where the server gives them, top-k log-probabilities
         self.concurrency = CONCURRENCY  # calls in flight when it labels many texts
+        self.attempts = ATTEMPTS  # tries per call
+
+    def limit(self, attempts: int | None = None, timeout_s: float | None = None, concurrency: int | None = None) -> None:
+        """Ask with fewer tries, a shorter timeout per call or fewer calls in flight (a server behind
+        a cascade must give up on a down teacher in seconds, not minutes)."""
+        self.attempts = attempts or self.attempts
+        self.concurrency = concurrency or self.concurrency
+        if timeout_s:
+            self.client = self.client.with_options(timeout=timeout_s)
 
     # ---- the Teacher protocol ---------------------------------------------------------------
     def prompt_text(self, task: Task, text: str) -> str:
@@ -255,7 +264,8 @@ class ServedTeacher:
         retries, problem = 0, ""
         for _ in range(JSON_ATTEMPTS):
             try:
-                resp, r = self._call("teacher", self.client.chat.completions.create, **self._request(task, text))
+                resp, r = self._call("teacher", self.client.chat.completions.create, attempts=self.attempts,
+                                     **self._request(task, text))
             except openai.NotFoundError as e:
                 raise TeacherError(f"teacher server at {self.url}: {_message(e)} (are the model name {self.model!r} "
                                    "and the /v1 base URL right?)") from None

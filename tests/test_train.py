@@ -340,3 +340,26 @@ def test_one_writer_per_student_folder(shards, tmp_path):
         with pytest.raises(TrainError, match=rf"student folder {out}: process {os.getpid()} is writing it"):
             train(shards, out, TrainConfig(preset="nano", max_steps=1), progress=False)
     assert not (out / "model.safetensors").exists()
+
+
+def test_a_killed_run_resumes_from_its_last_periodic_checkpoint(shards, tmp_path):
+    """--checkpoint-every 3: a run that dies without warning at step 8 (no SIGINT, no epoch end)
+    resumes from step 6 and ends with the weights of a run never killed."""
+    cfg = TrainConfig(preset="nano", epochs=1, batch_size=4, eval_limit=1, dropout=0.1)
+    whole = train(shards, tmp_path / "whole", cfg, progress=False, checkpoint_every=None)
+
+    class Killed(Exception):
+        pass
+
+    def die(step: int) -> None:
+        if step == 8:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(shards, tmp_path / "split", cfg, progress=False, on_step=die, checkpoint_every="3")
+    assert json.loads((tmp_path / "split" / "checkpoint" / "meta.json").read_text())["step"] == 6
+    split = train(shards, tmp_path / "split", cfg, resume=True, progress=False)
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(split / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TrainError, match=r"--checkpoint-every 'often'"):
+        train(shards, tmp_path / "x", cfg, progress=False, checkpoint_every="often")

@@ -20,7 +20,7 @@ from microdistill.cli.verbs import Flags, verb
 from microdistill.evaluate.config import EvalConfig
 from microdistill.extract.config import ExtractConfig
 from microdistill.flows.config import RunConfig
-from microdistill.train.config import TrainConfig
+from microdistill.train.config import CHECKPOINT_EVERY, TrainConfig
 
 LABEL = {"labels": "--label"}  # one FIELD=COLUMN pair per flag, repeated
 
@@ -63,6 +63,8 @@ def train(
     out: Path = typer.Option(..., help="Student folder to write (model, config, tokenizer, metrics, checkpoint)."),
     cfg: TrainConfig = Flags(TrainConfig),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint (same options)."),
+    checkpoint_every: str = typer.Option(CHECKPOINT_EVERY, help="Besides each epoch's end, a checkpoint every N steps "
+                                         "(500) or N seconds (300s): what a killed run can lose."),
     quiet: bool = typer.Option(False, help="No live progress line."),
 ) -> None:
     """Train a student on teacher shards; Ctrl-C saves a checkpoint, --resume continues it exactly (torchrun: DDP)."""
@@ -72,7 +74,7 @@ def train(
     from microdistill.train import TrainingInterrupted, train as run_training
 
     try:
-        path = run_training(data, out, cfg, resume=resume, progress=not quiet)
+        path = run_training(data, out, cfg, resume=resume, progress=not quiet, checkpoint_every=checkpoint_every)
     except TrainingInterrupted as e:
         typer.secho(str(e), err=True)
         raise typer.Exit(130)

@@ -16,6 +16,9 @@ from microdistill.students.decoder.config import DEFAULT_PRESET, PRESET_ALIASES,
 # the names of train/losses.py's divergences and curricula (that module needs torch; this one must not)
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "taid")
 CURRICULA = ("cosine", "linear", "constant", "step")
+# How often a run checkpoints besides each epoch's end ("N" steps, "Ns" seconds): a killed run loses at most
+# this much, and a checkpoint takes about a second. Not a training option: it never changes the weights.
+CHECKPOINT_EVERY = "300s"
 EMBED_INITS = ("teacher", "random")
 INPUT_VOCABS = ("full", "corpus")
 STUDENTS = (*KINDS, "auto")  # auto: the first kind that serves the task (students.kind_for)

@@ -39,7 +39,7 @@ from microdistill.data.shards import ShardSet
 from microdistill.students import kind_for
 from microdistill.students.kind import compute_parameters, count_parameters
 from microdistill.train.checkpoint import has_run, load_checkpoint, save_checkpoint, shard_fingerprint
-from microdistill.train.config import TrainConfig, TrainError, TrainingInterrupted
+from microdistill.train.config import CHECKPOINT_EVERY, TrainConfig, TrainError, TrainingInterrupted
 from microdistill.train.distributed import Ranks, start
 from microdistill.train.kinds import SETUPS
 from microdistill.train.log import MetricsLog, Progress, Silent
@@ -124,28 +124,54 @@ def set_up(data_dir: Path, cfg: TrainConfig, progress: bool) -> Setup:
 
 
 # ---- the loop ----------------------------------------------------------------------------------
+def every(spec: str | None) -> Callable[[int], bool]:
+    """step -> whether a checkpoint is due: every N steps ("N"), every N seconds ("Ns"), or never (None)."""
+    if spec is None:
+        return lambda step: False
+    text = str(spec).strip()
+    try:
+        n = float(text[:-1]) if text.endswith("s") else int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise TrainError(f"--checkpoint-every {spec!r}: expected a number of steps (500) or of seconds (300s)")
+    if not text.endswith("s"):
+        return lambda step: step % n == 0
+    last = [time.monotonic()]
+
+    def by_time(step: int) -> bool:
+        if time.monotonic() - last[0] < n:
+            return False
+        last[0] = time.monotonic()
+        return True
+
+    return by_time
 def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resume: bool = False,
-          progress: bool = True, on_step: Callable[[int], None] | None = None) -> Path:
+          progress: bool = True, on_step: Callable[[int], None] | None = None,
+          checkpoint_every: str | None = CHECKPOINT_EVERY) -> Path:
     """Train a student on the shards in `data_dir`; returns `out_dir`, the student folder.
 
     Under torchrun, each process is one rank of a DistributedDataParallel run (distributed.py).
     on_step(step) is called after every optimiser step (progress reporting, tests).
+    checkpoint_every: besides each epoch's end, a checkpoint every "N" steps or "Ns" seconds
+    (None: at epochs' ends only), so a killed run loses at most that much.
     Raises TrainingInterrupted (a KeyboardInterrupt) after saving a checkpoint on SIGINT/SIGTERM.
     """
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise TrainError(f"--out {out_dir}: is a file; give a folder for the student")
+    due = every(checkpoint_every)
     # one writer per student folder: rank 0 writes it under torchrun, the other ranks never do
     lock = writer_lock(out_dir, "student folder", TrainError) if os.environ.get("RANK", "0") == "0" else nullcontext()
     with lock:
         ranks = start()
         try:
-            return _train(ranks, Path(data_dir), Path(out_dir), config or TrainConfig(), resume, progress, on_step)
+            return _train(ranks, Path(data_dir), Path(out_dir), config or TrainConfig(), resume, progress, on_step, due)
         finally:
             ranks.close()
 
 
 def _train(ranks: Ranks, data_dir: Path, out: Path, cfg: TrainConfig, resume: bool, progress: bool,
-           on_step: Callable[[int], None] | None) -> Path:
+           on_step: Callable[[int], None] | None, due: Callable[[int], bool]) -> Path:
     # The training loop, one function on purpose: step, log, stop, evaluate and checkpoint read
     # top to bottom in the order they happen, as an exact resume depends on.
     started = time.perf_counter()
@@ -188,6 +214,8 @@ def _train(ranks: Ranks, data_dir: Path, out: Path, cfg: TrainConfig, resume: bo
                 bar.step(row)
                 if on_step is not None:
                     on_step(state["step"])
+                if due(state["step"]) and state["batch"] < len(batches) and state["step"] < total:
+                    checkpoint()  # the epoch's end checkpoints anyway
                 # every rank stops at the same step, whichever got the signal
                 if ranks.any(stop.requested) and state["batch"] < len(batches) and state["step"] < total:
                     checkpoint()

@@ -25,7 +25,7 @@ from microdistill.students import load_student
 # measured, not computed: they differ between any two runs of the same code
 VOLATILE = {"timings", "wall_s", "train_s", "ms", "p50_ms", "p95_ms", "per_s", "speed", "memory", "fit_s",
             "predict_ms_per_input", "path", "corpus", "tokens_per_s", "examples_per_s", "extract_s", "calibrate_s",
-            "plots", "plot", "dir", "student_rss_bytes", "teacher_rss_bytes"}
+            "plots", "plot", "dir", "student_rss_bytes", "teacher_rss_bytes", "created"}
 
 
 def scrub(x):

@@ -422,7 +422,8 @@ def test_cli_inspect_foreign_folder(tmp_path, monkeypatch, capsys):
 
 # ---- the real teacher ----------------------------------------------------------------------
 @pytest.mark.teacher
-def test_default_teacher_labels_sensibly(tmp_path, one_thread):
+def test_default_teacher_labels_sensibly(tmp_path, one_thread, request):
+    request.addfinalizer(lambda n=torch.get_num_threads(): torch.set_num_threads(n))  # the next tests' count
     torch.set_num_threads(one_thread)
     corpus = tmp_path / "c.txt"
     texts = ["you are a worthless idiot, shut up and go away", "thank you so much, this is wonderful and kind",
@@ -493,3 +494,37 @@ def test_one_writer_per_shard_folder(corpus, teacher, tmp_path):
     afile.write_text("x")
     with pytest.raises(ExtractError, match="--out .*afile: is a file; give a folder for the shards"):
         _extract(corpus, teacher, afile)
+
+
+def test_a_kill_loses_only_the_batch_in_flight(corpus, teacher, tmp_path, monkeypatch):
+    """Killed while a shard is still filling (shards of 128, batches of 5), the next run takes back
+    every finished batch from the journal, decodes only the rest, and ends with the records of a
+    run never killed, bit for bit."""
+    from microdistill.teachers.decoding import Decoder
+
+    whole = {r.id: r for r in ShardSet(_extract(corpus, teacher, tmp_path / "whole")).records()}
+    out = tmp_path / "shards"
+    real, first, second = Decoder.generate, [], []
+
+    def killed(self, rests, *a, **k):
+        if len(first) == 4:  # two calibration batches (6 inputs), two labelled ones; the fifth never finishes
+            raise KeyboardInterrupt
+        first.append(len(rests))
+        return real(self, rests, *a, **k)
+
+    monkeypatch.setattr(Decoder, "generate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(corpus, teacher, out)
+    assert (out / "journal.safetensors").is_file() and not ShardSet(out).manifest["shards"]
+    from microdistill.data.shards import decode_shard
+
+    kept = len(decode_shard((out / "journal.safetensors").read_bytes(), out))  # calibration answers + 2 batches
+    assert kept >= sum(first[2:]) == 10
+    monkeypatch.setattr(Decoder, "generate", lambda self, rests, *a, **k: second.append(len(rests)) or real(self, rests, *a, **k))
+    resumed = ShardSet(_extract(corpus, teacher, out))
+    got = {r.id: r for r in resumed.records()}
+    assert got.keys() == whole.keys() and not (out / "journal.safetensors").exists()
+    for k, r in got.items():
+        w = whole[k]
+        assert r.logits.tobytes() == w.logits.tobytes() and r.output_ids.tobytes() == w.output_ids.tobytes()
+    assert sum(second) == len(whole) - kept  # the resumed run decoded only what the journal did not hold

@@ -27,8 +27,9 @@ shards; ShardSet reads them all as one folder (with_parts).
 
 Ragged arrays are stored concatenated with offsets. Text-only shards (sequence-level KD from a
 black-box teacher) omit `logits` and `lse`. Every file is written to a temporary name and
-renamed, and the manifest is rewritten after each shard: a crash loses at most the examples
-of the shard being filled, never a written one.
+renamed, and the manifest is rewritten after each shard. The records of the shard being filled
+are kept in `journal.safetensors` after every batch, and taken back when the folder is opened
+again: a crash loses at most the batch being labelled, never a labelled one.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from microdistill.core.files import atomic_write_bytes, atomic_write_json, read_
 FORMAT = "microdistill.shards/1"
 INPUT_EMBEDDINGS = "input_embeddings.safetensors"
 SHARD_SIZE = 128
+JOURNAL = "journal.safetensors"  # the records of the shard being filled: a kill loses only what was in flight
 VAL_FRACTION = 0.1
 
 
@@ -224,6 +226,10 @@ class ShardWriter:
             self.manifest = {**header, "shards": [], "complete": False, "created": time.time()}
         self.done_ids = ShardSet.ids_in(self.dir, self.manifest)
         self.buffer: list[Record] = []
+        journal = self.dir / JOURNAL
+        if journal.is_file():  # a run killed while filling a shard: take its records back
+            for record in decode_shard(journal.read_bytes(), journal):
+                self.add(record)
 
     @property
     def n_done(self) -> int:
@@ -250,6 +256,13 @@ class ShardWriter:
         self.buffer = []
         self.manifest["complete"] = False
         self.save_manifest()
+        (self.dir / JOURNAL).unlink(missing_ok=True)  # after the manifest: its records are in a shard now
+
+    def journal(self) -> None:
+        """Keep the records of the shard being filled on disk, so that a run killed now resumes
+        with them (called after each batch; the shard itself is still written whole)."""
+        if self.buffer:
+            atomic_write_bytes(self.dir / JOURNAL, encode_shard(self.buffer))
 
     def update(self, **fields: Any) -> None:
         self.manifest.update(fields)

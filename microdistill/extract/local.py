@@ -172,6 +172,7 @@ def decode_into(writer: ShardWriter, decoder: "Decoder", task: Task, items: Sequ
                     continue
                 writer.add(make_record(task, tok, item, row, text, dec, kept, eos))
                 stats["written"] += 1
+            writer.journal()
             elapsed = time.perf_counter() - t0
             bar.update(job, advance=len(chunk), rate=f"{stats['written'] / elapsed:.2f} ex/s")
     stats["seconds"] = time.perf_counter() - t0

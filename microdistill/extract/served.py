@@ -214,6 +214,8 @@ def store_answers(writer: ShardWriter, stream: Iterator[tuple[Item, Answer]], ta
                 if isinstance(record, Record):
                     writer.add(record)
                     stats["written"] += 1
+                    if stats["written"] % teacher.concurrency == 0:  # about the calls that were in flight
+                        writer.journal()
                 else:
                     stats["cut" if record.startswith("cut at") else "skipped"] += 1
                     stats["last"] = record

@@ -19,6 +19,7 @@ from microdistill.export import export
 from microdistill.export.heads import to_onnx
 from microdistill.core.files import file_sha256
 from microdistill.runtime import ExportError, load_exported
+from microdistill.data.samples import probe_texts
 from microdistill.data.shards import ShardSet
 from microdistill.students import load_student
 from microdistill.train import TrainConfig, train
@@ -76,7 +77,7 @@ def float32(trained, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int8(trained, tmp_path_factory):
-    return export(trained, tmp_path_factory.mktemp("export") / "i8", quantize="int8", progress=False)
+    return export(trained, tmp_path_factory.mktemp("export") / "i8", quantize="int8", progress=False, int8_anyway=True)
 
 
 def val_texts(shards) -> list[str]:
@@ -100,12 +101,17 @@ def test_float32_answers_and_probabilities_equal_pytorch(float32, student, shard
     assert m["precision"] == "float32" and m["kind"] == "heads" and m["opset"] == 17
     assert m["fields"] == [{"name": f.name, "values": f.values} for f in student.fields]
     n_val = len(val_texts(shards))
-    assert m["parity"] == {"float32": {"n": n_val, "same": n_val, "rate": 1.0, "max_prob_diff": pytest.approx(0, abs=1e-4)}}
+    assert set(m["parity"]) == {"float32"}
+    n_probe = len(probe_texts())
+    assert m["parity"]["float32"] == {"n": n_val, "same": n_val, "rate": 1.0, "max_prob_diff": pytest.approx(0, abs=1e-4),
+                                      "probe": {"n": n_probe, "same": n_probe, "rate": 1.0,
+                                                "max_prob_diff": pytest.approx(0, abs=1e-4)}}
     assert set(m["files"]) == {"model.onnx", "tokenizer.json", "task.yaml", "calibration.json"}  # training calibrates
     for name, f in m["files"].items():
         assert f == {"bytes": (float32 / name).stat().st_size, "sha256": file_sha256(float32 / name)}
     assert (float32 / "tokenizer.json").read_bytes() == (student.path / "tokenizer.json").read_bytes()
-    assert "float32: " + f"{n_val}/{n_val}" in (float32 / "parity.md").read_text()
+    assert f"float32, held-out: {n_val}/{n_val}" in (float32 / "parity.md").read_text()
+    assert f"float32, probe: {n_probe}/{n_probe}" in (float32 / "parity.md").read_text()
 
 
 def test_int8_is_a_quarter_of_the_size_and_its_parity_is_what_it_says(int8, float32, student, shards):
@@ -119,7 +125,7 @@ def test_int8_is_a_quarter_of_the_size_and_its_parity_is_what_it_says(int8, floa
     assert m["parity"]["int8"]["n"] == len(texts) and m["parity"]["int8"]["same"] == len(texts) - len(differ)
     assert m["parity"]["int8"]["rate"] == pytest.approx(1 - len(differ) / len(texts))
     report = (int8 / "parity.md").read_text()
-    assert f"int8: {len(texts) - len(differ)}/{len(texts)}" in report
+    assert f"int8, held-out: {len(texts) - len(differ)}/{len(texts)}" in report
     assert all(f"| {t} |" in report for t in differ)
     assert all(a["valid"] and a["output"] == student.task.serialize(a["fields"]) for a in ours)
 
@@ -142,7 +148,7 @@ def test_calibration_temperatures_divide_the_logits(trained, student, tmp_path):
 
 def test_cli_exports_then_predicts_without_torch(trained, student, tmp_path):
     out = tmp_path / "cli"
-    r = cli("export", "--student", str(trained), "--out", str(out), "--quantize", "int8")
+    r = cli("export", "--student", str(trained), "--out", str(out), "--quantize", "int8", "--int8-anyway")
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "export.json").read_text())["precision"] == "int8"
     texts = ["you are an idiot", "thanks so much, lovely day"]
@@ -321,5 +327,25 @@ def test_export_never_replaces_a_folder_it_did_not_write(trained, shards, float3
         assert (snapshot(out) if out.is_dir() else out.read_bytes()) == before
     again = tmp_path / "again"
     shutil.copytree(float32, again)
-    export(trained, again, quantize="int8", progress=False)  # an export folder is the one thing it replaces
+    export(trained, again, quantize="int8", progress=False, int8_anyway=True)  # an export folder is what it replaces
     assert json.loads((again / "export.json").read_text())["precision"] == "int8"
+
+
+def test_int8_is_written_only_where_it_keeps_the_answers(trained, tmp_path, monkeypatch):
+    """An int8 graph that changes answers on the held-out split or the probe texts is not what
+    export writes: float32 goes out instead, with a warning that says by how much; one that keeps
+    them is written as int8."""
+    import microdistill.export as export_mod
+
+    said = []
+    monkeypatch.setattr(export_mod, "say", lambda message, enabled=True: said.append(message))
+    monkeypatch.setattr(export_mod, "MIN_INT8_PROBE", 1.01)  # no graph can keep more than every answer
+    out = export(trained, tmp_path / "strict", quantize="int8", progress=False)
+    m = json.loads((out / "export.json").read_text())
+    assert m["precision"] == "float32" and set(m["parity"]) == {"float32", "int8"}  # both measured, float32 written
+    assert load_exported(out).manifest["precision"] == "float32"
+    assert any("Wrote float32 instead" in s and "probe answers (needs 101%)" in s for s in said)
+    monkeypatch.setattr(export_mod, "MIN_INT8_PROBE", 0.0)
+    monkeypatch.setattr(export_mod, "MIN_INT8_PARITY", 0.0)
+    out = export(trained, tmp_path / "lenient", quantize="int8", progress=False)
+    assert json.loads((out / "export.json").read_text())["precision"] == "int8"

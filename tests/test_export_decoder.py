@@ -13,6 +13,7 @@ import torch
 from synthetic import make_shards, make_texts
 from test_export import LONG, cli, float32, int8, served_without_torch, student, val_texts  # noqa: F401, F811 (fixtures)
 
+from microdistill.data.samples import probe_texts
 from microdistill.export import export
 from microdistill.core.files import file_sha256
 from microdistill.students.decoder.predict import _allowed, _pad, predict
@@ -62,11 +63,13 @@ def test_float32_answers_equal_pytorch_on_every_input(float32, student, shards):
     assert m["kind"] == "decoder" and m["precision"] == "float32" and m["opset"] == 17
     assert m["vocab"]["kept"] == student.kept.tolist() and m["max_input"] == student.config.max_input
     n_val = len(val_texts(shards))
-    assert m["parity"] == {"float32": {"n": n_val, "same": n_val, "rate": 1.0, "max_prob_diff": pytest.approx(0, abs=1e-4)}}
+    f32 = m["parity"]["float32"]
+    assert set(m["parity"]) == {"float32"} and (f32["n"], f32["same"], f32["rate"]) == (n_val, n_val, 1.0)
+    assert f32["max_prob_diff"] == pytest.approx(0, abs=1e-4) and f32["probe"]["n"] == len(probe_texts())
     assert set(m["files"]) == FILES
     for name, f in m["files"].items():
         assert f == {"bytes": (float32 / name).stat().st_size, "sha256": file_sha256(float32 / name)}
-    assert f"float32: {n_val}/{n_val}" in (float32 / "parity.md").read_text()
+    assert f"float32, held-out: {n_val}/{n_val}" in (float32 / "parity.md").read_text()
 
 
 def test_int8_exports_loads_and_its_parity_is_what_it_says(int8, float32, student, shards):

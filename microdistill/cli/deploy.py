@@ -47,13 +47,15 @@ def predict(
 def export(
     student: Path = typer.Option(..., help="Student folder (the --out of train): heads, or a decoder of an enum-only task."),
     out: Path = typer.Option(..., help="Export folder to write (replaced as a whole, only once parity holds)."),
-    quantize: Optional[str] = typer.Option(None, help="int8: quantise the weights (about 1/4 the size)."),
+    quantize: Optional[str] = typer.Option(None, help="int8: quantise the weights (about 1/4 the size), written only "
+                                           "if it keeps the student's answers on the held-out and probe texts."),
     data: Optional[Path] = typer.Option(None, help="Shard folder whose held-out split checks parity (default: the student's)."),
+    int8_anyway: bool = typer.Option(False, help="Write int8 even where it changes answers float32 keeps."),
 ) -> None:
     """Export a student to ONNX for the torch-free runtime, checked against PyTorch first."""
     from microdistill.export import export as run_export
 
-    run_export(student, out, quantize=quantize, data=data)
+    run_export(student, out, quantize=quantize, data=data, int8_anyway=int8_anyway)
 
 
 @verb

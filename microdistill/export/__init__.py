@@ -22,6 +22,7 @@ from typing import Any
 
 from microdistill.core.console import say
 from microdistill.core.files import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_folder, file_sha256
+from microdistill.data.samples import probe_texts
 from microdistill.data.shards import ShardSet, StoreError
 from microdistill.export import decoder, heads
 from microdistill.export.heads import OPSET  # one opset for every graph
@@ -32,14 +33,17 @@ from microdistill.runtime.common import FORMAT, MANIFEST, VERSION, ExportError
 # names, manifest(student) -> its export.json entries, parity(student, exported, texts).
 EXPORTERS = {"heads": heads, "decoder": decoder}
 PRECISIONS = ("float32", "int8")
-MIN_INT8_PARITY = 0.995  # the share of held-out answers an int8 export must keep to pass without a warning
+MIN_INT8_PARITY = 0.995  # the share of held-out answers an int8 graph must keep to be written
+MIN_INT8_PROBE = 0.99  # and of the probe texts' (text unlike the training inputs)
 
 
 def export(student_dir: Path, out: Path, quantize: str | None = None, data: Path | None = None,
-           progress: bool = True) -> Path:
+           progress: bool = True, int8_anyway: bool = False) -> Path:
     """Write the export folder `out` (replaced as a whole: new, empty, or an earlier export) of the
     student in `student_dir` (a heads student, or a decoder of an enum-only task);
-    `data`: the shard folder whose held-out split checks parity (default: the one it was trained on)."""
+    `data`: the shard folder whose held-out split checks parity (default: the one it was trained on).
+    int8 is written only when it keeps the student's answers (MIN_INT8_PARITY on the held-out
+    split, MIN_INT8_PROBE on the probe texts), else float32, unless `int8_anyway`."""
     from microdistill.students import load_student
 
     precision = quantize or "float32"
@@ -50,31 +54,56 @@ def export(student_dir: Path, out: Path, quantize: str | None = None, data: Path
     student = load_student(Path(student_dir))
     kind = EXPORTERS[student.kind]
     kind.check(student)
-    texts = parity_texts(student, data, progress)
-    check = kind.parity
-    out = Path(out)
+    sets = {"held-out": parity_texts(student, data, progress), "probe": probe_texts()}
+    out, why = Path(out), None
     with atomic_dir(out) as tmp:
         graphs = kind.write_graphs(student, tmp)
-        write_manifest(tmp, student, "float32", {})
-        checks = {"float32": check(student, load_exported(tmp), texts)}
+        checks = {"float32": measure(kind, student, tmp, "float32", sets)}
         if checks["float32"]["same"] < checks["float32"]["n"]:
             first = checks["float32"]["differ"][0]
             raise ExportError(f"the float32 ONNX graph answers {checks['float32']['n'] - checks['float32']['same']} of "
                               f"{checks['float32']['n']} held-out inputs differently from PyTorch (first: "
                               f"{first['text'][:80]!r}); nothing was written")
         if precision == "int8":
+            float32 = {name: (tmp / name).read_bytes() for name in graphs}
             for name in graphs:
                 quantize_int8(tmp / name)
-            write_manifest(tmp, student, "int8", {})
-            checks["int8"] = check(student, load_exported(tmp), texts)
+            checks["int8"] = measure(kind, student, tmp, "int8", sets)
+            why = unfaithful(checks["int8"])
+            if why and not int8_anyway:  # the float32 graphs go back in
+                for name, raw in float32.items():
+                    atomic_write_bytes(tmp / name, raw)
+                precision = "float32"
         atomic_write_bytes(tmp / "parity.md", parity_markdown(checks).encode())
-        write_manifest(tmp, student, precision, {k: {x: v for x, v in c.items() if x != "differ"} for k, c in checks.items()})
-    if precision == "int8" and checks["int8"]["rate"] < MIN_INT8_PARITY:
-        say(f"warning: the int8 export answers {checks['int8']['rate']:.2%} of {checks['int8']['n']} held-out inputs as "
-            f"PyTorch does, under {MIN_INT8_PARITY:.1%}; see {out / 'parity.md'} (the float32 export keeps 100%)")
+        write_manifest(tmp, student, precision, {k: strip(c) for k, c in checks.items()})
+    if why:
+        say(f"warning: the int8 graph kept {why}; see {out / 'parity.md'}. "
+            + ("Wrote it anyway (--int8-anyway)." if int8_anyway else "Wrote float32 instead, which keeps every answer "
+               "(--int8-anyway writes int8 regardless)."))
     c = checks[precision]
-    say(f"exported {precision} to {out}: {c['same']}/{c['n']} held-out answers as PyTorch's", progress)
+    say(f"exported {precision} to {out}: {c['same']}/{c['n']} held-out and {c['probe']['same']}/{c['probe']['n']} "
+        "probe answers as PyTorch's", progress)
     return out
+
+
+def measure(kind, student, folder: Path, precision: str, sets: dict[str, list[str]]) -> dict[str, Any]:
+    """The folder's parity with PyTorch on the held-out texts, with the probe texts' under `probe`."""
+    write_manifest(folder, student, precision, {})
+    exported = load_exported(folder)
+    return {**kind.parity(student, exported, sets["held-out"]), "probe": kind.parity(student, exported, sets["probe"])}
+
+
+def unfaithful(c: dict[str, Any]) -> str | None:
+    """Why an int8 graph's answers are not the student's (held-out, probe), or None when they are."""
+    if c["rate"] >= MIN_INT8_PARITY and c["probe"]["rate"] >= MIN_INT8_PROBE:
+        return None
+    return (f"{c['same']}/{c['n']} held-out answers (needs {MIN_INT8_PARITY:.1%}) and {c['probe']['same']}/"
+            f"{c['probe']['n']} probe answers (needs {MIN_INT8_PROBE:.0%}) as PyTorch's")
+
+
+def strip(c: dict[str, Any]) -> dict[str, Any]:
+    """A parity result without its list of differing texts (parity.md has them)."""
+    return {k: strip(v) if isinstance(v, dict) else v for k, v in c.items() if k != "differ"}
 
 
 def trained_on(student_dir: Path) -> Path | None:
@@ -140,13 +169,16 @@ def write_manifest(folder: Path, student, precision: str, checks: dict[str, Any]
 
 
 def parity_markdown(checks: dict[str, dict[str, Any]]) -> str:
-    lines = ["# Parity with PyTorch on the held-out inputs", ""]
+    lines = ["# Parity with PyTorch", "",
+             "On the held-out inputs of the student's shards, and on the packaged probe texts (text unlike any "
+             "training inputs).", ""]
     for precision, c in checks.items():
-        lines += [f"## {precision}: {c['same']}/{c['n']} answers the same ({c['rate']:.2%}), "
-                  f"largest probability difference {c['max_prob_diff']:.2e}", ""]
-        if c["differ"]:
-            lines += ["| text | PyTorch | ONNX |", "|---|---|---|"]
-            cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-            lines += [f"| {cell(d['text'])} | {cell(d['torch'])} | {cell(d['onnx'])} |" for d in c["differ"]]
-            lines.append("")
+        for name, part in (("held-out", c), ("probe", c["probe"])):
+            lines += [f"## {precision}, {name}: {part['same']}/{part['n']} answers the same ({part['rate']:.2%}), "
+                      f"largest probability difference {part['max_prob_diff']:.2e}", ""]
+            if part["differ"]:
+                lines += ["| text | PyTorch | ONNX |", "|---|---|---|"]
+                cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+                lines += [f"| {cell(d['text'])} | {cell(d['torch'])} | {cell(d['onnx'])} |" for d in part["differ"]]
+                lines.append("")
     return "\n".join(lines) + "\n"

@@ -157,13 +157,18 @@ def test_timing_measures_per_input_latency_and_batched_throughput():
 
 
 def test_peak_memory_sees_an_allocation_made_and_freed_inside():
+    import mmap
+
     with PeakMemory() as mem:
-        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched so it is resident
+        # 64 MiB of fresh pages from the kernel, touched so they are resident (a malloc'ed block may
+        # reuse memory an earlier test freed, which never left the process)
+        block = mmap.mmap(-1, 64 * 2**20)
+        block.write(b"\x01" * (64 * 2**20))
         # hold it until the sampling thread has run (a loaded machine may not schedule it for a while)
         deadline = time.monotonic() + 10
         while mem.peak - mem.start < 48 * 2**20 and time.monotonic() < deadline:
             time.sleep(0.01)
-        del block
+        block.close()
     assert mem.growth >= 48 * 2**20
 
 

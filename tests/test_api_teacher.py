@@ -45,21 +45,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_fake(tokenizer_dir) -> tuple[subprocess.Popen, str]:
+    """A fake_openai.py server process, answering, and its base URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(HERE / "fake_openai.py"), "--port", str(port),
+                             "--tokenizer", str(tokenizer_dir)], env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(base + "/stats", timeout=1)
+            return proc, base
+        except OSError:
+            assert proc.poll() is None, "the test server exited"
+            time.sleep(0.1)
+    proc.kill()
+    pytest.fail("the test server did not start")
+
+
 @pytest.fixture(scope="module")
 def server(tiny_tokenizer_dir):
     """The base URL of a fake_openai.py server, started for this module and stopped after it."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(HERE / "fake_openai.py"), "--port", str(port),
-                             "--tokenizer", str(tiny_tokenizer_dir)], env={**os.environ, "PYTHONPATH": str(HERE.parent)})
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_fake(tiny_tokenizer_dir)
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(base + "/stats", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None, "the test server exited"
-                time.sleep(0.1)
         yield base
     finally:
         proc.terminate()
@@ -335,18 +342,9 @@ def test_a_teacher_that_goes_down_behind_the_cascade(tiny_tokenizer_dir, tmp_pat
 
     from microdistill.train import TrainConfig, train
 
-    port = free_port()
-    teacher = subprocess.Popen([sys.executable, str(HERE / "fake_openai.py"), "--port", str(port), "--tokenizer",
-                                str(tiny_tokenizer_dir)], env={**os.environ, "PYTHONPATH": str(HERE.parent)})
-    base = f"http://127.0.0.1:{port}"
+    teacher, base = start_fake(tiny_tokenizer_dir)
     servers = []
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(base + "/stats", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
         corpus = tmp_path / "c.jsonl"
         corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(24, seed=4)))
         shards = api_extract(corpus, tmp_path / "s", base)

@@ -112,22 +112,19 @@ def slug(name: str) -> str:
 
 
 # ---- Markdown -------------------------------------------------------------------------------------
-def count(n: float | None) -> str:
+def scaled(n: float | None, units: tuple[tuple[str, float], ...], smallest: str) -> str:
+    """`n` in the largest unit it reaches, e.g. 12.7M parameters or 90.9 MB; "—" when unknown."""
     if n is None:
         return "—"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}"
+    return next((f"{n / size:.1f}{unit}" for unit, size in units if n >= size), f"{n:.0f}{smallest}")
+
+
+def count(n: float | None) -> str:
+    return scaled(n, (("G", 1e9), ("M", 1e6), ("K", 1e3)), "")
 
 
 def nbytes(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
+    return scaled(n, ((" GB", 1e9), (" MB", 1e6), (" kB", 1e3)), " B")
 
 
 def times(x: float | None) -> str:

@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from microdistill.cli.verbs import Flags, verb
+from microdistill.cli.verbs import Flags, fail, verb
 from microdistill.evaluate.config import EvalConfig
 from microdistill.extract.config import ExtractConfig
 from microdistill.flows.config import RunConfig
@@ -47,13 +47,25 @@ def extract(
     cfg: ExtractConfig = Flags(ExtractConfig, names=LABEL),
     part: Optional[str] = typer.Option(None, help="I/N: worker I of N, all with this --out (default under torchrun: "
                                        "RANK/WORLD_SIZE)."),
+    select: Optional[str] = typer.Option(None, help="Label only --budget inputs of --input, chosen: first, random, or "
+                                         "by the --student's doubt: margin, entropy, diverse (appends to --out)."),
+    student: Optional[Path] = typer.Option(None, help="The student whose doubt --select margin/entropy/diverse reads."),
+    budget: Optional[int] = typer.Option(None, help="How many inputs --select chooses for the teacher."),
+    seed: int = typer.Option(0, help="Seed of --select random."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Label a corpus with the teacher under the task's schema and store its logits as shards."""
-    from microdistill.extract import extract as run_extract
-    from microdistill.extract.parts import Part, from_env
+    if (select is None) != (budget is None) or (student is not None and select is None):
+        fail("--select and --budget go together (and --student with them)")
+    if select is not None:
+        from microdistill.flows.select import select_and_extract
 
-    path = run_extract(input, out, cfg, progress=not quiet, part=Part.parse(part) if part else from_env())
+        path = select_and_extract(input, out, cfg, select, budget, student, seed, progress=not quiet)
+    else:
+        from microdistill.extract import extract as run_extract
+        from microdistill.extract.parts import Part, from_env
+
+        path = run_extract(input, out, cfg, progress=not quiet, part=Part.parse(part) if part else from_env())
     typer.echo(f"shards: {path}")
 
 

@@ -24,18 +24,20 @@ stopped; the kept vocabulary of an existing folder is reused, never recomputed.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from microdistill.core.console import say
 from microdistill.core.files import writer_lock
 from microdistill.core.task import Task, load_task
-from microdistill.data.corpus import filter_inputs, read_corpus
+from microdistill.data.corpus import Item, filter_inputs, read_corpus
 from microdistill.data.shards import part_dir
 from microdistill.extract.config import ExtractConfig, ExtractError
 from microdistill.extract.parts import WAIT_S, Part
 from microdistill.teachers import Teacher, load_teacher
 
-__all__ = ["ExtractConfig", "ExtractError", "LABELLINGS", "extract"]
+__all__ = ["Chosen", "ExtractConfig", "ExtractError", "LABELLINGS", "extract"]
 
 
 def _local():
@@ -50,19 +52,30 @@ def _served():
     return ServedLabelling
 
 
+@dataclass(frozen=True)
+class Chosen:
+    """Inputs chosen from a corpus for the teacher to label (flows/select.py), and how."""
+
+    items: list[Item]  # read, filtered and chosen
+    filters: dict[str, Any]  # the corpus' filter report
+    round: dict[str, Any]  # how they were chosen: strategy, student, pool, budget, ids
+
+
 # How each kind of teacher access is labelled (Teacher.access): one entry per way.
 LABELLINGS = {"white": _local, "black": _served}
 
 
 def extract(input_path: str | Path, out_dir: str | Path, config: ExtractConfig | None = None, *,
             task: Task | None = None, teacher: Teacher | None = None, progress: bool = True,
-            part: Part | None = None, wait_s: float = WAIT_S) -> Path:
+            part: Part | None = None, wait_s: float = WAIT_S, chosen: Chosen | None = None) -> Path:
     """Label the corpus at `input_path` with the teacher and write shards to `out_dir`.
 
     `task` and `teacher`, when given, are used instead of loading `config.task` / `config.teacher`
     (a caller that already holds them). With `part`, this process is one worker of several
     (parts.py): worker 0 prepares the folder, the others wait for it up to `wait_s` seconds, and
-    each labels only its own inputs. Returns `out_dir`.
+    each labels only its own inputs. `chosen`: inputs of the corpus already read, filtered and
+    chosen (flows/select.py), labelled instead of the corpus, and how they were chosen, which
+    the manifest's `rounds` keeps. Returns `out_dir`.
     """
     cfg = config or ExtractConfig()
     started = time.perf_counter()
@@ -70,21 +83,24 @@ def extract(input_path: str | Path, out_dir: str | Path, config: ExtractConfig |
     if out_dir.exists() and not out_dir.is_dir():
         raise ExtractError(f"--out {out_dir}: is a file; give a folder for the shards")
     task = task or load_task(cfg.task)
-    raw_items = read_corpus(input_path, field=cfg.field, labels=cfg.labels)
+    raw_items = read_corpus(input_path, field=cfg.field, labels=cfg.labels) if chosen is None else []
     teacher = teacher or load_teacher(cfg.teacher, cfg.teacher_url, cfg.teacher_tokenizer, progress=progress)
     way = LABELLINGS[teacher.access]()(teacher, task, cfg, out_dir, progress)
     if part is not None and not way.parts:
         raise ExtractError("--part splits a local teacher's work; a served teacher scales with --concurrency")
-    items, report = filter_inputs(raw_items, task, teacher.tokenizer, source=str(input_path))
-    say(f"{input_path}: {report.summary()}", progress)
-    filters = {**report.as_dict(), "corpus": str(input_path)}
+    if chosen is None:
+        items, report = filter_inputs(raw_items, task, teacher.tokenizer, source=str(input_path))
+        say(f"{input_path}: {report.summary()}", progress)
+        filters = {**report.as_dict(), "corpus": str(input_path)}
+    else:
+        items, filters = chosen.items, {**chosen.filters, "corpus": str(input_path)}
     mine = part_dir(out_dir, part.index, part.count) if part is not None and part.index else out_dir
     with writer_lock(mine, "shard folder", ExtractError):
-        return _label(way, items, filters, out_dir, part, wait_s, started, progress)
+        return _label(way, items, filters, out_dir, part, wait_s, started, progress, chosen)
 
 
 def _label(way, items, filters: dict, out_dir: Path, part: Part | None, wait_s: float, started: float,
-           progress: bool) -> Path:
+           progress: bool, chosen: Chosen | None) -> Path:
     """Open the folder, label what is left and close the manifest (the lock held)."""
     todo = way.open(items, filters, part, wait_s)
     if way.writer is None:  # nothing to label and no folder to update
@@ -99,6 +115,7 @@ def _label(way, items, filters: dict, out_dir: Path, part: Part | None, wait_s: 
         filters["cut_at_max_tokens"] = int(stats["cut"])
         filters.update({"skipped": stats["skipped"]} if "skipped" in stats else {})
         say(way.summary(stats, timings), progress)
-    way.writer.close(timings=timings, filters=filters, **way.closing)
+    rounds = {"rounds": [*way.writer.manifest.get("rounds", []), chosen.round]} if chosen is not None else {}
+    way.writer.close(timings=timings, filters=filters, **way.closing, **rounds)
     say(f"{out_dir}: {way.writer.n_done} examples", progress)
     return out_dir

@@ -67,6 +67,9 @@ class PerField(Protocol):
     def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> list:
         """Per field, calibrated P(value) [N, n_values] of each text as given."""
 
+    def vectors(self, texts: Sequence[str], batch_size: int = 64):
+        """[N, D]: the student's reading of each text as given (selection spreads its choices over these)."""
+
 
 def count_parameters(model) -> int:
     """Distinct parameters of a built model (a tied weight counts once)."""

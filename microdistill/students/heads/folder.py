@@ -61,6 +61,17 @@ class LoadedHeads:
         return self._probabilities(encode_texts(self.tokenizer, texts), batch_size)
 
     @torch.no_grad()
+    def vectors(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """[N, D]: the encoder's pooled reading of each text as given (what selection spreads over)."""
+        self.model.eval()
+        ids = encode_texts(self.tokenizer, texts)
+        chunks = []
+        for i in range(0, len(ids), batch_size):
+            b = collate_heads([HeadsExample(x, [0] * len(self.fields), None) for x in ids[i:i + batch_size]])
+            chunks.append(self.model.pooled(b.ids, b.mask))
+        return torch.cat(chunks).numpy() if chunks else np.zeros((0, self.model.encoder.config.hidden_size), np.float32)
+
+    @torch.no_grad()
     def _logits(self, ids: list[list[int]], batch_size: int) -> list[np.ndarray]:
         self.model.eval()
         chunks: list[list[Tensor]] = []

@@ -13,6 +13,7 @@ drain_timeout_s); then the service drains its queues and the process ends.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
@@ -53,10 +54,32 @@ def lifespan(service: Service):
         c = service.config
         log.info("serving %s: the student answers when every field's confidence is >= %.4g; teacher: %s",
                  service.model_id, service.cascade.threshold, c.teacher or "none (the student answers everything)")
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.reload()))
+        watcher = asyncio.ensure_future(watch(service)) if c.watch_s else None
         yield
+        if watcher is not None:
+            watcher.cancel()
+        loop.remove_signal_handler(signal.SIGHUP)
         await service.close()
 
     return run
+
+
+def written_at(folder: Path) -> float:
+    """When a student or export folder was last saved: its config.json or export.json, written last."""
+    return max((p.stat().st_mtime for p in (folder / "config.json", folder / "export.json") if p.is_file()), default=0.0)
+
+
+async def watch(service: Service) -> None:
+    """Reload the student whenever its folder is saved again (--watch-s)."""
+    seen = written_at(Path(service.student_dir))
+    while True:
+        await asyncio.sleep(service.config.watch_s)
+        now = written_at(Path(service.student_dir))
+        if now != seen:
+            seen = now
+            await service.reload()
 
 
 def add_observer(app: FastAPI, service: Service) -> None:
@@ -142,7 +165,8 @@ def add_status_routes(app: FastAPI, service: Service) -> None:
     """GET /v1/models, /health and /metrics: what is served and how it is doing."""
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "microdistill"}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(service.loaded_at),
+                                            "owned_by": "microdistill", "root": str(service.student_dir)}
                                            for name in service.names]}
 
     @app.get("/health")
@@ -150,7 +174,8 @@ def add_status_routes(app: FastAPI, service: Service) -> None:
         status = 503 if service.draining else 200
         return JSONResponse({"status": "draining" if service.draining else "ok", "model": service.model_id,
                              "teacher": service.cascade.teacher is not None, "threshold": service.cascade.threshold,
-                             "calibrated": bool(getattr(service.cascade.student, "temperatures", None))}, status)
+                             "calibrated": bool(getattr(service.cascade.student, "temperatures", None)),
+                             "student": str(service.student_dir), "loaded_at": service.loaded_at}, status)
 
     @app.get("/metrics")
     async def metrics():

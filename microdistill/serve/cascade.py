@@ -91,17 +91,28 @@ class Cascade:
         check_student(self.student, str(getattr(self.student, "path", None) or "the student"))
         if not (0.0 <= self.threshold <= 1.0 or self.threshold == math.inf):
             raise CascadeError(f"the confidence threshold must be between 0 and 1, got {self.threshold}")
+        self.current = (self.student, self.threshold)  # what a batch answers with, read in one step
 
     @property
     def task(self):
         return self.student.task
 
+    def swap(self, student: Any, threshold: float) -> None:
+        """Answer with `student` (of the same task) and its threshold from the next batch on."""
+        check_student(student, str(getattr(student, "path", None) or "the student"))
+        if student.task.fingerprint() != self.task.fingerprint():
+            raise CascadeError(f"student {getattr(student, 'path', None)} does the task {student.task.name!r}, not "
+                               f"{self.task.name!r}; the server keeps its student")
+        self.current = (student, threshold)  # one assignment: no batch sees half of a swap
+        self.student, self.threshold = student, threshold
+
     def student_answers(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """The student's answers; `confident` says whether every field reached the threshold."""
-        results = self.student.predict(clean_inputs(self.task, texts), self.batch_size) if texts else []
+        student, threshold = self.current  # a swap takes effect between batches, never within one
+        results = student.predict(clean_inputs(student.task, texts), self.batch_size) if texts else []
         return [{"output": r["output"], "fields": r["fields"], "confidence": r["confidence"],
                  "truncated": r.get("truncated", False), "answered_by": "student",
-                 "confident": min(r["confidence"].values()) >= self.threshold} for r in results]
+                 "confident": min(r["confidence"].values()) >= threshold} for r in results]
 
     def escalates(self, result: dict[str, Any]) -> bool:
         return self.teacher is not None and not result["confident"]

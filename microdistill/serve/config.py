@@ -37,6 +37,15 @@ class ServeConfig(Options):
     teacher_attempts: int = option(2, help="Tries per call to a served teacher before it counts as failed.")
     teacher_timeout_s: float = option(30.0, help="Seconds a served teacher may take per call.")
     teacher_concurrency: int = option(8, help="Calls in flight to a served teacher.")
+    traffic: str | None = option(None, path=True, help=(
+        "Keep every answered call in this folder (text, answer, confidences, who answered) for `update` to learn "
+        "from; off by default, as it stores what clients send."))
+    traffic_sample: float = option(1.0, help="The share of answered calls --traffic keeps.")
+    traffic_max_mb: float | None = option(None, help="--traffic stops growing at this many megabytes (the rest are "
+                                                     "counted as dropped in /metrics).")
+    watch_s: float | None = option(None, help=(
+        "Reload the student whenever its folder is saved again, looking every this many seconds (SIGHUP reloads it "
+        "at once); calls in flight finish on the old one."))
     served_model_name: tuple[str, ...] = option((), repeat=True, help=(
         "A model name clients may call the student by (repeatable; the first is the id /v1/models lists; default: "
         "the task's name): an application keeps the model name it sends and changes only its base URL."))
@@ -77,6 +86,12 @@ class ServeConfig(Options):
                 raise ServeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.teacher_timeout_s <= 0:
             raise ServeError(f"--teacher-timeout-s must be positive, got {self.teacher_timeout_s}")
+        if self.watch_s is not None and self.watch_s <= 0:
+            raise ServeError(f"--watch-s must be positive, got {self.watch_s}")
+        if not 0.0 < self.traffic_sample <= 1.0:
+            raise ServeError(f"--traffic-sample must be in (0, 1], got {self.traffic_sample}")
+        if self.traffic_max_mb is not None and self.traffic_max_mb <= 0:
+            raise ServeError(f"--traffic-max-mb must be positive, got {self.traffic_max_mb}")
         if not 0 <= self.port <= 65535:  # checked before the student loads, not when the socket opens
             raise ServeError(f"--port must be from 0 to 65535, got {self.port}")
         if self.batch_window_ms < 0 or self.drain_timeout_s < 0:

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 from microdistill.serve.cascade import Cascade, check_student, teacher_for, threshold_for
 from microdistill.serve.config import ServeConfig
+from microdistill.serve.answerers import load_answerer
+from microdistill.serve.traffic import TrafficLog
 
 log = logging.getLogger("uvicorn.error")
 
@@ -121,6 +123,9 @@ class Metrics:
         self.batch = Histogram("microdistill_student_batch_texts", "texts per student batch", registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.ratio = Gauge("microdistill_escalation_ratio", "share of answered texts escalated to the teacher", registry=r)
+        self.reloads = Counter("microdistill_student_reloads", "times a new student was loaded in place", registry=r)
+        self.traffic = Counter("microdistill_traffic_records", "answered texts --traffic kept, or dropped at its cap",
+                               ["outcome"], registry=r)
         self.answers_by = {"student": 0, "teacher": 0, "student-fallback": 0}
 
     def answered(self, results: list[dict]) -> None:
@@ -138,8 +143,8 @@ class Metrics:
 class Service:
     """The cascade behind two workers: what every route calls, usable without HTTP."""
 
-    def __init__(self, cascade: Cascade, config: ServeConfig, model_id: str):
-        self.cascade, self.config, self.model_id = cascade, config, model_id
+    def __init__(self, cascade: Cascade, config: ServeConfig, model_id: str, traffic: TrafficLog | None = None):
+        self.cascade, self.config, self.model_id, self.traffic = cascade, config, model_id, traffic
         self.names = config.served_model_name or (model_id,)  # what clients may call it; the first is its id
         self.metrics = Metrics()
         window = config.batch_window_ms / 1000
@@ -148,6 +153,8 @@ class Service:
         # the teacher takes whatever is queued when it is free: no window, its calls are slow anyway
         self.teacher = MicroBatcher(cascade.teacher_answers, "teacher", config.max_batch, 0.0, config.max_queue)
         self.draining = False
+        self.student_dir = getattr(cascade.student, "path", None)
+        self.loaded_at = time.time()
         self.in_flight = 0  # HTTP requests being answered (the middleware counts them)
         self.metrics.in_flight.set_function(lambda: self.in_flight)
 
@@ -159,6 +166,8 @@ class Service:
         self.draining = True
         await self.student.close()
         await self.teacher.close()
+        if self.traffic is not None:
+            self.traffic.close()
 
     def check(self, texts: list[str]) -> None:
         c = self.config
@@ -192,6 +201,11 @@ class Service:
             raise
         self.metrics.errors.labels("invalid_teacher_answer").inc(sum("teacher_error" in r for r in results))
         self.metrics.answered(results)
+        if self.traffic is not None:
+            kept, dropped = self.traffic.written, self.traffic.dropped
+            self.traffic.record(texts, results)
+            self.metrics.traffic.labels("kept").inc(self.traffic.written - kept)
+            self.metrics.traffic.labels("dropped").inc(self.traffic.dropped - dropped)
         return results
 
     async def ask_teacher(self, texts: list[str]) -> list[dict[str, Any] | None]:
@@ -209,6 +223,25 @@ class Service:
                 raise RequestError(503, f"the teacher is unavailable ({reason})") from None
             return [None] * len(texts)
 
+    async def reload(self) -> bool:
+        """Load the student folder again (a new version written in its place) and answer with it
+        from the next batch on; batches in flight finish on the old one. A folder that cannot
+        be loaded, or does another task, leaves the old student answering (logged)."""
+        path = Path(self.student_dir)
+        loop = asyncio.get_running_loop()
+        try:
+            student = await loop.run_in_executor(None, lambda: load_answerer(path, threads=self.config.threads))
+            threshold = threshold_for(student, self.config.min_confidence, self.config.target_agreement)
+            self.cascade.swap(student, threshold)
+        except Exception as e:  # a half-written or wrong folder: keep serving the old student
+            log.warning("reload of %s failed, the old student keeps answering: %s", path, str(e).splitlines()[0][:200])
+            self.metrics.errors.labels("reload").inc()
+            return False
+        self.loaded_at = time.time()
+        self.metrics.reloads.inc()
+        log.info("reloaded the student from %s (threshold %.4g)", path, threshold)
+        return True
+
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` under the student's tokenizer (tokenizers or transformers style)."""
         enc = self.cascade.student.tokenizer.encode(text)
@@ -218,8 +251,6 @@ class Service:
 def build_service(student_dir: Path, config: ServeConfig) -> Service:
     """Load the student (and teacher) and make the service; the model id is the task's name. An
     exported folder (microdistill export) is answered by onnxruntime, without torch."""
-    from microdistill.serve.answerers import load_answerer
-
     student = load_answerer(Path(student_dir), threads=config.threads)
     check_student(student, f"student folder {student_dir}")
     threshold = threshold_for(student, config.min_confidence, config.target_agreement)
@@ -227,4 +258,6 @@ def build_service(student_dir: Path, config: ServeConfig) -> Service:
                           timeout_s=config.teacher_timeout_s, concurrency=config.teacher_concurrency) \
         if config.teacher else None
     model_id = config.served_model_name[0] if config.served_model_name else student.task.name
-    return Service(Cascade(student, threshold, teacher), config, model_id)
+    traffic = TrafficLog(Path(config.traffic), student.task, config.traffic_sample,
+                         int(config.traffic_max_mb * 1e6) if config.traffic_max_mb else None) if config.traffic else None
+    return Service(Cascade(student, threshold, teacher), config, model_id, traffic)

@@ -19,14 +19,14 @@ from microdistill.core.errors import UserError
 from microdistill.core.options import Options
 from microdistill.evaluate.config import EvalConfig
 from microdistill.extract.config import ExtractConfig
-from microdistill.flows.config import CompareConfig, RunConfig
+from microdistill.flows.config import CompareConfig, RunConfig, UpdateConfig
 from microdistill.plan.cost import CostConfig, PilotConfig
 from microdistill.serve.config import ServeConfig
 from microdistill.train.config import TrainConfig
 
 COMMANDS = typer.main.get_command(app).commands
-WORKFLOW = ["run", "extract", "train", "eval", "predict", "export", "serve", "calibrate-confidence", "cost", "compare",
-            "inspect", "tasks"]
+WORKFLOW = ["run", "extract", "train", "eval", "predict", "export", "serve", "update", "calibrate-confidence", "cost",
+            "compare", "inspect", "tasks"]
 RUN = RunConfig()
 # The stage options `run` takes (the rest keep RunConfig's stage defaults).
 RUN_FLAGS = {
@@ -41,6 +41,7 @@ VERB_CONFIGS = {
     "extract": ([(ExtractConfig(), None)], {"input", "out", "part", "select", "student", "budget", "seed", "quiet"}),  # --part: which worker, not what
     "eval": ([(EvalConfig(), None)], {"student", "data", "out", "json_out", "quiet"}),
     "serve": ([(ServeConfig(), None)], {"student"}),
+    "update": ([(UpdateConfig(), None)], {"student", "input", "out", "shards", "quiet"}),
     "compare": ([(CompareConfig(), None)], {"data", "out", "configs", "plan", "list_", "quiet"}),
     # --task/--teacher build the ExtractConfig of --measure; --student is a student folder there
     "cost": ([(CostConfig(), None), (PilotConfig(), None), (ExtractConfig(), ("task", "teacher"))],
@@ -87,7 +88,7 @@ def test_every_config_field_is_a_flag_with_its_default_and_help(verb):
 
 
 def test_every_option_has_help():
-    for cls in (TrainConfig, ExtractConfig, EvalConfig, ServeConfig, CostConfig, PilotConfig, CompareConfig, RunConfig):
+    for cls in (TrainConfig, ExtractConfig, EvalConfig, ServeConfig, CostConfig, PilotConfig, CompareConfig, RunConfig, UpdateConfig):
         assert all(d.help for d in cls.described()), cls.__name__
 
 
@@ -119,6 +120,7 @@ CALLS = {
     "extract": ("microdistill.extract", "extract", 2, ["--input", "c", "--out", "x"]),
     "eval": ("microdistill.flows.eval", "make_report", 3, ["--student", "s", "--data", "d"]),
     "serve": ("microdistill.serve.app", "run_server", 1, ["--student", "s"]),
+    "update": ("microdistill.flows.continual", "update", 3, ["--student", "s", "--input", "p", "--out", "o"]),
     "compare": ("microdistill.flows.compare", "compare", 3, ["--data", "d", "--out", "c"]),
     "cost": ("microdistill.flows.cost", "cost_analysis", 1, ["r"]),
     "run": ("microdistill.flows.run", "run", 0, []),
@@ -145,7 +147,7 @@ def config_built(monkeypatch, verb: str, args: list[str] = ()):
 @pytest.mark.parametrize("verb", sorted(CALLS))
 def test_verbs_build_default_configs(monkeypatch, verb):
     expected = {"run": RUN, "train": TrainConfig(), "extract": ExtractConfig(), "eval": EvalConfig(),
-                "serve": ServeConfig(), "compare": CompareConfig(), "cost": CostConfig()}[verb]
+                "serve": ServeConfig(), "compare": CompareConfig(), "cost": CostConfig(), "update": UpdateConfig()}[verb]
     assert config_built(monkeypatch, verb) == expected
 
 
@@ -170,6 +172,7 @@ GIVEN = {
                    max_queue=16, max_texts=4, max_text_chars=100, max_body_bytes=1000, drain_timeout_s=1.0,
                    threads=2),
               dict(target_agreement=0.8)],
+    "update": [dict(select="diverse", budget=50, rounds=3, tolerance=0.01, seed=4)],
     "compare": [dict(preset="nano", max_steps=5, seed=3, limit_train=20, sizes=(10, 20), sizes_for=("kd", "ce"),
                      batch_size=4, lr=0.01, eval_limit=5),
                 dict(epochs=2)],

@@ -17,6 +17,7 @@ from typing import Optional
 import typer
 
 from microdistill.cli.verbs import Flags, fail, verb
+from microdistill.flows.config import UpdateConfig
 from microdistill.serve.config import ServeConfig
 
 
@@ -70,6 +71,25 @@ def serve(
     run_server(student, cfg)
 
 
+@verb
+def update(
+    student: Path = typer.Option(..., help="The student to improve (a classifier-head student: it says what it doubts)."),
+    input: Path = typer.Option(..., "--input", help="The pool: a corpus with a text field, or a serve --traffic folder."),
+    out: Path = typer.Option(..., help="Where the new student goes, only if the gate keeps it (new or a student folder)."),
+    shards: Optional[Path] = typer.Option(None, help="The student's shard folder, which the new labels join (default: "
+                                          "the one it was trained on)."),
+    cfg: UpdateConfig = Flags(UpdateConfig),
+    quiet: bool = typer.Option(False, help="No progress lines."),
+) -> None:
+    """Label what the student doubts, train on all the labels, keep the new student if it is not worse."""
+    from microdistill.flows.continual import update as run_update
+
+    report = run_update(student, input, out, cfg, shards, progress=not quiet)
+    typer.echo(f"{report['teacher_calls']} teacher calls in {len(report['rounds'])} round(s); held-out agreement "
+               f"{report['rounds'][0]['old_agreement']:.2%} -> {report['rounds'][-1]['new_agreement']:.2%}; "
+               f"student saved in {out}")
+
+
 def calibrate_confidence(
     student: Path = typer.Option(..., help="Student folder (a classifier-head student)."),
     data: Optional[Path] = typer.Option(None, help="Shard folder it was trained on (default: the one its config names)."),
@@ -84,4 +104,5 @@ def calibrate_confidence(
                f"temperatures {temps}; written to {student / 'calibration.json'}")
 
 
-VERBS = {"predict": predict, "export": export, "serve": serve, "calibrate-confidence": calibrate_confidence}
+VERBS = {"predict": predict, "export": export, "serve": serve, "update": update,
+         "calibrate-confidence": calibrate_confidence}

@@ -119,3 +119,28 @@ class CompareConfig(Options):
         """The TrainConfig fields set for every run, under each run's own."""
         return {k: v for k, v in (("batch_size", self.batch_size), ("lr", self.lr), ("eval_limit", self.eval_limit))
                 if v is not None}
+
+
+class UpdateError(UserError):
+    """An update that cannot run, or whose new student the gate refuses; one line for the user."""
+
+
+@dataclass(frozen=True)
+class UpdateConfig(Options):
+    """One `update`: how many inputs the teacher labels per round, chosen how, and the gate."""
+
+    select: str = option("margin", help=(
+        "How each round chooses the inputs the teacher labels: first, random, margin, entropy or diverse."))
+    budget: int = option(200, help="Inputs the teacher labels per round (its cost).")
+    rounds: int = option(1, help="Rounds of select, label, train and gate.")
+    tolerance: float = option(0.0, help=(
+        "The gate: a new student may agree with the teacher this much less than the old one on the fixed "
+        "held-out set (0: never worse)."))
+    seed: int = option(0, help="Seed of --select random.")
+
+    def __post_init__(self) -> None:
+        for name in ("budget", "rounds"):
+            if getattr(self, name) < 1:
+                raise UpdateError(f"--{name} must be at least 1 (got {getattr(self, name)})")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise UpdateError(f"--tolerance must be in [0, 1) (got {self.tolerance})")

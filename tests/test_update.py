@@ -1,0 +1,85 @@
+"""`microdistill update`: select, label with the shards' own teacher, train, gate; rounds accumulate,
+a refused student changes nothing, and the traffic a server kept is a pool."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from synthetic import make_texts
+
+from microdistill.core.task import load_task
+from microdistill.data.shards import ShardSet
+from microdistill.extract import ExtractConfig, extract
+from microdistill.flows import continual
+from microdistill.flows.config import UpdateConfig, UpdateError
+from microdistill.serve.traffic import TrafficLog
+from microdistill.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, tiny_teacher_dir):
+    root = tmp_path_factory.mktemp("update")
+    corpus = root / "c.txt"
+    corpus.write_text("\n".join(make_texts(40, seed=30)) + "\n")
+    shards = extract(corpus, root / "shards", ExtractConfig(teacher=str(tiny_teacher_dir), vocab_size=200, calibration=4),
+                     progress=False)
+    return train(shards, root / "student", TrainConfig(student="heads", max_steps=3, batch_size=8), progress=False)
+
+
+def test_rounds_label_train_and_keep_the_new_student(student, tmp_path):
+    pool = tmp_path / "pool.txt"
+    pool.write_text("\n".join(make_texts(30, seed=31)) + "\n")
+    shards = Path(json.loads((student / "config.json").read_text())["shards"]["path"])
+    before = len(ShardSet(shards))
+    out = tmp_path / "new"
+    r = subprocess.run([sys.executable, "-m", "microdistill", "update", "--student", str(student), "--input", str(pool),
+                        "--out", str(out), "--budget", "6", "--rounds", "2", "--tolerance", "0.99", "--quiet"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "update.json").read_text())
+    assert [x["teacher_calls"] for x in report["rounds"]] == [6, 6] and report["teacher_calls"] == 12
+    assert len(ShardSet(shards)) == before + 12 and len(ShardSet(shards).manifest["rounds"]) == 2
+    assert all(x["kept"] and 0 <= x["new_agreement"] <= 1 for x in report["rounds"])
+    assert (out / "model.safetensors").is_file() and not (out / "checkpoint").exists()
+    assert "12 teacher calls in 2 round(s)" in r.stdout
+
+
+def test_a_worse_student_is_refused_and_nothing_changes(student, tmp_path, monkeypatch):
+    pool = tmp_path / "pool.txt"
+    pool.write_text("\n".join(make_texts(20, seed=32)) + "\n")
+    scores = iter([0.9, 0.5])  # the old student, then the new one
+    monkeypatch.setattr(continual, "score", lambda s, records: next(scores))
+    before = (student / "model.safetensors").read_bytes()
+    with pytest.raises(UpdateError, match=r"round 1: the new student agrees with the teacher on 50.00% .* the old one on "
+                                          r"90.00%; kept the old one"):
+        continual.update(student, pool, tmp_path / "new", UpdateConfig(budget=4), progress=False)
+    assert not (tmp_path / "new").exists() and (student / "model.safetensors").read_bytes() == before
+
+
+def test_the_traffic_a_server_kept_is_a_pool(student, tmp_path):
+    traffic = tmp_path / "traffic"
+    log = TrafficLog(traffic, load_task("reddit-comment"))
+    texts = make_texts(12, seed=33)
+    log.record(texts, [{"output": "{}", "fields": {}, "confidence": {"tone": 0.5}, "answered_by": "student"}] * 12)
+    log.close()
+    report = continual.update(student, traffic, tmp_path / "new", UpdateConfig(budget=3, tolerance=0.99), progress=False)
+    assert report["teacher_calls"] == 3
+    labelled = {r.text for r in ShardSet(report["shards"]).records()}
+    assert len(labelled & set(texts)) >= 3
+
+
+def test_update_errors_are_one_line(student, tmp_path):
+    pool = tmp_path / "pool.txt"
+    pool.write_text("\n".join(make_texts(3, seed=34)) + "\n")
+    for args, message in [(["--out", str(student)], "is the student folder"),
+                          (["--out", str(tmp_path / "n"), "--budget", "50"], "--budget 50: the pool holds"),
+                          (["--out", str(tmp_path / "n"), "--rounds", "0"], "--rounds must be at least 1")]:
+        r = subprocess.run([sys.executable, "-m", "microdistill", "update", "--student", str(student), "--input",
+                            str(pool), "--quiet", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, (args, r.stderr)

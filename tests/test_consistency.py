@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from microdistill.evaluate.agreement import wilson_interval
-from microdistill.evaluate.consistency import EDITS, double_space, first_case, punctuation, self_consistency
+from microdistill.data.edits import EDITS, double_space, first_case, punctuation
+from microdistill.evaluate.consistency import self_consistency
 
 
 # ---- the edits ------------------------------------------------------------------------------------
@@ -141,3 +142,19 @@ def test_runs_end_to_end_with_the_tiny_teacher(tiny_teacher_dir):
         assert r["edits"][name]["n"] == sum(edit(t) != t for t in REAL)
         assert 0.0 <= r["edits"][name]["changed"] <= 1.0
     assert [r["edits"][n]["n"] for n in EDITS] == [8, 7, 6]  # the skip cases are really in REAL
+
+
+def test_augment_changes_the_text_by_one_augmentation():
+    import random
+
+    from microdistill.data.edits import AUGMENTATIONS, NEUTRAL_EMOJI, augment
+
+    text = "Thanks a LOT"
+    which = {"thanks a lot": "lowercase", "thanks a LOT": "first_case", "Thanks a LOT.": "punctuation"}
+    rng, seen = random.Random(0), set()
+    for _ in range(100):
+        edited = augment(text, rng)
+        tail = edited.removeprefix(text + " ")
+        seen.add(which.get(edited) or ("emoji" if tail in NEUTRAL_EMOJI else "link" if tail.startswith("https://") else edited))
+    assert seen == set(AUGMENTATIONS)
+    assert augment("thanks", random.Random(1)) != "thanks"  # lowercase changes nothing here; another edit does

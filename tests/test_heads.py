@@ -222,3 +222,23 @@ def test_auto_picks_heads_for_enum_tasks_and_the_decoder_otherwise(shards, tmp_p
     (ticket / "manifest.json").write_text(json.dumps(manifest))
     assert kind_for("auto", ShardSet(ticket).task()) == "decoder"
     assert kind_for("decoder", ShardSet(shards).task()) == "decoder"
+
+
+def test_augment_adds_edited_copies_with_the_teachers_answer(shards, tmp_path, tiny_tokenizer):
+    from microdistill.train.heads import augmented
+
+    records = list(ShardSet(shards).records("train"))
+    none, every = augmented(records, TrainConfig(augment=0.0)), augmented(records, TrainConfig(augment=1.0, seed=3))
+    assert none == [] and len(every) == len(records)  # every synthetic text has an edit that changes it
+    assert every == augmented(records, TrainConfig(augment=1.0, seed=3))  # the seed fixes the edits
+    for edited, original in zip(every, records):
+        assert edited.text != original.text and edited.fields == original.fields
+        assert all(np.array_equal(edited.decisions[k], original.decisions[k]) for k in original.decisions)
+    half = augmented(records, TrainConfig(augment=0.5))
+    assert 0 < len(half) < len(records)
+    plain = set_up(shards, TrainConfig(student="heads", max_steps=1), progress=False)
+    more = set_up(shards, TrainConfig(student="heads", max_steps=1, augment=0.5), progress=False)
+    assert len(more.train_set) == len(plain.train_set) + len(half)
+    with pytest.raises(TrainError, match="augment is for the heads student"):
+        train(make_shards(tmp_path / "s", tiny_tokenizer, n=16), tmp_path / "x",
+              TrainConfig(student="decoder", preset="nano", augment=0.5, max_steps=1), progress=False)

@@ -20,48 +20,10 @@ are compared as exact strings.
 
 from __future__ import annotations
 
-import re
 from typing import Callable, Sequence
 
+from microdistill.data.edits import EDITS
 from microdistill.evaluate.agreement import wilson_interval
-
-MARKS = (".", "!", "?")
-_SINGLE_SPACE = re.compile(r"(?<! ) (?! )")
-
-
-# ---- the edits ----------------------------------------------------------------------------------
-def punctuation(text: str) -> str:
-    """Toggle the trailing punctuation: drop a final ".", "!" or "?" along with any spaces
-    around it at the end ("Nice! " -> "Nice", "Nice ." -> "Nice"), else end the text with
-    "." ("Nice " -> "Nice."). A text of only whitespace is left as it is."""
-    stripped = text.rstrip()
-    if not stripped:
-        return text
-    if stripped.endswith(MARKS):
-        return stripped[:-1].rstrip()
-    return stripped + "."
-
-
-def first_case(text: str) -> str:
-    """Swap the case of the first character when it is a letter ("nice" -> "Nice",
-    "Nice" -> "nice"); a text starting otherwise (space, digit, quote) is left as it is."""
-    if not text or not text[0].isalpha():
-        return text
-    return text[0].swapcase() + text[1:]
-
-
-def double_space(text: str) -> str:
-    """Double the first single space, one with no space either side ("a b c" -> "a  b c",
-    "a  b c" -> "a  b  c"); a text without one is left as it is."""
-    return _SINGLE_SPACE.sub("  ", text, count=1)
-
-
-EDITS: dict[str, Callable[[str], str]] = {
-    "punctuation": punctuation,
-    "first_case": first_case,
-    "double_space": double_space,
-}
-
 
 # ---- the measure ----------------------------------------------------------------------------------
 def _answers(answer: Callable[[list[str]], list[str]], texts: Sequence[str], batch_size: int) -> list[str]:

@@ -58,6 +58,10 @@ class TrainConfig(Options):
     grad_clip: float = option(1.0, help="Max global gradient norm (0: no clipping).")
     pretrained_lr_ratio: float = option(0.05, help="A pretrained encoder learns at --lr times this.")
     dropout: float = option(0.0, help="Dropout on the student's residual branches while training.")
+    augment: float = option(0.0, help=(
+        "A heads student also learns this share of its training inputs edited without changing their meaning (case, "
+        "a final full stop, a trailing emoji or link), with the teacher's answer to the original: it learns not to "
+        "change its answer for them."))
     seed: int = option(0, help="Random seed (initialisation and data order).")
     divergence: str = option("forward_kl", help=f"{', '.join(DIVERGENCES[:-1])} or {DIVERGENCES[-1]}.")
     temperature: float = option(1.0, help="Distillation temperature T.")
@@ -103,6 +107,7 @@ class TrainConfig(Options):
         need(0.0 <= self.alpha < 1.0, "alpha", "must be in [0, 1)")
         need(self.weight_decay >= 0, "weight_decay", "must not be negative")
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        need(0.0 <= self.augment <= 1.0, "augment", "must be in [0, 1]")
         need(self.grad_clip >= 0, "grad_clip", "must not be negative (0 disables clipping)")
         need(0 < self.temperature <= 100, "temperature", "must be in (0, 100]")
         need(isinstance(self.hidden_weight, (int, float)) and self.hidden_weight >= 0, "hidden_weight",

@@ -65,6 +65,9 @@ def init_embeddings(model: Student, shards: ShardSet, cfg: TrainConfig, progress
 def set_up_decoder(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress: bool) -> Setup:
     """The decoder student (students/decoder.py), its hidden-state probe and optimiser."""
     task = shards.task()
+    if cfg.augment:
+        raise TrainError("training option augment is for the heads student; the decoder learns the teacher's tokens "
+                         "for each input text")
     if cfg.tail and not use_logits:
         raise TrainError("training option tail=True needs teacher logits; the shards (or --signal text) have none")
     use_hidden = use_logits and cfg.hidden_weight > 0 and shards.hidden_layer is not None

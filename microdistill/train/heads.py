@@ -10,12 +10,15 @@ lr·pretrained_lr_ratio, the new heads at lr. The saved folder gets its per-fiel
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 
 import torch
 
 from microdistill.students.confidence import FOLDS, calibrate_confidence
 from microdistill.core.console import say
+from microdistill.data.edits import augment
 from microdistill.train.losses import output_sums, taid_lambda, total_loss
 from microdistill.data.shards import ShardSet
 from microdistill.students.kind import compute_parameters
@@ -75,7 +78,7 @@ def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress:
             tokens, old_ids = prune_vocabulary(tokens, texts)
             prune_embeddings(body, old_ids)
         tokenizer, pieces = tokenizer_from_json(tokens), body.config.vocab_size
-    train_set = examples_of(train_records, tokenizer, fields, use_logits)
+    train_set = examples_of(train_records + augmented(train_records, cfg), tokenizer, fields, use_logits)
     val_set = examples_of(val_records, tokenizer, fields, False)
     seed_everything(cfg.seed)
     model = HeadsStudent(body, [len(f.values) for f in fields], cfg.dropout)
@@ -90,6 +93,15 @@ def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress:
         info={"encoder": source, "input_pieces": pieces, "layers": body.config.num_hidden_layers},
         title=f"heads: {n / 1e6:.1f}M compute parameters (encoder {source}, {body.config.num_hidden_layers} layers, "
               f"{pieces} input pieces, {len(fields)} fields)")
+
+
+def augmented(records: list, cfg: TrainConfig) -> list:
+    """A `cfg.augment` share of `records`, each with its text edited without changing its meaning
+    (data/edits.py) and the teacher's answer to the original; an edit that changes nothing is left out."""
+    rng = random.Random(cfg.seed)
+    picked = [r for r in records if rng.random() < cfg.augment]
+    edited = [dataclasses.replace(r, text=augment(r.text, rng)) for r in picked]
+    return [e for e, r in zip(edited, picked) if e.text != r.text]
 
 
 def save_and_calibrate(model: HeadsStudent, tokens, shards: ShardSet, out, encoder_source: str,

@@ -305,8 +305,18 @@ def test_shards_from_a_real_extraction_time_their_own_teacher(tmp_path, tiny_tea
     assert {k: v["n"] for k, v in ceiling["edits"].items()} == {
         k: sum(edit(x.text) != x.text for x in held_out) for k, edit in EDITS.items()}
     assert [p["name"] for p in r["peers"]] == ["tfidf", "encoder"] and all(p["n_val"] == r["n_eval"] for p in r["peers"])
+    # the student's own consistency, on the same inputs under the same edits
+    from microdistill.evaluate.consistency import self_consistency
+    from microdistill.students import load_student
+
+    own = r["student_consistency"]
+    again = self_consistency(lambda t: [p["output"] for p in load_student(student).predict(t)], [x.text for x in held_out])
+    assert own["n"] == ceiling["n"] and own["edits"].keys() == ceiling["edits"].keys()
+    assert own["consistent"] == again["consistent"] and own["edits"] == again["edits"]
     md = (tmp_path / "eval" / "report.md").read_text()
-    assert "### Beside the peers and the ceiling" in md and "| peer: tfidf |" in md and "self-consistency" in md
+    assert "### Beside the peers and the ceiling" in md and "| peer: tfidf |" in md
+    n = len(held_out)
+    assert f"| teacher's self-consistency ({n} inputs" in md and f"| student's self-consistency ({n} inputs" in md
     assert "## Cost" in md and "](cost.png)" in md
     assert (tmp_path / "eval" / "cost.png").read_bytes()[:8] == PNG_MAGIC
 

@@ -33,7 +33,7 @@ class EvalConfig(Options):
         "same teacher answers."))
     consistency_inputs: int = option(100, help=(
         "Held-out inputs the timed teacher answers again under meaning-preserving edits: its self-consistency, the "
-        "ceiling (0: off)."))
+        "ceiling; the student answers the same edits beside it (0: off)."))
 
     def __post_init__(self) -> None:
         if not isinstance(self.consistency_inputs, int) or self.consistency_inputs < 0:

@@ -175,11 +175,21 @@ def evaluate(student_dir: Path, data_dir: Path, config: EvalConfig | None = None
         # The timed teacher should be the one that labelled the shards: say how often it agrees.
         report["speed"]["teacher"]["same_output_as_shards"] = agreement([r.output_text for r in timed_records], t_timed.outputs)
     report["teacher_consistency"] = t_timed.consistency if t_timed is not None else None
+    report["student_consistency"] = student_consistency(student, records[: cfg.consistency_inputs], cfg.batch_size)
     report["peers"] = peer_rows(shards, split, cfg, notes, progress) if cfg.peers else None
     # calibrated confidence and the cascade's coverage (students/confidence.py), for a kind with one per field
     enough = isinstance(student, PerField) and len(records) >= 2 * FOLDS
     report["confidence"] = assess_student(student, records, cfg.batch_size) if enough else None
     return report
+
+
+def student_consistency(student, records: Sequence[Record], batch_size: int) -> dict | None:
+    """The student's own consistency under the same meaning-keeping edits as the teacher's, on
+    the same inputs: a student that flips where the teacher does not loses agreement there."""
+    if not records:
+        return None
+    return self_consistency(lambda texts: [p["output"] for p in student.predict(texts)], [r.text for r in records],
+                            batch_size=batch_size)
 
 
 def peer_rows(shards: ShardSet, split: str, cfg: EvalConfig, notes: list[str], progress: bool) -> list[dict] | None:

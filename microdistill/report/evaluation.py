@@ -170,7 +170,7 @@ def _interval(ci) -> str:
 def _peers_md(r: dict) -> list[str]:
     """The student beside the obvious alternatives and the teacher's own consistency."""
     peers, ceiling = r.get("peers"), r.get("teacher_consistency")
-    if not peers and not ceiling:
+    if not peers and not ceiling and not r.get("student_consistency"):
         return []
     lines = ["", "### Beside the peers and the ceiling", "",
              "Peers learn from the same teacher answers (train split) and are scored on the same held-out inputs. "
@@ -180,10 +180,11 @@ def _peers_md(r: dict) -> list[str]:
              "| | exact match of the whole object | 95% interval |", "|---|---|---|",
              f"| **student** | **{pct(r['student_only_exact'])}** | {_interval(r.get('student_only_exact_ci95'))} |"]
     lines += [f"| peer: {p['name']} | {pct(p['exact_match'])} | {_interval(p['exact_ci95'])} |" for p in peers or []]
-    if ceiling and ceiling.get("consistent") is not None:
-        edits = ", ".join(f"{k} {pct(v['changed'])}" for k, v in ceiling["edits"].items() if v["changed"] is not None)
-        lines.append(f"| teacher's self-consistency ({ceiling['n']} inputs; answer changed by: {edits}) | "
-                     f"{pct(ceiling['consistent'])} | {_interval(ceiling['consistent_ci95'])} |")
+    for who, c in (("teacher", ceiling), ("student", r.get("student_consistency"))):
+        if c and c.get("consistent") is not None:
+            edits = ", ".join(f"{k} {pct(v['changed'])}" for k, v in c["edits"].items() if v["changed"] is not None)
+            lines.append(f"| {who}'s self-consistency ({c['n']} inputs; answer changed by: {edits}) | "
+                         f"{pct(c['consistent'])} | {_interval(c['consistent_ci95'])} |")
     return lines
 
 

@@ -228,6 +228,14 @@ def test_teacher_input_embeddings_are_stored_at_the_input_ids(shards, with_embed
     (old / "input_embeddings.safetensors").write_bytes(b"junk")
     with pytest.raises(StoreError, match="corrupted or not an input embedding file"):
         again.input_embeddings()
+    # bytes flipped inside the rows keep the file readable: its stored checksum catches them
+    flipped = shutil.copytree(s.dir, tmp_path / "flipped")
+    path = flipped / "input_embeddings.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-8:] = bytes(b ^ 0x01 for b in raw[-8:])  # the last rows' low bits: still finite numbers
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="damaged \\(its rows fail their checksum"):
+        ShardSet(flipped).input_embeddings()
 
 
 def test_a_decoder_student_gets_the_embeddings_it_reads_from_the_shards_teacher(shards, with_embeddings, tmp_path):

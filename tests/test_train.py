@@ -86,8 +86,22 @@ def test_resume_refuses_shards_of_another_teacher_and_changed_options(shards, tm
         train(grown, out, cfg, resume=True, progress=False)
     with pytest.raises(TrainError, match=r"other training options \(lr=0.002\)"):
         train(shards, out, TrainConfig(preset="nano", max_steps=2, batch_size=16, lr=1e-3), resume=True, progress=False)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     with pytest.raises(TrainError, match="already holds a training run; pass --resume"):
         train(shards, out, cfg, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # refused before anything is written
+    # an --out that would mix a student into other files is refused before anything loads
+    before = sorted(p.name for p in Path(shards).iterdir())
+    with pytest.raises(TrainError, match="is the shard folder this reads"):
+        train(shards, shards, cfg, progress=False)
+    with pytest.raises(TrainError, match="holds the shard folder this reads"):
+        train(shards, Path(shards).parent, cfg, progress=False)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(TrainError, match="holds other files and no training run"):
+        train(shards, notes, cfg, progress=False)
+    assert sorted(p.name for p in Path(shards).iterdir()) == before and sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
     with pytest.raises(TrainError, match="no checkpoint to resume from"):
         train(shards, tmp_path / "fresh", cfg, resume=True, progress=False)
 

@@ -161,6 +161,11 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def rows_sha256(rows) -> str:
+    """The checksum an input embedding file keeps of its rows (a torch tensor), in its metadata."""
+    return _sha256(rows.contiguous().numpy().tobytes())
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     """The manifest.json of a shard folder (or of one part of it), as written."""
     mpath = folder / "manifest.json"
@@ -343,15 +348,22 @@ class ShardSet:
         path = self.dir / self.manifest.get("input_embeddings", INPUT_EMBEDDINGS)
         if not path.is_file():
             return None
+        from safetensors import safe_open
         from safetensors.torch import load
 
         try:
-            rows = load(path.read_bytes())["rows"]
+            data = path.read_bytes()
+            rows = load(data)["rows"]
+            with safe_open(path, "pt") as f:
+                stored = (f.metadata() or {}).get("sha256")  # older files hold none
         except Exception as e:  # safetensors raises several types for damaged files
             raise StoreError(f"{path}: corrupted or not an input embedding file ({type(e).__name__})") from None
         n = len(self.manifest["vocab"]["input"])
         if rows.dim() != 2 or rows.shape[0] != n:
             raise StoreError(f"{path}: {tuple(rows.shape)} rows, expected one per input token ({n}); extract again")
+        if (stored is not None and rows_sha256(rows) != stored) or not bool(rows.isfinite().all()):
+            raise StoreError(f"{path}: damaged (its rows fail their checksum or are not finite); delete it, and "
+                             "extract again with --embeddings or let the decoder's training compute it")
         return rows.float()
 
     def task(self):

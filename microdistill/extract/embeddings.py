@@ -15,7 +15,7 @@ import torch
 from microdistill.core.console import progress as progress_bar
 from microdistill.core.console import say
 from microdistill.core.files import atomic_write_bytes, atomic_write_json
-from microdistill.data.shards import INPUT_EMBEDDINGS, ShardSet, read_manifest
+from microdistill.data.shards import INPUT_EMBEDDINGS, ShardSet, read_manifest, rows_sha256
 from microdistill.teachers import TeacherError, load_teacher, recorded_spec
 from microdistill.teachers.hf import HFTeacher, hidden_layer_of, states_after
 
@@ -68,7 +68,8 @@ def save_input_embeddings(teacher: HFTeacher, input_ids: Sequence[int], texts: S
         ctx = (ctx - ctx.mean(0)) / ctx.std(0).clamp_min(1e-6)
         rows[seen] = ctx * rows[seen].std(0) + rows[seen].mean(0)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(dest, save({"rows": rows.half().contiguous()}))
+    rows = rows.half().contiguous()
+    atomic_write_bytes(dest, save({"rows": rows}, metadata={"sha256": rows_sha256(rows)}))
 
 
 def add_input_embeddings(shards: ShardSet, progress: bool = True) -> None:

@@ -157,8 +157,7 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     (None: at epochs' ends only), so a killed run loses at most that much.
     Raises TrainingInterrupted (a KeyboardInterrupt) after saving a checkpoint on SIGINT/SIGTERM.
     """
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise TrainError(f"--out {out_dir}: is a file; give a folder for the student")
+    check_out(Path(data_dir), Path(out_dir), resume)
     due = every(checkpoint_every)
     # one writer per student folder: rank 0 writes it under torchrun, the other ranks never do
     lock = writer_lock(out_dir, "student folder", TrainError) if os.environ.get("RANK", "0") == "0" else nullcontext()
@@ -168,6 +167,22 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
             return _train(ranks, Path(data_dir), Path(out_dir), config or TrainConfig(), resume, progress, on_step, due)
         finally:
             ranks.close()
+
+
+def check_out(data_dir: Path, out: Path, resume: bool) -> None:
+    """Refuse, before anything is loaded or written, an --out that is a file, the shard folder (or
+    holds it), a folder of other files, or a finished or started run without --resume."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out}: is a file; give a folder for the student")
+    data = data_dir.resolve()
+    if out.resolve() == data or out.resolve() in data.parents:
+        raise TrainError(f"--out {out}: {'is' if out.resolve() == data else 'holds'} the shard folder this reads "
+                         f"({data_dir}); choose another --out")
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if names - {".lock"} and not (has_run(out) or "metrics.jsonl" in names):
+        raise TrainError(f"--out {out}: holds other files and no training run; choose a new or empty folder")
+    if has_run(out) and not resume:
+        raise TrainError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
 
 
 def _train(ranks: Ranks, data_dir: Path, out: Path, cfg: TrainConfig, resume: bool, progress: bool,

@@ -502,6 +502,12 @@ def test_one_writer_per_shard_folder(corpus, teacher, tmp_path):
     afile.write_text("x")
     with pytest.raises(ExtractError, match="--out .*afile: is a file; give a folder for the shards"):
         _extract(corpus, teacher, afile)
+    student = tmp_path / "student"  # a folder of other files (here a student's) gets no shards mixed in
+    student.mkdir()
+    (student / "config.json").write_text("{}")
+    with pytest.raises(ExtractError, match=r"--out .*student: holds other files \(config.json\) and no shards"):
+        _extract(corpus, teacher, student)
+    assert [p.name for p in student.iterdir()] == ["config.json"]
 
 
 def test_a_kill_loses_only_the_batch_in_flight(corpus, teacher, tmp_path, monkeypatch):

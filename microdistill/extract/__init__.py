@@ -32,7 +32,7 @@ from microdistill.core.console import say
 from microdistill.core.files import writer_lock
 from microdistill.core.task import Task, load_task
 from microdistill.data.corpus import Item, filter_inputs, read_corpus
-from microdistill.data.shards import part_dir
+from microdistill.data.shards import INPUT_EMBEDDINGS, JOURNAL, part_dir
 from microdistill.extract.config import ExtractConfig, ExtractError
 from microdistill.extract.parts import WAIT_S, Part
 from microdistill.teachers import Teacher, load_teacher
@@ -82,6 +82,11 @@ def extract(input_path: str | Path, out_dir: str | Path, config: ExtractConfig |
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ExtractError(f"--out {out_dir}: is a file; give a folder for the shards")
+    if out_dir.is_dir() and not (out_dir / "manifest.json").is_file():  # what a run killed early leaves may stay
+        other = sorted(p.name for p in out_dir.iterdir() if p.name not in {".lock", "parts", INPUT_EMBEDDINGS, JOURNAL})
+        if other:
+            raise ExtractError(f"--out {out_dir}: holds other files ({', '.join(other[:3])}) and no shards; choose a new "
+                               "or empty folder, or a shard folder to add to")
     task = task or load_task(cfg.task)
     raw_items = read_corpus(input_path, field=cfg.field, labels=cfg.labels) if chosen is None else []
     teacher = teacher or load_teacher(cfg.teacher, cfg.teacher_url, cfg.teacher_tokenizer, progress=progress)

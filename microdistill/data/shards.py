@@ -352,8 +352,7 @@ class ShardSet:
         from safetensors.torch import load
 
         try:
-            data = path.read_bytes()
-            rows = load(data)["rows"]
+            rows = load(path.read_bytes())["rows"]
             with safe_open(path, "pt") as f:
                 stored = (f.metadata() or {}).get("sha256")  # older files hold none
         except Exception as e:  # safetensors raises several types for damaged files

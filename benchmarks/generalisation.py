@@ -11,7 +11,8 @@ folders labelled by the same teacher: text from elsewhere, none of it seen in tr
 generalisation that matters). `--held-out` scores on another folder's held-out split, so runs on
 nested corpora compare on one set. A `--variant LABEL:OPTION=VALUE,...` adds a student trained with those
 training options (TrainConfig's names) on top of the same defaults. Exact match of the whole answer; mean over seeds with a 95% interval (t-distribution
-over the seeds' scores) and the Wilson interval of the pooled count. Finished students are
+over the seeds' scores) and the Wilson interval of the pooled count (of one count, for a learner
+that answers alike for every seed: the peers). Finished students are
 reused, so an interrupted benchmark continues. Writes `results.json` and `results.md` in `--out`.
 """
 
@@ -42,7 +43,8 @@ def summary(counts: list[tuple[int, int]]) -> dict:
     rates = [k / n for k, n in counts]
     mean = statistics.fmean(rates)
     half = T95.get(len(rates) - 1, 1.96) * statistics.stdev(rates) / math.sqrt(len(rates)) if len(rates) > 1 else None
-    k, n = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    # a learner that gives the same answers for every seed (the peers) has the interval of one count
+    k, n = counts[0] if len(set(counts)) == 1 else (sum(c[0] for c in counts), sum(c[1] for c in counts))
     return {"per_seed": rates, "mean": mean, "ci95_seeds": [mean - half, mean + half] if half is not None else None,
             "pooled_wilson": list(wilson_interval(k, n)), "n": counts[0][1]}
 
@@ -127,7 +129,8 @@ def main() -> None:
         cells = []
         for t in targets:
             s = r[t]
-            ci = f" ({100 * s['ci95_seeds'][0]:.1f}–{100 * s['ci95_seeds'][1]:.1f})" if s["ci95_seeds"] else ""
+            lo, hi = s["ci95_seeds"] if s["ci95_seeds"] and s["ci95_seeds"][1] > s["ci95_seeds"][0] else s["pooled_wilson"]
+            ci = f" ({100 * lo:.1f}–{100 * hi:.1f})"
             cells.append(f"{100 * s['mean']:.1f}%{ci}")
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")

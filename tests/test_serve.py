@@ -189,6 +189,32 @@ def test_concurrent_callers_share_a_batch_and_a_full_queue_refuses():
     asyncio.run(main())
 
 
+def test_without_a_window_callers_who_queue_behind_a_running_batch_share_the_next_one():
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def fn(xs):
+        calls.append(list(xs))
+        started.set()
+        release.wait(30)
+        return xs
+
+    async def main():
+        b = MicroBatcher(fn, "student", 64, 0.0, 100)
+        await b.start()
+        first = asyncio.ensure_future(b.submit([1]))  # a lone caller: answered at once, no waiting for company
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(b.submit([x])) for x in (2, 3, 4)]
+        await asyncio.sleep(0.01)
+        release.set()
+        assert await first == [1] and [await r for r in rest] == [[2], [3], [4]]
+        await b.close()
+
+    asyncio.run(main())
+    assert calls == [[1], [2, 3, 4]]
+
+
 def test_a_slow_teacher_never_holds_up_a_confident_answer():
     release = threading.Event()
 

@@ -51,7 +51,9 @@ class ServeConfig(Options):
         "the task's name): an application keeps the model name it sends and changes only its base URL."))
     host: str = option("127.0.0.1", help="Address to listen on.")
     port: int = option(8000, help="Port to listen on.")
-    batch_window_ms: float = option(2.0, help="How long the student waits for concurrent requests to join a batch.")
+    batch_window_ms: float = option(0.0, help=(
+        "How long the student waits for concurrent requests to join a batch. At 0 a batch is what queued while the "
+        "last one ran: a lone caller waits for nothing, and busy servers still batch (benchmarks/serve_scaling.py)."))
     max_batch: int = option(64, help="Texts per batch gathered from concurrent requests.")
     max_queue: int = option(1024, help=(
         "Texts waiting for the student or the teacher before requests get 503 (a full queue refuses, it never grows)."))

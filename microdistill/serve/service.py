@@ -2,9 +2,9 @@
 
     microdistill serve --student runs/demo/student --teacher qwen2.5-coder-0.5b-instruct --target-agreement 0.97
 
-`Service` is what every route of the HTTP API (api.py) calls. Concurrent callers' texts are
-gathered for a few milliseconds into one student batch, run on the student's own worker
-thread; escalated texts go to the teacher's worker thread, so a slow teacher delays only the
+`Service` is what every route of the HTTP API (app.py) calls. Concurrent callers' texts are
+gathered into one student batch (what queued while the last batch ran, plus what arrives within
+--batch-window-ms), run on the student's own worker thread; escalated texts go to the teacher's worker thread, so a slow teacher delays only the
 calls that wait for it. Each queue is bounded (503 when full); `close` refuses new work and
 finishes what is queued.
 """

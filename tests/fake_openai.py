@@ -1,6 +1,6 @@
 """A tiny OpenAI-compatible chat server that misbehaves on purpose, for tests/test_api_teacher.py.
 
-    python tests/fake_openai.py --port 8123 --tokenizer TOKENIZER_DIR
+    python tests/fake_openai.py --port 8123 --tokenizer TOKENIZER_DIR [--delay-s 2]
 
 A real HTTP server (FastAPI under uvicorn, in its own process) answering the reddit-comment
 task by the synthetic rule (synthetic.label), spelled in the tiny tokenizer's tokens with
@@ -22,6 +22,7 @@ except tiny-nologprobs'. Routes under /auth/v1 need `Authorization: Bearer secre
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from collections import Counter
@@ -38,7 +39,7 @@ MODELS = ["tiny", "tiny-429", "tiny-500", "tiny-badjson", "tiny-alwaysbad", "tin
 KEY = "secret"
 
 
-def make_app(tokenizer_dir: str) -> FastAPI:
+def make_app(tokenizer_dir: str, delay_s: float = 0.0) -> FastAPI:
     from transformers import AutoTokenizer
 
     from microdistill.data.vocab import token_bytes
@@ -89,6 +90,8 @@ def make_app(tokenizer_dir: str) -> FastAPI:
         if model not in MODELS:
             return error(404, f"The model `{model}` does not exist.")
         calls[model] += 1
+        if delay_s:
+            await asyncio.sleep(delay_s)  # a slow teacher (--delay-s)
         text = messages[-1]["content"].removeprefix("Comment: ")
         per_input[model, text] += 1
         n = per_input[model, text]
@@ -118,5 +121,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--delay-s", type=float, default=0.0, help="wait this long before every answer: a slow teacher")
     args = ap.parse_args()
-    uvicorn.run(make_app(args.tokenizer), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(make_app(args.tokenizer, args.delay_s), host="127.0.0.1", port=args.port, log_level="warning")

@@ -15,7 +15,7 @@ import torch
 from synthetic import make_shards
 
 from microdistill.evaluate.agreement import (
-    INVALID, agreement, confusion, exact_by_certainty, field_agreement, human_accuracy, teacher_certainty,
+    INVALID, agreement, confusion, exact_by_certainty, chrf, field_agreement, human_accuracy, teacher_certainty,
     wilson_interval,
 )
 from microdistill.evaluate.config import EvalConfig, EvalError
@@ -78,6 +78,16 @@ def test_agreement_and_field_agreement_on_hand_made_predictions():
     assert team["matrix"][1] == [1, 0, 0, 0, 0, 0]  # technical taken for billing
     urgency = f["urgency"]["confusion"]
     assert sum(urgency["matrix"][i][i] for i in range(3)) / 4 == f["urgency"]["agreement"]
+    # chrF of the free text: near-misses earn credit that exact match denies, and only text fields get it
+    assert "chrf" not in f["team"] and 0 < f["summary"]["chrf"] < 100
+    assert chrf(["double charge"], ["double charge"]) == 100.0 and chrf(["double charge"], [None]) == 0.0
+    assert chrf(["app crash on start"], ["app crash"]) > chrf(["app crash on start"], ["refund"])
+    assert chrf([], []) is None
+    from microdistill.report.evaluation import _quality_md
+
+    md = _quality_md({"student_only_exact": 0.25, "teacher_forced_token_acc": 0.5, "valid_json_constrained": 1.0,
+                      "valid_json_unconstrained": 0.75, "fields": f, "plots": {}, "human": {}})
+    assert f"| summary | 50.00% | {f['summary']['chrf']:.1f} |" in md and "| team | 50.00% | — |" in md
 
 
 def _record(text: str, fields: dict, labels: dict | None) -> Record:

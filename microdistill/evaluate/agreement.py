@@ -42,12 +42,14 @@ def agreement(reference: Sequence[Any], predicted: Sequence[Any]) -> float:
 
 
 def field_agreement(task, teacher: Sequence[dict], student: Sequence[dict | None]) -> dict[str, dict]:
-    """Per output field: agreement with the teacher, and its confusion matrix for enum fields.
+    """Per output field: agreement with the teacher (exact), its confusion matrix for enum fields,
+    and for free-text fields chrF against the teacher's text (`chrf`, 0–100), which credits a
+    summary that says the same in nearly the same words.
 
     `student` holds the parsed fields of each output, or None where the output is invalid
-    (which then disagrees on every field).
+    (which then disagrees on every field, and counts as an empty text).
     """
-    from microdistill.core.task import EnumField
+    from microdistill.core.task import EnumField, StringField
 
     out: dict[str, dict] = {}
     for f in task.output.fields:
@@ -56,8 +58,21 @@ def field_agreement(task, teacher: Sequence[dict], student: Sequence[dict | None
         entry: dict[str, Any] = {"agreement": agreement(ref, pred), "confusion": None}
         if isinstance(f, EnumField):
             entry["confusion"] = confusion(ref, pred, f.values)
+        if isinstance(f, StringField):
+            entry["chrf"] = chrf(ref, pred)
         out[f.name] = entry
     return out
+
+
+def chrf(reference: Sequence[Any], predicted: Sequence[Any]) -> float | None:
+    """Corpus chrF (sacrebleu's, character n-grams up to 6, beta 2) of the predicted texts against
+    the reference texts, 0–100; a missing prediction is an empty text. None for no texts."""
+    from sacrebleu.metrics import CHRF
+
+    if not reference:
+        return None
+    hyps = ["" if p is None else str(p) for p in predicted]
+    return CHRF().corpus_score(hyps, [[str(r) for r in reference]]).score
 
 
 def _same_label(value: Any, label: Any) -> bool:

@@ -141,8 +141,9 @@ def _quality_md(r: dict) -> list[str]:
         f"| teacher-forced token accuracy | {pct(r['teacher_forced_token_acc'])} |",
         f"| valid JSON with the grammar | {pct(r['valid_json_constrained'])} |",
         f"| valid JSON without the grammar | {pct(r['valid_json_unconstrained'])} |",
-        "", "### Per field", "", "| field | agreement |", "|---|---|",
-        *(f"| {name} | {pct(f['agreement'])} |" for name, f in r["fields"].items()),
+        "", "### Per field", "", "| field | agreement (exact) | chrF (free text) |", "|---|---|---|",
+        *(f"| {name} | {pct(f['agreement'])} | {'—' if f.get('chrf') is None else format(f['chrf'], '.1f')} |"
+          for name, f in r["fields"].items()),
     ]
     lines += _peers_md(r)
     groups = r.get("exact_by_teacher_certainty")

@@ -19,13 +19,13 @@ from microdistill.core.errors import UserError
 from microdistill.core.options import Options
 from microdistill.evaluate.config import EvalConfig
 from microdistill.extract.config import ExtractConfig
-from microdistill.flows.config import CompareConfig, RunConfig, UpdateConfig
+from microdistill.flows.config import CompareConfig, RunConfig, SynthesizeConfig, UpdateConfig
 from microdistill.plan.cost import CostConfig, PilotConfig
 from microdistill.serve.config import ServeConfig
 from microdistill.train.config import TrainConfig
 
 COMMANDS = typer.main.get_command(app).commands
-WORKFLOW = ["run", "extract", "train", "eval", "predict", "export", "serve", "update", "calibrate-confidence", "cost",
+WORKFLOW = ["run", "synthesize", "extract", "train", "eval", "predict", "export", "serve", "update", "calibrate-confidence", "cost",
             "compare", "inspect", "tasks"]
 RUN = RunConfig()
 # The stage options `run` takes (the rest keep RunConfig's stage defaults).
@@ -42,6 +42,7 @@ VERB_CONFIGS = {
     "eval": ([(EvalConfig(), None)], {"student", "data", "out", "json_out", "quiet"}),
     "serve": ([(ServeConfig(), None)], {"student"}),
     "update": ([(UpdateConfig(), None)], {"student", "input", "out", "shards", "quiet"}),
+    "synthesize": ([(SynthesizeConfig(), None)], {"out", "quiet"}),
     "compare": ([(CompareConfig(), None)], {"data", "out", "configs", "plan", "list_", "quiet"}),
     # --task/--teacher build the ExtractConfig of --measure; --student is a student folder there
     "cost": ([(CostConfig(), None), (PilotConfig(), None), (ExtractConfig(), ("task", "teacher"))],
@@ -124,6 +125,7 @@ CALLS = {
     "compare": ("microdistill.flows.compare", "compare", 3, ["--data", "d", "--out", "c"]),
     "cost": ("microdistill.flows.cost", "cost_analysis", 1, ["r"]),
     "run": ("microdistill.flows.run", "run", 0, []),
+    "synthesize": ("microdistill.flows.synthesize", "synthesize", 0, ["--out", "o.jsonl"]),
 }
 
 
@@ -147,7 +149,8 @@ def config_built(monkeypatch, verb: str, args: list[str] = ()):
 @pytest.mark.parametrize("verb", sorted(CALLS))
 def test_verbs_build_default_configs(monkeypatch, verb):
     expected = {"run": RUN, "train": TrainConfig(), "extract": ExtractConfig(), "eval": EvalConfig(),
-                "serve": ServeConfig(), "compare": CompareConfig(), "cost": CostConfig(), "update": UpdateConfig()}[verb]
+                "serve": ServeConfig(), "compare": CompareConfig(), "cost": CostConfig(), "update": UpdateConfig(),
+                "synthesize": SynthesizeConfig()}[verb]
     assert config_built(monkeypatch, verb) == expected
 
 
@@ -172,6 +175,8 @@ GIVEN = {
                    max_queue=16, max_texts=4, max_text_chars=100, max_body_bytes=1000, drain_timeout_s=1.0,
                    threads=2),
               dict(target_agreement=0.8)],
+    "synthesize": [dict(OPENAI, task="support-ticket", n=5, batch_size=4, temperature=0.7, max_tokens=20,
+                        similarity=0.8, seed=3)],
     "update": [dict(select="diverse", budget=50, rounds=3, tolerance=0.01, seed=4)],
     "compare": [dict(preset="nano", max_steps=5, seed=3, limit_train=20, sizes=(10, 20), sizes_for=("kd", "ce"),
                      batch_size=4, lr=0.01, eval_limit=5),

@@ -1,6 +1,7 @@
 """The verbs that make a student, in the order of the work; cli/__init__.py adds them to `microdistill`.
 
     microdistill run                                   # all three stages under runs/NAME/
+    microdistill synthesize --task support-ticket --n 500 --out tickets.jsonl   # no real inputs yet
     microdistill extract --input comments.jsonl --out runs/demo/shards
     microdistill train --data runs/demo/shards --out runs/demo/student
     microdistill eval --student runs/demo/student --data runs/demo/shards
@@ -19,7 +20,7 @@ import typer
 from microdistill.cli.verbs import Flags, fail, verb
 from microdistill.evaluate.config import EvalConfig
 from microdistill.extract.config import ExtractConfig
-from microdistill.flows.config import RunConfig
+from microdistill.flows.config import RunConfig, SynthesizeConfig
 from microdistill.train.config import CHECKPOINT_EVERY, TrainConfig
 
 LABEL = {"labels": "--label"}  # one FIELD=COLUMN pair per flag, repeated
@@ -38,6 +39,20 @@ def run(cfg: RunConfig = Flags(RunConfig, nested={
     from microdistill.flows.run import run as run_pipeline
 
     run_pipeline(cfg)
+
+
+@verb
+def synthesize(
+    out: Path = typer.Option(..., help="The .jsonl file to write (a run stopped early continues from OUT.partial)."),
+    cfg: SynthesizeConfig = Flags(SynthesizeConfig),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Have the teacher write inputs for a task (steered to every value of its fields) -> a corpus for extract."""
+    from microdistill.flows.synthesize import synthesize as write_inputs
+
+    r = write_inputs(cfg, out, progress_bar=not quiet)
+    typer.echo(f"{r['written']} inputs of {r['task']} written to {r['out']} ({r['asked']} asked: "
+               f"{r['failed_input_rules']} failed the input rules, {r['near_duplicates']} near-duplicates)")
 
 
 @verb
@@ -127,4 +142,4 @@ def eval_(
     typer.echo(f"report: {out / 'report.md'}")
 
 
-VERBS = {"run": run, "extract": extract, "train": train, "eval": eval_}
+VERBS = {"run": run, "synthesize": synthesize, "extract": extract, "train": train, "eval": eval_}

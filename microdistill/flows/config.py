@@ -144,3 +144,32 @@ class UpdateConfig(Options):
                 raise UpdateError(f"--{name} must be at least 1 (got {getattr(self, name)})")
         if not 0.0 <= self.tolerance < 1.0:
             raise UpdateError(f"--tolerance must be in [0, 1) (got {self.tolerance})")
+
+
+class SynthesizeError(UserError):
+    """Inputs the teacher cannot write for a task; one line for the user."""
+
+
+@dataclass(frozen=True)
+class SynthesizeConfig(Options):
+    """One `synthesize`: the task, the teacher that writes its inputs, how many, how varied."""
+
+    task: str = option("reddit-comment", help="Task preset name or YAML file whose inputs the teacher writes.")
+    teacher: str = option(ExtractConfig.teacher, help="The teacher that writes them (any spec extract takes).")
+    teacher_url: str | None = option(None, help="The served teacher's OpenAI base URL (with --teacher openai:MODEL).")
+    n: int = option(200, help="How many inputs to write (after filtering and removing near-duplicates).")
+    batch_size: int = option(16, help="Inputs asked of the teacher at once.")
+    temperature: float = option(1.0, help="Sampling temperature: higher writes more varied inputs.")
+    max_tokens: int = option(64, help="Tokens the teacher may write per input.")
+    similarity: float = option(0.7, help=(
+        "Drop an input whose character 4-grams overlap a kept one's (or an example's) this much (Jaccard)."))
+    seed: int = option(0, help="Sampling seed.")
+
+    def __post_init__(self) -> None:
+        for name in ("n", "batch_size", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise SynthesizeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if not 0.0 < self.temperature <= 2.0:
+            raise SynthesizeError(f"--temperature must be in (0, 2] (got {self.temperature})")
+        if not 0.0 < self.similarity <= 1.0:
+            raise SynthesizeError(f"--similarity must be in (0, 1] (got {self.similarity})")

@@ -91,6 +91,23 @@ class HFTeacher:
 
         return local_labeller(self, task, kept)
 
+    def write(self, conversations: list[list[dict[str, str]]], max_tokens: int, temperature: float,
+              seed: int) -> list[str]:
+        """Free text, sampled, for each chat conversation (what `synthesize` asks the teacher for)."""
+        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                   if self.has_chat_template else "\n".join(m["content"] for m in c) + "\n" for c in conversations]
+        ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        width = max(map(len, ids))
+        pad = [[self.pad_id] * (width - len(x)) for x in ids]  # left padding: every row ends where it writes
+        input_ids = torch.tensor([p + x for p, x in zip(pad, ids)])
+        mask = torch.tensor([[0] * len(p) + [1] * len(x) for p, x in zip(pad, ids)])
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=temperature,
+                                      top_p=0.95, max_new_tokens=max_tokens, pad_token_id=self.pad_id,
+                                      eos_token_id=self.eos_id)
+        return self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
     def describe(self) -> dict[str, Any]:
         """The manifest's `teacher` entry (its dtype only when not float32, the dtype of every
         folder written before teachers had another)."""

@@ -162,6 +162,16 @@ class ServedTeacher:
 
         return run
 
+    def write(self, conversations: list[list[dict[str, str]]], max_tokens: int, temperature: float, seed: int) -> list[str]:
+        """Free text, sampled, for each chat conversation, `concurrency` calls in flight."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        ask = lambda k: self._call("write", self.client.chat.completions.create, model=self.model,  # noqa: E731
+                                   messages=conversations[k], max_tokens=max_tokens, temperature=temperature,
+                                   seed=seed + k, attempts=self.attempts)[0].choices[0].message.content or ""
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(ask, range(len(conversations))))
+
     @property
     def signal(self) -> str:
         return "logits" if self.logprobs and self.own_tokenizer else "text"

@@ -21,7 +21,8 @@ class Teacher(Protocol):
     """What every teacher offers: its identity (recorded in each shard folder's manifest), its
     tokenizer and end-of-answer token, the prompt it is asked with, whether it is a white box
     (`access`: "white", full logits) or a black box ("black": answers, maybe top-k), and a
-    labeller: texts -> its answers, decoded or asked as extraction does."""
+    labeller: texts -> its answers, decoded or asked as extraction does; and `write`: free text,
+    sampled, for chat conversations (the inputs `synthesize` asks it to write)."""
 
     name: str
     tokenizer: Any
@@ -37,6 +38,9 @@ class Teacher(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
     def labeller(self, task: Task, kept: list[int] | None = None) -> Callable[[list[str]], list[str]]: ...
+
+    def write(self, conversations: list[list[dict[str, str]]], max_tokens: int, temperature: float,
+              seed: int) -> list[str]: ...
 
 
 def is_served_spec(spec) -> bool:

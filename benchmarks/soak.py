@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--limit", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=20, help="training epochs: long enough for --kills kills")
     args = ap.parse_args()
     rng, out = random.Random(args.seed), args.out.resolve()
     extract = ["extract", "--input", str(sample_corpus()), "--limit", str(args.limit), "--batch-size", "8",
@@ -82,8 +83,8 @@ def main() -> None:
                              lambda: complete(out / "shards-killed"))
     result["extract"]["same"] = same_records(out / "shards-whole", out / "shards-killed")
     print(f"extract: {result['extract']}", flush=True)
-    train = ["train", "--data", str(out / "shards-whole"), "--student", "heads", "--epochs", "2", "--batch-size", "8",
-             "--checkpoint-every", "2", "--quiet"]
+    train = ["train", "--data", str(out / "shards-whole"), "--student", "heads", "--epochs", str(args.epochs),
+             "--batch-size", "8", "--checkpoint-every", "2", "--quiet"]
     subprocess.run(cli(*train, "--out", str(out / "student-whole")), cwd=ROOT, check=True)
     killed = out / "student-killed"
     first = cli(*train, "--out", str(killed))
@@ -104,7 +105,7 @@ def soak_train(first: list[str], resume: list[str], kills: int, rng: random.Rand
         command = resume if (folder / "checkpoint" / "meta.json").is_file() else first
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            proc.wait(timeout=rng.uniform(10.0, 60.0) if killed < kills else None)
+            proc.wait(timeout=rng.uniform(5.0, 20.0) if killed < kills else None)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

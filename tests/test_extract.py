@@ -542,3 +542,30 @@ def test_a_kill_loses_only_the_batch_in_flight(corpus, teacher, tmp_path, monkey
         w = whole[k]
         assert r.logits.tobytes() == w.logits.tobytes() and r.output_ids.tobytes() == w.output_ids.tobytes()
     assert sum(second) == len(whole) - kept  # the resumed run decoded only what the journal did not hold
+
+
+def test_a_kill_before_the_first_batch_keeps_the_calibration_answers(corpus, teacher, tmp_path, monkeypatch):
+    """Killed in its first labelled batch, a new folder still holds the calibration answers it
+    reused: the next run decodes only the other inputs, in the batches a run never killed decodes."""
+    from microdistill.teachers.decoding import Decoder
+
+    whole = {r.id: r for r in ShardSet(_extract(corpus, teacher, tmp_path / "whole")).records()}
+    out, real, calls, second = tmp_path / "shards", Decoder.generate, [], []
+
+    def killed(self, rests, *a, **k):
+        if len(calls) == 2:  # two calibration batches; the first labelled batch never finishes
+            raise KeyboardInterrupt
+        calls.append(len(rests))
+        return real(self, rests, *a, **k)
+
+    monkeypatch.setattr(Decoder, "generate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(corpus, teacher, out)
+    from microdistill.data.shards import decode_shard
+
+    reused = len(decode_shard((out / "journal.safetensors").read_bytes(), out))
+    assert reused > 0
+    monkeypatch.setattr(Decoder, "generate", lambda self, rests, *a, **k: second.append(len(rests)) or real(self, rests, *a, **k))
+    got = {r.id: r for r in ShardSet(_extract(corpus, teacher, out)).records()}
+    assert got.keys() == whole.keys() and sum(second) == len(whole) - reused
+    assert all(got[k].logits.tobytes() == whole[k].logits.tobytes() for k in got)

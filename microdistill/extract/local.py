@@ -115,6 +115,9 @@ def reuse_calibration(teacher: HFTeacher, task: Task, calib: Calibration, wanted
         hidden = torch.stack(row.hidden).to(teacher.model.device)
         row.logits = list(head_logits(teacher.model, hidden, kept).half().cpu().numpy())
         writer.add(make_record(task, teacher.tokenizer, item, row, text, decisions, kept_set, teacher.eos_id))
+    # on disk at once: a run killed before its first batch would otherwise decode these again, in
+    # batches of other inputs, and every later batch would then hold other inputs than a run never killed
+    writer.journal()
     return len(usable)
 
 

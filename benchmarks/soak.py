@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--limit", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=20, help="training epochs: long enough for --kills kills")
+    ap.add_argument("--epochs", type=int, default=40, help="training epochs: long enough for --kills kills")
     args = ap.parse_args()
     rng, out = random.Random(args.seed), args.out.resolve()
     extract = ["extract", "--input", str(sample_corpus()), "--limit", str(args.limit), "--batch-size", "8",

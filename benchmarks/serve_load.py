@@ -37,10 +37,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(student: Path, serve_args: str) -> tuple[subprocess.Popen, str]:
+def start_server(student: Path, serve_args: str, python: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`microdistill serve` on a free port, once /health answers; `python`: how to start the CLI
+    (default `python -m microdistill.cli`)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "microdistill.cli", "serve", "--student", str(student), "--port", str(port),
-           *shlex.split(serve_args)]
+    cmd = [*(python or [sys.executable, "-m", "microdistill.cli"]), "serve", "--student", str(student),
+           "--port", str(port), *shlex.split(serve_args)]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):

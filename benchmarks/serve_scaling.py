@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from serve_load import batch_mean, free_port, start_server
+from serve_load import batch_mean, start_server
 
 WRK_SCRIPT = """
 local bodies = {}
@@ -158,24 +158,13 @@ def main() -> None:
 
 
 def start(student: Path, serve_args: str) -> tuple[subprocess.Popen, str]:
-    """`microdistill serve` on a free port; flags starting with the word `asyncio` run it on Python's own
-    event loop and HTTP parser (uvloop and httptools hidden), as uvicorn runs where they are not installed."""
+    """`microdistill serve`; flags starting with the word `asyncio` run it on Python's own event loop
+    and HTTP parser (uvloop and httptools hidden), as uvicorn runs where they are not installed."""
     words = shlex.split(serve_args)
     if words[:1] != ["asyncio"]:
         return start_server(student, serve_args)
-    port = free_port()
     hide = "import sys; sys.modules['uvloop'] = sys.modules['httptools'] = None; from microdistill.cli import main; main()"
-    cmd = [sys.executable, "-c", hide, "serve", "--student", str(student), "--port", str(port), *words[1:]]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        if proc.poll() is not None:
-            sys.exit(f"the server exited (code {proc.returncode}): {shlex.join(cmd)}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.5)
+    return start_server(student, shlex.join(words[1:]), python=[sys.executable, "-c", hide])
 
 
 def served(args, serve_args: str, base: dict, url_files: tuple[Path, Path]) -> list[dict]:

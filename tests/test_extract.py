@@ -510,33 +510,52 @@ def test_one_writer_per_shard_folder(corpus, teacher, tmp_path):
     assert [p.name for p in student.iterdir()] == ["config.json"]
 
 
-def test_a_kill_loses_only_the_batch_in_flight(corpus, teacher, tmp_path, monkeypatch):
-    """Killed while a shard is still filling (shards of 128, batches of 5), the next run takes back
-    every finished batch from the journal, decodes only the rest, and ends with the records of a
-    run never killed, bit for bit."""
+def extract_killed(corpus, teacher, out, monkeypatch, after: int) -> list[int]:
+    """Extract into `out`, killed (KeyboardInterrupt) as the decoder starts its call number
+    `after` + 1; the sizes of the calls that finished."""
     from microdistill.teachers.decoding import Decoder
 
-    whole = {r.id: r for r in ShardSet(_extract(corpus, teacher, tmp_path / "whole")).records()}
-    out = tmp_path / "shards"
-    real, first, second = Decoder.generate, [], []
+    real, done = Decoder.generate, []
 
     def killed(self, rests, *a, **k):
-        if len(first) == 4:  # two calibration batches (6 inputs), two labelled ones; the fifth never finishes
+        if len(done) == after:
             raise KeyboardInterrupt
-        first.append(len(rests))
+        done.append(len(rests))
         return real(self, rests, *a, **k)
 
     monkeypatch.setattr(Decoder, "generate", killed)
     with pytest.raises(KeyboardInterrupt):
         _extract(corpus, teacher, out)
-    assert (out / "journal.safetensors").is_file() and not ShardSet(out).manifest["shards"]
+    monkeypatch.setattr(Decoder, "generate", real)
+    return done
+
+
+def extract_counted(corpus, teacher, out, monkeypatch) -> tuple[dict, list[int]]:
+    """Extract into `out` (resuming it): its records by id, and the sizes of the decoder's calls."""
+    from microdistill.teachers.decoding import Decoder
+
+    real, sizes = Decoder.generate, []
+    monkeypatch.setattr(Decoder, "generate", lambda self, rests, *a, **k: sizes.append(len(rests)) or real(self, rests, *a, **k))
+    return {r.id: r for r in ShardSet(_extract(corpus, teacher, out)).records()}, sizes
+
+
+def journaled(out) -> int:
     from microdistill.data.shards import decode_shard
 
-    kept = len(decode_shard((out / "journal.safetensors").read_bytes(), out))  # calibration answers + 2 batches
+    return len(decode_shard((out / "journal.safetensors").read_bytes(), out))
+
+
+def test_a_kill_loses_only_the_batch_in_flight(corpus, teacher, tmp_path, monkeypatch):
+    """Killed while a shard is still filling (shards of 128, batches of 5), the next run takes back
+    every finished batch from the journal, decodes only the rest, and ends with the records of a
+    run never killed, bit for bit."""
+    whole = {r.id: r for r in ShardSet(_extract(corpus, teacher, tmp_path / "whole")).records()}
+    out = tmp_path / "shards"
+    first = extract_killed(corpus, teacher, out, monkeypatch, after=4)  # 2 calibration batches (6 inputs), 2 labelled
+    assert (out / "journal.safetensors").is_file() and not ShardSet(out).manifest["shards"]
+    kept = journaled(out)  # calibration answers + 2 batches
     assert kept >= sum(first[2:]) == 10
-    monkeypatch.setattr(Decoder, "generate", lambda self, rests, *a, **k: second.append(len(rests)) or real(self, rests, *a, **k))
-    resumed = ShardSet(_extract(corpus, teacher, out))
-    got = {r.id: r for r in resumed.records()}
+    got, second = extract_counted(corpus, teacher, out, monkeypatch)
     assert got.keys() == whole.keys() and not (out / "journal.safetensors").exists()
     for k, r in got.items():
         w = whole[k]
@@ -547,25 +566,11 @@ def test_a_kill_loses_only_the_batch_in_flight(corpus, teacher, tmp_path, monkey
 def test_a_kill_before_the_first_batch_keeps_the_calibration_answers(corpus, teacher, tmp_path, monkeypatch):
     """Killed in its first labelled batch, a new folder still holds the calibration answers it
     reused: the next run decodes only the other inputs, in the batches a run never killed decodes."""
-    from microdistill.teachers.decoding import Decoder
-
     whole = {r.id: r for r in ShardSet(_extract(corpus, teacher, tmp_path / "whole")).records()}
-    out, real, calls, second = tmp_path / "shards", Decoder.generate, [], []
-
-    def killed(self, rests, *a, **k):
-        if len(calls) == 2:  # two calibration batches; the first labelled batch never finishes
-            raise KeyboardInterrupt
-        calls.append(len(rests))
-        return real(self, rests, *a, **k)
-
-    monkeypatch.setattr(Decoder, "generate", killed)
-    with pytest.raises(KeyboardInterrupt):
-        _extract(corpus, teacher, out)
-    from microdistill.data.shards import decode_shard
-
-    reused = len(decode_shard((out / "journal.safetensors").read_bytes(), out))
+    out = tmp_path / "shards"
+    extract_killed(corpus, teacher, out, monkeypatch, after=2)  # two calibration batches; the first labelled one dies
+    reused = journaled(out)
     assert reused > 0
-    monkeypatch.setattr(Decoder, "generate", lambda self, rests, *a, **k: second.append(len(rests)) or real(self, rests, *a, **k))
-    got = {r.id: r for r in ShardSet(_extract(corpus, teacher, out)).records()}
+    got, second = extract_counted(corpus, teacher, out, monkeypatch)
     assert got.keys() == whole.keys() and sum(second) == len(whole) - reused
     assert all(got[k].logits.tobytes() == whole[k].logits.tobytes() for k in got)

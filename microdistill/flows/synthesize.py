@@ -89,9 +89,7 @@ def synthesize(cfg: SynthesizeConfig, out: Path, progress_bar: bool = True) -> d
     if out.exists():
         raise SynthesizeError(f"--out {out}: already exists; choose another file (nothing was written)")
     partial = out.with_name(out.name + ".partial")
-    kept = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.exists() else []
-    if kept:
-        say(f"continuing {partial}: {len(kept)} inputs already written", progress_bar)
+    kept = earlier(partial, progress_bar)
     teacher = load_teacher(cfg.teacher, cfg.teacher_url, progress=progress_bar)
     seen = [grams(ex.input) for ex in task.prompt.examples] + [grams(k["text"]) for k in kept]
     plan = itertools.cycle(steers(task))
@@ -136,6 +134,14 @@ def synthesize(cfg: SynthesizeConfig, out: Path, progress_bar: bool = True) -> d
         say(f"only {len(kept)} of {cfg.n} inputs after {asked} tries ({rejected} failed the input rules, "
             f"{similar} near-duplicates)", True)
     return report
+
+
+def earlier(partial: Path, progress_bar: bool) -> list[dict]:
+    """What a stopped run kept (its OUT.partial), to continue from."""
+    kept = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.exists() else []
+    if kept:
+        say(f"continuing {partial}: {len(kept)} inputs already written", progress_bar)
+    return kept
 
 
 def passes(task: Task, teacher, text: str) -> str | None:

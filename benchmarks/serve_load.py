@@ -90,14 +90,19 @@ async def run(url: str, texts: list[str], clients: int, seconds: float, warmup: 
     return out
 
 
-def batch_mean(url: str) -> float | None:
-    """Mean texts per student batch, from the server's own histogram."""
+def batch_totals(url: str) -> tuple[float, float]:
+    """(texts, batches) the student has answered so far, from the server's own histogram."""
     from prometheus_client.parser import text_string_to_metric_families
 
     values = {s.name: s.value for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
               for s in f.samples if s.name.startswith("microdistill_student_batch_texts")}
-    n = values.get("microdistill_student_batch_texts_count")
-    return values["microdistill_student_batch_texts_sum"] / n if n else None
+    return values.get("microdistill_student_batch_texts_sum", 0.0), values.get("microdistill_student_batch_texts_count", 0.0)
+
+
+def batch_mean(url: str) -> float | None:
+    """Mean texts per student batch, from the server's own histogram."""
+    texts, n = batch_totals(url)
+    return texts / n if n else None
 
 
 def main() -> None:

@@ -32,10 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
-from serve_load import batch_mean, start_server
+from serve_load import batch_totals, start_server
 
 WRK_SCRIPT = """
 local bodies = {}
@@ -175,7 +174,7 @@ def served(args, serve_args: str, base: dict, url_files: tuple[Path, Path]) -> l
     try:
         for clients in (int(c) for c in args.clients.split(",")):
             wrk(url, bodies, script, clients, args.warmup)  # warm-up: connections, first batches
-            batches0 = batch_mean(url), batch_count(url)
+            batches0 = batch_totals(url)
             server0 = server_cpu(proc.pid)
             row = {"clients": clients, **wrk(url, bodies, script, clients, args.seconds)}
             row["server_cpu_s"] = server_cpu(proc.pid) - server0
@@ -203,21 +202,10 @@ def server_cpu(pid: int) -> float:
     return total
 
 
-def batch_count(url: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for s in f.samples:
-            if s.name == "microdistill_student_batch_texts_count":
-                return s.value
-    return 0.0
-
-
-def batches_since(url: str, mean0: float | None, count0: float) -> float:
-    """Mean texts per student batch since (mean0, count0), from the server's histogram."""
-    mean1, count1 = batch_mean(url), batch_count(url)
-    n = count1 - count0
-    return ((mean1 or 0) * count1 - (mean0 or 0) * count0) / n if n else float("nan")
+def batches_since(url: str, texts0: float, count0: float) -> float:
+    """Mean texts per student batch since the totals (texts0, count0), from the server's histogram."""
+    texts1, count1 = batch_totals(url)
+    return (texts1 - texts0) / (count1 - count0) if count1 > count0 else float("nan")
 
 
 if __name__ == "__main__":

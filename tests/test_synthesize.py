@@ -94,15 +94,19 @@ def test_a_continued_run_asks_for_the_values_the_stopped_one_had_not_reached(mon
     scribe = Scribe(tiny_tokenizer)
     monkeypatch.setattr(microdistill.teachers, "load_teacher", lambda *a, **k: scribe)
     out = tmp_path / "x.jsonl"
-    (tmp_path / "x.jsonl.partial").write_text("".join(json.dumps({"text": f"an earlier input {w}", "written_for": {}})
-                                                      + "\n" for w in ("one", "two", "three")))
+    (out.parent / "x.jsonl.partial").write_text("".join(json.dumps({"text": f"an earlier input {w}", "written_for": {}})
+                                                        + "\n" for w in ("one", "two", "three"))
+                                                + '{"text": "a line the kill cut')  # dropped, not joined to the next
     report = synthesize(SynthesizeConfig(task="support-ticket", n=5, batch_size=2), out, progress_bar=False)
     s = steers(load_task("support-ticket"))
     want = [" and ".join(f'{k} is "{v}"' for k, v in x.items()) for x in s[3:5]]
     assert [a.split("where the ")[1].rstrip(".") for a in scribe.asked] == want  # the 4th and 5th steers
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["text"] for r in rows[:3]] == ["an earlier input one", "an earlier input two", "an earlier input three"]
+    assert len(rows) == 5 and [r["text"] for r in rows[:3]] == ["an earlier input one", "an earlier input two", "an earlier input three"]
     assert [r["written_for"] for r in rows[3:]] == s[3:5] and report["written"] == 5 and report["asked"] == 2
+    elsewhere = tmp_path / "not" / "yet" / "y.jsonl"  # a folder that does not exist yet is made
+    synthesize(SynthesizeConfig(task="support-ticket", n=1, batch_size=1), elsewhere, progress_bar=False)
+    assert len(elsewhere.read_text().splitlines()) == 1
 
 
 def task_file(tmp_path, **changes) -> str:

@@ -88,6 +88,7 @@ def synthesize(cfg: SynthesizeConfig, out: Path, progress_bar: bool = True) -> d
         raise SynthesizeError(f"--out {out}: is a folder; give a .jsonl file to write")
     if out.exists():
         raise SynthesizeError(f"--out {out}: already exists; choose another file (nothing was written)")
+    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     kept = earlier(partial, progress_bar)
     teacher = load_teacher(cfg.teacher, cfg.teacher_url, progress=progress_bar)
@@ -137,8 +138,18 @@ def synthesize(cfg: SynthesizeConfig, out: Path, progress_bar: bool = True) -> d
 
 
 def earlier(partial: Path, progress_bar: bool) -> list[dict]:
-    """What a stopped run kept (its OUT.partial), to continue from."""
-    kept = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.exists() else []
+    """What a stopped run kept (its OUT.partial), to continue from. A last line cut by a kill is
+    dropped from the file too, so the next line appended does not join it."""
+    if not partial.exists():
+        return []
+    kept, cut = [], False
+    for line in partial.read_text(encoding="utf-8").splitlines():
+        try:
+            kept.append(json.loads(line))
+        except ValueError:
+            cut = True
+    if cut:
+        atomic_write_bytes(partial, "".join(json.dumps(k, ensure_ascii=False) + "\n" for k in kept).encode())
     if kept:
         say(f"continuing {partial}: {len(kept)} inputs already written", progress_bar)
     return kept

@@ -4,8 +4,8 @@
 
 `Service` is what every route of the HTTP API (app.py) calls. Concurrent callers' texts are
 gathered into one student batch (what queued while the last batch ran, plus what arrives within
---batch-window-ms), run on the student's own worker thread; escalated texts go to the teacher's worker thread, so a slow teacher delays only the
-calls that wait for it. Each queue is bounded (503 when full); `close` refuses new work and
+--batch-window-ms), run on the student's own worker thread; escalated texts go to the teacher's
+worker thread, so a slow teacher delays only the calls that wait for it. Each queue is bounded (503 when full); `close` refuses new work and
 finishes what is queued.
 """
 

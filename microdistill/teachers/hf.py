@@ -99,8 +99,8 @@ class HFTeacher:
         ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         width = max(map(len, ids))
         pad = [[self.pad_id] * (width - len(x)) for x in ids]  # left padding: every row ends where it writes
-        input_ids = torch.tensor([p + x for p, x in zip(pad, ids)])
-        mask = torch.tensor([[0] * len(p) + [1] * len(x) for p, x in zip(pad, ids)])
+        input_ids = torch.tensor([p + x for p, x in zip(pad, ids)], device=self.model.device)
+        mask = torch.tensor([[0] * len(p) + [1] * len(x) for p, x in zip(pad, ids)], device=self.model.device)
         torch.manual_seed(seed)
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=temperature,

@@ -173,3 +173,44 @@ def test_value_starts():
     assert [text[s:s + 4] for s in starts] == ["bill", "high"]
     with pytest.raises(GenerationError, match="'urgency' not found"):
         value_starts(task, '{"team":"billing"}')
+
+
+class _Drafter:
+    """Proposes each row's known answer (right=True) or tokens one id off it, after the forced ones."""
+
+    def __init__(self, answers: dict[str, list[int]], right: bool, tokens: int = 4):
+        self.answers, self.right, self.tokens, self.accepted, self.proposed = answers, right, tokens, 0, 0
+
+    def start(self, texts):
+        self.rows = [self.answers[t] for t in texts]
+
+    def propose(self, answers, forced, budgets):
+        out = {}
+        for b, so_far in answers.items():
+            at = len(so_far) + len(forced[b])
+            if self.rows[b][len(so_far):at] != forced[b]:  # the teacher spells a forced string otherwise
+                continue
+            out[b] = [t if self.right else t + 1 for t in self.rows[b][at:at + min(self.tokens, budgets[b])]]
+            self.proposed += len(out[b])
+        return out
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_a_drafter_changes_the_passes_never_the_answers(teacher, batch, right):
+    """A drafter's tokens are checked as the grammar's are: a right one saves passes, a wrong one none,
+    and either way every row is what decoding without it gives."""
+    drafter = _Drafter({t: r.output_ids for t, r in zip(TEXTS, batch.rows)}, right)
+    drafted = make_decoder(teacher, keep_ids=range(teacher.vocab_size), drafter=drafter)
+    plain = make_decoder(teacher, keep_ids=range(teacher.vocab_size))
+    out = drafted.generate([drafted.rest_ids(t) for t in TEXTS], drafted.task.output.max_tokens, texts=TEXTS)
+    plain.generate([plain.rest_ids(t) for t in TEXTS], plain.task.output.max_tokens)
+    assert [r.output_ids for r in out.rows] == [r.output_ids for r in batch.rows]
+    for a, b in zip(out.rows, batch.rows):
+        np.testing.assert_allclose(a.lse, b.lse, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.stack(a.logits).astype(np.float32), np.stack(b.logits).astype(np.float32),
+                                   atol=2e-2, rtol=0)
+    assert drafter.proposed > 0
+    if right:
+        assert drafter.accepted == drafter.proposed and drafted.passes < plain.passes
+    else:
+        assert drafter.accepted == 0 and drafted.passes == plain.passes

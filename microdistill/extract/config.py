@@ -47,6 +47,10 @@ class ExtractConfig(Options):
     teacher_tokenizer: str | None = option(None, help=(
         "That model's tokenizer: preset, folder or .gguf (default: found)."))
     concurrency: int = option(8, help="Calls in flight to an API teacher.")
+    draft: str | None = option(None, help=(
+        "A decoder student of this task and teacher that proposes the teacher's next tokens (speculative decoding): "
+        "the same answers in fewer teacher passes."), path=True)
+    draft_tokens: int = option(4, help="Tokens the --draft student proposes per step.")
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -61,6 +65,11 @@ class ExtractConfig(Options):
             raise ExtractError(f"--concurrency must be at least 1 (got {self.concurrency})")
         if (self.teacher_url is not None or self.teacher_tokenizer is not None) and not is_served_spec(self.teacher):
             raise ExtractError(f"--teacher-url and --teacher-tokenizer are for an API teacher (openai:MODEL), not {self.teacher!r}")
+        if self.draft_tokens < 1:
+            raise ExtractError(f"--draft-tokens must be at least 1 (got {self.draft_tokens})")
+        if self.draft is not None and is_served_spec(self.teacher):
+            raise ExtractError(f"--draft needs a local teacher, whose every forward pass it shortens; {self.teacher!r} "
+                               "is served")
         if self.dtype not in ("float32", "bfloat16", "auto"):
             raise ExtractError(f"--dtype {self.dtype!r}: choose float32, bfloat16 or auto")
         try:

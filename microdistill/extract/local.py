@@ -24,6 +24,7 @@ from microdistill.data.corpus import Item, example_id
 from microdistill.data.shards import INPUT_EMBEDDINGS, Record, ShardWriter, StoreError
 from microdistill.extract import folder
 from microdistill.extract.config import ExtractConfig, ExtractError
+from microdistill.extract.draft import load_draft
 from microdistill.extract.embeddings import save_input_embeddings
 from microdistill.extract.parts import Part, check_root, open_part, root_fields, wait_for_root
 from microdistill.extract.prepare import Calibration, batches, build_vocab, calibrate, choose_dtype
@@ -48,6 +49,8 @@ class LocalLabelling:
         self.writer: ShardWriter | None = None
         self.timings: dict[str, Any] = {}  # extra timings this way records
         self.closing: dict[str, Any] = {}  # extra manifest entries at the end
+        # a student that cannot draft is refused before the folder is touched
+        self.drafter = load_draft(cfg.draft, teacher, task, cfg.draft_tokens) if cfg.draft else None
 
     def open(self, items: list[Item], filters: dict[str, Any], part: Part | None, wait_s: float) -> list[Item]:
         """Open (or prepare) the folder; returns the inputs still to label."""
@@ -82,8 +85,14 @@ class LocalLabelling:
         kept = self.writer.manifest["vocab"]["kept"]
         t = self.teacher
         grammar = Grammar(self.task, t.tokenizer, t.vocab_size, t.eos_id, allowed=kept)
-        decoder = Decoder(t, self.task, grammar, keep_ids=kept, hidden_layer=self.writer.manifest.get("hidden_layer"))
-        return decode_into(self.writer, decoder, self.task, todo, self.cfg.batch_size, self.progress)
+        drafter = self.drafter
+        decoder = Decoder(t, self.task, grammar, keep_ids=kept, hidden_layer=self.writer.manifest.get("hidden_layer"),
+                          drafter=drafter)
+        stats = decode_into(self.writer, decoder, self.task, todo, self.cfg.batch_size, self.progress)
+        self.timings["teacher_passes"] = decoder.passes
+        if drafter is not None:
+            self.closing["draft"] = drafter.report()
+        return stats
 
     def summary(self, stats: dict[str, Any], timings: dict[str, Any]) -> str:
         return (f"{stats['written']} new examples ({stats['cut']} cut at {self.task.output.max_tokens} tokens), "
@@ -165,7 +174,7 @@ def decode_into(writer: ShardWriter, decoder: "Decoder", task: Task, items: Sequ
     bar, job = progress_bar(progress, "extracting", len(items))
     with bar:
         for chunk, rests in batches(decoder, items, batch_size):
-            batch = decoder.generate(rests, task.output.max_tokens)
+            batch = decoder.generate(rests, task.output.max_tokens, texts=[it.text for it in chunk])
             texts = [tok.decode(r.output_ids[:-1]) if r.finished else None for r in batch.rows]
             decisions = decoder.decisions(batch, texts)
             for item, row, text, dec in zip(chunk, batch.rows, texts, decisions):

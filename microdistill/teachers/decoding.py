@@ -124,11 +124,14 @@ class Decoder:
             averaged over the row's own prompt tokens (the input and the template around it; the
             shared prefix excluded): a summary of how the teacher reads the input, for
             hidden-state distillation. It comes from the forward pass decoding needs anyway.
+        drafter: proposes tokens after the grammar's (extract/draft.py: a decoder student); checked
+            as the grammar's are, so the answers do not change. `passes` counts the forward passes.
     """
 
     def __init__(self, teacher: Teacher, task: Task, grammar: Grammar, keep_ids: Sequence[int] | None = None,
-                 use_drafts: bool = True, keep_hidden: bool = False, hidden_layer: int | None = None):
-        self.teacher, self.task, self.grammar = teacher, task, grammar
+                 use_drafts: bool = True, keep_hidden: bool = False, hidden_layer: int | None = None,
+                 drafter=None):
+        self.teacher, self.task, self.grammar, self.drafter, self.passes = teacher, task, grammar, drafter, 0
         self.use_drafts, self.keep_hidden, self.hidden_layer = use_drafts, keep_hidden, hidden_layer
         self._hidden: torch.Tensor | None = None
         self.model = teacher.model
@@ -157,7 +160,8 @@ class Decoder:
         return cache
 
     @torch.inference_mode()
-    def generate(self, rests: list[list[int]], max_tokens: int, mass: torch.Tensor | None = None) -> DecodedBatch:
+    def generate(self, rests: list[list[int]], max_tokens: int, mass: torch.Tensor | None = None,
+                 texts: list[str] | None = None) -> DecodedBatch:
         """Decode a batch of prompts (rest ids, prefix excluded) greedily under the grammar.
 
         Each step feeds every row's pending token plus a draft of the tokens the grammar forces
@@ -167,10 +171,13 @@ class Decoder:
 
         Args:
             mass: float64 [V] accumulator; if given, the softmax of every output step is added to it.
+            texts: the rows' input texts, for the drafter.
         Returns the batch; a row with `finished=False` hit `max_tokens`.
         """
         head = self.model.get_output_embeddings()
         hook = head.register_forward_hook(lambda m, args, out: setattr(self, "_hidden", args[0])) if self.keep_hidden else None
+        if self.drafter is not None:
+            self.drafter.start(texts)
         try:
             return self._generate(rests, max_tokens, mass)
         finally:
@@ -202,8 +209,14 @@ class Decoder:
         state = self.grammar.batch(n)
         drafts: dict[int, list[int]] = {b: [] for b in range(n)}
         next_pos = p + lens
+        proposed: dict[int, int] = {}  # the drafter's tokens at the end of each row's draft
         for step in range(max_tokens):
+            start = {b: len(rows[b].output_ids) for b in proposed}
             accepted = self._verify(rows, state, out.logits, drafts, max_tokens, mass)
+            self.passes += 1
+            if proposed:  # the drafter's tokens end each draft: how many of them the teacher chose
+                self.drafter.accepted += sum(max(0, _agreeing(rows[b].output_ids[start[b]:], drafts[b]) - len(drafts[b]) + n)
+                                             for b, n in proposed.items())
             if step:  # an answer chunk: keep the pending token's and the confirmed drafts' columns
                 first = attn.shape[1] - out.logits.shape[1]
                 for b, a in accepted.items():
@@ -215,6 +228,7 @@ class Decoder:
                 break
             drafts = {b: self.grammar.forced_tokens(state.matchers[b], max_tokens - len(rows[b].output_ids) - 1)
                       if self.use_drafts else [] for b in pending}
+            proposed = self._propose(rows, drafts, max_tokens)
             chunk = 1 + max(len(d) for d in drafts.values())
             ids = torch.full((n, chunk), self.pad_id, dtype=torch.long)
             new_attn = torch.zeros(n, chunk, dtype=torch.long)
@@ -226,6 +240,16 @@ class Decoder:
             out = self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
                              past_key_values=cache, use_cache=True)
         return DecodedBatch(rests, rows, cache, p, width)
+
+    def _propose(self, rows: list[Generation], drafts: dict[int, list[int]], max_tokens: int) -> dict[int, int]:
+        """Extend each row's draft with the drafter's tokens; returns how many it added per row."""
+        if self.drafter is None:
+            return {}
+        budgets = {b: max_tokens - len(rows[b].output_ids) - 1 - len(d) for b, d in drafts.items()}
+        more = self.drafter.propose({b: rows[b].output_ids for b in drafts}, drafts, budgets)
+        for b, extra in more.items():
+            drafts[b] = drafts[b] + extra
+        return {b: len(extra) for b, extra in more.items()}
 
     def _verify(self, rows: list[Generation], state, logits: torch.Tensor, drafts: dict[int, list[int]],
                 max_tokens: int, mass: torch.Tensor | None) -> dict[int, int]:
@@ -330,6 +354,11 @@ class Decoder:
                     chain.append(len(nodes) - 1)
                 scores.append((f.name, chain, cont))
         return nodes, scores
+
+
+def _agreeing(chosen: list[int], draft: list[int]) -> int:
+    """How many leading tokens of a draft the teacher chose (chosen: its tokens from that step on)."""
+    return next((i for i, (c, d) in enumerate(zip(chosen, draft)) if c != d), min(len(chosen), len(draft)))
 
 
 def head_logits(model, hidden: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:

@@ -110,3 +110,17 @@ def test_draft_options_are_checked_before_any_work(corpus, tiny_teacher_dir, tmp
     assert result.exit_code != 0 and isinstance(result.exception, ExtractError)
     assert str(result.exception).startswith(f"--draft {tmp_path / 'nothing'}: ")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_cascade_drafts_its_local_teachers_answers_with_a_decoder_student(tiny_teacher_dir, student):
+    from microdistill.serve.cascade import teacher_for
+    from microdistill.students import load_student
+    from microdistill.teachers.labeller import TeacherAnswers
+
+    loaded = load_student(student)
+    drafted = teacher_for(str(tiny_teacher_dir), loaded)
+    assert drafted.draft is not None and drafted.draft.student is loaded
+    plain = TeacherAnswers(drafted.teacher, loaded.task, loaded.meta["shards"]["teacher"])
+    texts = [t.upper() for t in TEXTS[:8]]  # inputs the student never saw
+    assert drafted(texts) == plain(texts)
+    assert drafted.draft.proposed > 0

@@ -124,7 +124,7 @@ def test_shards_round_trip(shards, teacher):
     assert m["signal"] == "logits" and m["task_fingerprint"] == TASK.fingerprint()
     assert m["teacher"] == teacher.describe()
     assert set(m["vocab"]) >= {"kept", "kept_tokens", "n_required", "eos", "input", "coverage"}
-    assert set(m["timings"]) == {"extract_s", "calibrate_s", "examples_per_s", "tokens_per_s"}
+    assert set(m["timings"]) == {"extract_s", "calibrate_s", "examples_per_s", "tokens_per_s", "teacher_passes"}
     kept = s.kept_vocab
     assert len(kept) == 200 and s.eos_id == teacher.eos_id
     tok = s.tokenizer()

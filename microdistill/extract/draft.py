@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from microdistill.core.task import Task
-from microdistill.extract.config import ExtractError
+from microdistill.extract.config import ExtractConfig, ExtractError
+
+DRAFT_TOKENS = ExtractConfig.draft_tokens  # tokens a draft proposes per step, unless told
 
 
 class StudentDraft:
@@ -94,11 +96,15 @@ def load_draft(path: str | Path, teacher, task: Task, tokens: int) -> StudentDra
     """The student at `path` as a draft for `teacher` on `task`; one-line ExtractError otherwise."""
     from microdistill.students import StudentFolderError, load_student
 
-    where = f"--draft {path}"
     try:
         student = load_student(Path(path))
     except StudentFolderError as e:
-        raise ExtractError(f"{where}: {e}") from None
+        raise ExtractError(f"--draft {path}: {e}") from None
+    return check_draft(student, teacher, task, tokens, f"--draft {path}")
+
+
+def check_draft(student, teacher, task: Task, tokens: int, where: str) -> StudentDraft:
+    """A loaded student as a draft for `teacher` on `task`, if it can be one (else ExtractError)."""
     if getattr(student, "kind", None) != "decoder":
         raise ExtractError(f"{where}: a {getattr(student, 'kind', 'non-decoder')} student has no tokens to propose; give a decoder student")
     if student.task.fingerprint() != task.fingerprint():

@@ -75,7 +75,21 @@ def teacher_for(spec: str, student, url: str | None = None, attempts: int | None
     if teacher.access == "black":
         teacher.limit(attempts=attempts, timeout_s=timeout_s, concurrency=concurrency)
     labelled_by = (getattr(student, "meta", None) or {}).get("shards", {}).get("teacher")
-    return TeacherAnswers(teacher, student.task, labelled_by)
+    return TeacherAnswers(teacher, student.task, labelled_by, draft=draft_for(student, teacher))
+
+
+def draft_for(student, teacher):
+    """A decoder student in process drafts its local teacher's answers (extract/draft.py): the same
+    answers in fewer teacher passes. None where it cannot (another kind, runtime or tokenizer)."""
+    from microdistill.extract.draft import DRAFT_TOKENS, check_draft
+    from microdistill.extract.config import ExtractError
+
+    if teacher.access != "white" or getattr(student, "kind", None) != "decoder" or getattr(student, "model", None) is None:
+        return None
+    try:
+        return check_draft(student, teacher, student.task, DRAFT_TOKENS, str(student.path))
+    except ExtractError:
+        return None
 
 
 @dataclass

@@ -84,12 +84,13 @@ class HFTeacher:
             parts.append(m["content"] if m["role"] == "user" else m["content"] + "\n")
         return "\n".join(parts) + "\n"
 
-    def labeller(self, task: Task, kept: list[int] | None = None):
+    def labeller(self, task: Task, kept: list[int] | None = None, draft=None):
         """Texts -> answer texts by constrained greedy decoding, as extraction runs it (over the
-        `kept` ids when given, as the shards were labelled)."""
+        `kept` ids when given, as the shards were labelled; `draft` proposing tokens, as
+        extract --draft does)."""
         from microdistill.teachers.labeller import local_labeller
 
-        return local_labeller(self, task, kept)
+        return local_labeller(self, task, kept, draft)
 
     def write(self, conversations: list[list[dict[str, str]]], max_tokens: int, temperature: float,
               seed: int) -> list[str]:

@@ -20,16 +20,17 @@ from microdistill.data.corpus import clean_inputs
 from microdistill.teachers.teacher import Teacher, same_teacher
 
 
-def local_labeller(teacher, task: Task, kept: Sequence[int] | None) -> Callable[[list[str]], list[str]]:
-    """Constrained greedy generation with a local teacher, as extraction runs it; returns output texts."""
+def local_labeller(teacher, task: Task, kept: Sequence[int] | None, draft=None) -> Callable[[list[str]], list[str]]:
+    """Constrained greedy generation with a local teacher, as extraction runs it (with `draft`
+    proposing tokens: extract/draft.py); returns output texts."""
     from microdistill.core.grammar import Grammar  # xgrammar: loaded when a teacher answers
     from microdistill.teachers.decoding import Decoder
 
     grammar = Grammar(task, teacher.tokenizer, teacher.vocab_size, teacher.eos_id, allowed=kept)
-    decoder = Decoder(teacher, task, grammar)
+    decoder = Decoder(teacher, task, grammar, drafter=draft)
 
     def run(texts: list[str]) -> list[str]:
-        batch = decoder.generate([decoder.rest_ids(t) for t in texts], task.output.max_tokens)
+        batch = decoder.generate([decoder.rest_ids(t) for t in texts], task.output.max_tokens, texts=texts)
         return [teacher.tokenizer.decode([i for i in g.output_ids if i != teacher.eos_id]) for g in batch.rows]
 
     return run
@@ -48,10 +49,10 @@ class TeacherAnswers:
     """Texts -> the teacher's answers ({output, fields}; fields None for an unusable answer)."""
 
     def __init__(self, teacher: Teacher, task: Task, labelled_by: dict[str, Any] | None = None,
-                 kept: Sequence[int] | None = None):
-        self.teacher, self.task, self.name = teacher, task, teacher.name
+                 kept: Sequence[int] | None = None, draft=None):
+        self.teacher, self.task, self.name, self.draft = teacher, task, teacher.name, draft
         self.same = as_labelled(teacher, labelled_by)
-        self.run = teacher.labeller(task, list(kept) if kept is not None else None)
+        self.run = teacher.labeller(task, list(kept) if kept is not None else None, draft)
 
     def texts(self, texts: Sequence[str]) -> list[str]:
         """The answer texts of the (already cleaned) texts."""

@@ -147,10 +147,11 @@ class ServedTeacher:
         return {"name": self.name, "source": self.source, "sha256": self.sha256, "tokenizer": self.tokenizer_spec,
                 "tokenizer_sha256": self.tokenizer_sha256, "vocab_size": self.vocab_size}
 
-    def labeller(self, task: Task, kept: list[int] | None = None):
+    def labeller(self, task: Task, kept: list[int] | None = None, draft=None):
         """Texts -> answer texts (canonical JSON, or "" for an unusable answer), with up to
-        `concurrency` calls in flight; the first call of all goes alone (`probe`). `kept` is
-        for the common interface: a served model decodes over its whole vocabulary."""
+        `concurrency` calls in flight; the first call of all goes alone (`probe`). `kept` and
+        `draft` are for the common interface: a served model decodes over its whole vocabulary,
+        where it runs."""
         def run(texts: list[str]) -> list[str]:
             answers: dict[int, Answer] = {}
             todo = list(enumerate(texts))

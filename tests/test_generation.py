@@ -214,3 +214,15 @@ def test_a_drafter_changes_the_passes_never_the_answers(teacher, batch, right):
         assert drafter.accepted == drafter.proposed and drafted.passes < plain.passes
     else:
         assert drafter.accepted == 0 and drafted.passes == plain.passes
+
+
+def test_teacher_forced_scores_are_the_logits_decoding_kept(teacher, decoder, batch):
+    """Scoring an answer in one pass gives the logits its decoding stored (the student's answers are
+    scored this way in on-policy training)."""
+    from microdistill.teachers.scoring import teacher_forced
+
+    rows = teacher_forced(decoder, batch.rests, [r.output_ids for r in batch.rows], range(teacher.vocab_size))
+    for (logits, lse), row in zip(rows, batch.rows):
+        assert logits.shape == (len(row.output_ids), teacher.vocab_size)
+        np.testing.assert_allclose(lse, row.lse, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(logits, np.stack(row.logits).astype(np.float32), atol=2e-2, rtol=0)

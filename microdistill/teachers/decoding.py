@@ -150,7 +150,8 @@ class Decoder:
         lay = self.layout
         return self.teacher.tokenizer(lay.head + text + lay.tail, add_special_tokens=lay.add_special).input_ids
 
-    def _cache(self, n: int):
+    def cache_for(self, n: int):
+        """A cache holding the prompt prefix, once per row of a batch of n."""
         from transformers import DynamicCache
 
         if self.prefix_cache is None:
@@ -194,7 +195,7 @@ class Decoder:
             ids[b, : len(r)] = torch.tensor(r)
             attn[b, p + len(r) :] = 0
         pos = (p + torch.arange(width)).expand(n, width)
-        cache = self._cache(n)
+        cache = self.cache_for(n)
         # only each row's last real position needs the (vocabulary-wide, costly) output projection
         dev = self.device
         out = self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), past_key_values=cache,

@@ -82,6 +82,9 @@ class TrainConfig(Options):
     max_steps: int | None = option(None, help="A fixed step budget instead of --epochs (the last epoch may be partial).")
     limit_train: int | None = option(None, help="Use only the first N training examples.")
     eval_limit: int | None = option(None, help="Evaluate on at most N held-out examples per epoch.")
+    on_policy: float = option(0.0, help=(
+        "Share of the batches made of the decoder student's own answers, scored by the teacher in process "
+        "(on-policy distillation, GKD)."))
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -108,6 +111,7 @@ class TrainConfig(Options):
         need(self.weight_decay >= 0, "weight_decay", "must not be negative")
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(0.0 <= self.augment <= 1.0, "augment", "must be in [0, 1]")
+        need(0.0 <= self.on_policy <= 1.0, "on_policy", "must be in [0, 1]")
         need(self.grad_clip >= 0, "grad_clip", "must not be negative (0 disables clipping)")
         need(0 < self.temperature <= 100, "temperature", "must be in (0, 100]")
         need(isinstance(self.hidden_weight, (int, float)) and self.hidden_weight >= 0, "hidden_weight",

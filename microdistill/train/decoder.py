@@ -17,6 +17,7 @@ from microdistill.students.decoder.model import Student, init_input_embeddings_p
 from microdistill.students.decoder.predict import held_out
 from microdistill.students.decoder.folder import LoadedDecoder, save_student
 from microdistill.train.config import TrainConfig, TrainError
+from microdistill.train.on_policy import OnPolicy
 from microdistill.train.probe import HiddenProbe
 from microdistill.train.setup import Setup, make_optimizer, seed_everything
 
@@ -68,6 +69,8 @@ def set_up_decoder(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progres
     if cfg.augment:
         raise TrainError("training option augment is for the heads student; the decoder learns the teacher's tokens "
                          "for each input text")
+    if cfg.on_policy and not use_logits:
+        raise TrainError("training option on_policy needs teacher logits to learn from; --signal text has none")
     if cfg.tail and not use_logits:
         raise TrainError("training option tail=True needs teacher logits; the shards (or --signal text) have none")
     use_hidden = use_logits and cfg.hidden_weight > 0 and shards.hidden_layer is not None
@@ -85,10 +88,15 @@ def set_up_decoder(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progres
     total = cfg.max_steps or cfg.epochs * math.ceil(len(train_set) / cfg.batch_size)
     loaded = LoadedDecoder.from_shards(model, shards)
     n_kept = len(shards.kept_vocab)
+
+    def batch(examples: list) -> Batch:
+        return collate(examples, n_kept)
+
     return Setup(
         shards, use_logits, train_set, model, probe, make_optimizer(model, cfg, probe), total,
-        collate=lambda examples: collate(examples, n_kept), loss=forward_loss,
+        collate=OnPolicy(shards, cfg, loaded, batch, progress) if cfg.on_policy else batch, loss=forward_loss,
         evaluate=lambda: held_out(loaded, val_set, val_records, cfg.batch_size),
         save=lambda out: save_student(model, scfg, shards, out, extra={"training": cfg.to_dict(), "preset": cfg.preset}),
         info={"preset": cfg.preset, "embed_init": embed_init,
-              "hidden_layer": shards.hidden_layer if use_hidden else None}, title=describe(scfg))
+              "hidden_layer": shards.hidden_layer if use_hidden else None, "on_policy": cfg.on_policy},
+        title=describe(scfg))

@@ -50,6 +50,9 @@ def heads_loss(model: HeadsStudent, b: HeadsBatch, cfg: TrainConfig, w_div: floa
 def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress: bool) -> Setup:
     """The classifier-head student on a pretrained encoder (its whole input vocabulary, or the pieces
     the training inputs use), and an optimiser that moves the encoder slowly."""
+    if cfg.on_policy:
+        raise TrainError("training option on_policy is for the decoder student, which writes answers to learn from; "
+                         "heads choose each field's value in one step")
     fields = enum_fields(shards.task(), f"shard folder {shards.dir}")
     if cfg.tail:
         raise TrainError("training option tail=True is for the decoder student; heads score only the allowed values")

@@ -21,13 +21,16 @@ from microdistill.students.decoder.config import N_SPECIAL
 class Example:
     """One example in student indices: inp [Li] input indices, out [Lo] output indices ending
     with EOS; logits float16 [Lo, K] and lse float32 [Lo] when the teacher's logits are used;
-    hidden float16 [H], the teacher's input hidden state, when hidden-state distillation is on."""
+    hidden float16 [H], the teacher's input hidden state, when hidden-state distillation is on;
+    target [Lo], the tokens the CE term aims at where they are not `out` (the teacher's choice
+    along an answer the student wrote: train/on_policy.py)."""
 
     inp: list[int]
     out: list[int]
     logits: np.ndarray | None
     lse: np.ndarray | None
     hidden: np.ndarray | None = None
+    target: list[int] | None = None
 
 
 @dataclass
@@ -91,7 +94,7 @@ def collate(examples: list[Example], n_kept: int) -> Batch:
         n = len(e.out)
         inp[i, : len(e.inp)] = torch.tensor(e.inp)
         out_in[i, : n - 1] = torch.tensor(e.out[:-1])
-        target[i, :n] = torch.tensor(e.out)
+        target[i, :n] = torch.tensor(e.out if e.target is None else e.target)
         mask[i, :n] = True
         if with_logits:
             teacher[i, :n] = torch.from_numpy(e.logits.astype(np.float32))

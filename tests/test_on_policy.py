@@ -99,3 +99,21 @@ def test_on_policy_without_the_teacher_in_process_is_refused(shards, tmp_path):
     with pytest.raises(TrainError, match=r"--on-policy needs the teacher of .*shards"):
         train_once(moved, tmp_path / "s", TrainConfig(preset="nano", on_policy=0.5), progress=False)
     assert not (tmp_path / "s" / "model.safetensors").exists()
+
+
+def test_compare_sets_on_policy_beside_off_policy_with_the_free_text_metric(shards, tmp_path):
+    from typer.testing import CliRunner
+
+    from microdistill.cli import app
+
+    out = tmp_path / "compare"
+    result = CliRunner().invoke(app, ["compare", "--data", str(shards), "--out", str(out), "--configs",
+                                      "curriculum,on_policy", "--preset", "nano", "--max-steps", "4"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compare.json").read_text())
+    runs = {r["name"]: r for r in report["runs"]}
+    assert runs["on_policy"]["config"]["on_policy"] == 0.5 and runs["curriculum"]["config"]["on_policy"] == 0.0
+    for r in runs.values():
+        assert set(r["chrf"]) == {"summary"} and 0.0 <= r["chrf"]["summary"] <= 100.0
+    md = (out / "compare.md").read_text()
+    assert "| configuration | chrF summary |" in md and f"| on_policy | {runs['on_policy']['chrf']['summary']:.1f} |" in md

@@ -154,6 +154,21 @@ def summarise(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def text_scores(run_dir: Path, shards: ShardSet, limit: int | None) -> dict[str, Any]:
+    """{"chrf": {field: chrF of the student's text against the teacher's on the held-out inputs}} for a
+    task with free-text fields (exact match is too strict a measure of a summary); {} otherwise."""
+    from microdistill.core.task import StringField
+    from microdistill.evaluate.agreement import chrf
+    from microdistill.students import load_student
+
+    names = [f.name for f in shards.task().output.fields if isinstance(f, StringField)]
+    if not names:
+        return {}
+    records = list(shards.records("val"))[:limit]
+    answers = [p["fields"] or {} for p in load_student(run_dir).predict([r.text for r in records])]
+    return {"chrf": {n: chrf([r.fields[n] for r in records], [a.get(n) for a in answers]) for n in names}}
+
+
 def split_counts(shards: ShardSet) -> tuple[int, int]:
     counts = shards.manifest.get("counts", {})
     if "train" in counts and "val" in counts:
@@ -206,7 +221,7 @@ def compare(data_dir: Path, out_dir: Path, configs: list[str] | list[dict], conf
         say(f"[{i + 1}/{len(runs)}] {name}: {what}", progress)
         train_once(shards.dir, out / name, cfg, progress)
         rows.append({"name": name, "description": what, "dir": str(out / name), "config": cfg.to_dict(),
-                     **summarise(out / name)})
+                     **summarise(out / name), **text_scores(out / name, shards, c.eval_limit)})
     result = {"data": str(shards.dir), "preset": c.preset, "seed": c.seed, "max_steps": c.max_steps,
               "epochs": shared.get("epochs"), "limit_train": c.limit_train, "n_train": used, "n_val": n_val,
               "runs": rows, "verdict": verdict(rows), "efficiency": None,

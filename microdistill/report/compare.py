@@ -127,6 +127,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| peer: {p['name']} | {pct(p['exact_match'])} | — | "
                      + " | ".join(pct(p["fields"][f]) for f in field_names) + " | — | — | — | — | "
                      f"{p['fit_s']:.1f} s |")
+    if rows[0].get("chrf"):
+        texts = list(rows[0]["chrf"])
+        lines += ["", "Free text: chrF (0–100) of the student's text against the teacher's on the same held-out inputs.",
+                  "", "| configuration | " + " | ".join(f"chrF {t}" for t in texts) + " |", "|---|" + "---:|" * len(texts)]
+        lines += [f"| {r['name']} | " + " | ".join(f"{r['chrf'][t]:.1f}" for t in texts) + " |" for r in rows]
     v = result["verdict"]
     lines.append("")
     if v["runner_up"] is None:

@@ -185,16 +185,21 @@ class Decoder:
             if hook is not None:
                 hook.remove()
 
+    def rows_after_prefix(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token rows to run after the cached prefix: ids [n, W] right-padded, the attention mask
+        [n, P + W] (the prefix, then each row's own tokens) and the positions [n, W]."""
+        n, p, width = len(seqs), len(self.layout.prefix_ids), max(len(s) for s in seqs)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        attn = torch.ones(n, p + width, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.tensor(s)
+            attn[b, p + len(s) :] = 0
+        return ids, attn, (p + torch.arange(width)).expand(n, width)
+
     def _generate(self, rests: list[list[int]], max_tokens: int, mass: torch.Tensor | None) -> DecodedBatch:
         n, p = len(rests), len(self.layout.prefix_ids)
         lens = torch.tensor([len(r) for r in rests])
-        width = int(lens.max())
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        attn = torch.ones(n, p + width, dtype=torch.long)
-        for b, r in enumerate(rests):
-            ids[b, : len(r)] = torch.tensor(r)
-            attn[b, p + len(r) :] = 0
-        pos = (p + torch.arange(width)).expand(n, width)
+        ids, attn, pos = self.rows_after_prefix(rests)
         cache = self.cache_for(n)
         # only each row's last real position needs the (vocabulary-wide, costly) output projection
         dev = self.device
@@ -240,7 +245,7 @@ class Decoder:
             pos = next_pos[:, None] + torch.arange(chunk)
             out = self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
                              past_key_values=cache, use_cache=True)
-        return DecodedBatch(rests, rows, cache, p, width)
+        return DecodedBatch(rests, rows, cache, p, int(lens.max()))
 
     def _propose(self, rows: list[Generation], drafts: dict[int, list[int]], max_tokens: int) -> dict[int, int]:
         """Extend each row's draft with the drafter's tokens; returns how many it added per row."""

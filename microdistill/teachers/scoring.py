@@ -22,18 +22,11 @@ def teacher_forced(decoder, rests: list[list[int]], answers: list[list[int]],
     """Per row (raw logits at the kept ids float32 [len(answer), K], log-sum-exp over the whole
     vocabulary float32 [len(answer)]): what the teacher predicts for each answer token, given the
     prompt and the answer before it."""
-    n, p = len(rests), len(decoder.layout.prefix_ids)
-    seqs = [r + a[:-1] for r, a in zip(rests, answers)]  # the last answer token is predicted, never fed
-    width = max(len(s) for s in seqs)
-    ids = torch.full((n, width), decoder.pad_id, dtype=torch.long)
-    attn = torch.ones(n, p + width, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s)
-        attn[b, p + len(s):] = 0
-    pos = (p + torch.arange(width)).expand(n, width)
+    # the last answer token is predicted, never fed
+    ids, attn, pos = decoder.rows_after_prefix([r + a[:-1] for r, a in zip(rests, answers)])
     dev = decoder.device
     logits = decoder.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev),
-                           past_key_values=decoder.cache_for(n), use_cache=True).logits
+                           past_key_values=decoder.cache_for(len(rests)), use_cache=True).logits
     keep = torch.as_tensor(list(kept), dtype=torch.long, device=dev)
     rows = []
     for b, (rest, answer) in enumerate(zip(rests, answers)):

@@ -48,7 +48,7 @@ VERB_CONFIGS = {
     "cost": ([(CostConfig(), None), (PilotConfig(), None), (ExtractConfig(), ("task", "teacher"))],
              {"run_dir", "shards", "student", "report", "measure", "input", "target_agreement", "points", "out",
               "json_out"}),
-    "run": ([(RUN, ("name", "root", "input"))] + [(getattr(RUN, k), v) for k, v in RUN_FLAGS.items()], set()),
+    "run": ([(RUN, ("name", "root", "input", "synthesize"))] + [(getattr(RUN, k), v) for k, v in RUN_FLAGS.items()], set()),
 }
 # Flags not named --field-name (--no-field-name off): field -> {verb: the flag's names}
 FLAG_NAMES = {"labels": {"run": ("--label",), "extract": ("--label",)},  # repeated, one FIELD=COLUMN each
@@ -192,7 +192,7 @@ GIVEN = {
                  train=dict(student="decoder", preset="nano", encoder="teacher", epochs=3, dropout=0.0,
                             hidden_weight=0.0, max_steps=9, seed=7),
                  eval=dict(time_teacher=False)),
-            dict(extract=OPENAI)],
+            dict(extract=OPENAI), dict(synthesize=50)],
 }
 
 

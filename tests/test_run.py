@@ -153,6 +153,34 @@ def test_run_cli_missing_input_is_a_one_line_error(tmp_path):
     assert isinstance(result.exception, RunError) and "nope.txt" in str(result.exception)
 
 
+def test_a_task_without_a_packaged_corpus_needs_input_before_any_work(tmp_path):
+    result = CliRunner().invoke(app, ["run", "--task", "support-ticket", "--root", str(tmp_path / "runs")])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, RunError)
+    assert "'support-ticket' has no packaged sample corpus" in str(result.exception)
+    assert "--synthesize N to have the teacher write N inputs first" in str(result.exception)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_agent_preset_runs_from_its_packaged_requests(tmp_path, tiny_teacher_dir):
+    """`run --task agent-tool` without --input: the packaged requests, a decoder student (the task has a
+    string field), and a report with exact match on the tool and chrF on the query."""
+    result = CliRunner().invoke(app, ["run", "--task", "agent-tool", "--teacher", str(tiny_teacher_dir), "--root",
+                                      str(tmp_path / "runs"), "--limit", "24", "--preset", "nano",
+                                      "--epochs", "1", "--no-eval-teacher"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "runs" / "default"
+    manifest = json.loads((folder / "shards" / "manifest.json").read_text())
+    assert manifest["task"]["name"] == "agent-tool" and manifest["counts"]["examples"] == 24
+    assert manifest["filters"]["corpus"].endswith("sample_requests.jsonl")
+    assert json.loads((folder / "student" / "config.json").read_text())["kind"] == "decoder"
+    report = json.loads((folder / "eval" / "report.json").read_text())
+    fields = report["fields"]
+    assert set(fields) == {"tool", "query"} and fields["tool"].get("chrf") is None
+    assert 0.0 <= fields["query"]["chrf"] <= 100.0
+    assert "| query |" in (folder / "eval" / "report.md").read_text()
+
+
 def test_sample_corpus_ships_with_the_package():
     from microdistill.data.corpus import read_corpus
 
@@ -171,3 +199,22 @@ def test_run_with_the_real_default_teacher(tmp_path):
     manifest = json.loads((folder / "shards" / "manifest.json").read_text())
     assert manifest["teacher"]["name"] == "qwen2.5-coder-0.5b-instruct"
     assert manifest["counts"]["examples"] == 6
+
+
+def test_run_from_a_task_file_alone_has_the_teacher_write_its_inputs(tmp_path, tiny_teacher_dir):
+    """`run --task T --synthesize N`: inputs.jsonl first (resumable like the other stages), then the
+    usual stages on it; --input beside it is refused."""
+    args = ["run", "--task", "support-ticket", "--synthesize", "12", "--teacher", str(tiny_teacher_dir), "--root",
+            str(tmp_path / "runs"), "--preset", "nano", "--epochs", "1", "--no-eval-teacher"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "runs" / "default"
+    written = [json.loads(x) for x in (folder / "inputs.jsonl").read_text().splitlines()]
+    assert len(written) == 12 and all(set(w["written_for"]) <= {"team", "urgency"} for w in written)
+    state = json.loads((folder / "run.json").read_text())
+    assert list(state["stages"]) == ["synthesize", "extract", "train", "eval"]
+    manifest = json.loads((folder / "shards" / "manifest.json").read_text())
+    assert manifest["filters"]["corpus"] == str(folder / "inputs.jsonl") and manifest["counts"]["examples"] > 0
+    assert "[synthesize] done already" in CliRunner().invoke(app, args).output
+    both = CliRunner().invoke(app, args + ["--input", str(folder / "inputs.jsonl")])
+    assert both.exit_code != 0 and "not both" in str(both.exception)

@@ -35,7 +35,8 @@ def run(cfg: RunConfig = Flags(RunConfig, nested={
         "student", "preset", "encoder", "epochs", "dropout", "hidden_weight", "max_steps", "seed")),
     "eval": Flags(EvalConfig, only=("time_teacher",), names={"time_teacher": "--eval-teacher/--no-eval-teacher"}),
 })) -> None:
-    """Extract, train and evaluate in one go, under runs/NAME/ (re-run to resume)."""
+    """Extract, train and evaluate in one go, under runs/NAME/ (re-run to resume); --synthesize N first has
+    the teacher write the inputs."""
     from microdistill.flows.run import run as run_pipeline
 
     run_pipeline(cfg)

@@ -34,8 +34,12 @@ class RunConfig(Options):
     name: str = option("default", help="Run folder name under --root.")
     root: str = option("runs", help="Where run folders live.", path=True)
     input: str | None = option(None, help=(
-        "Corpus file or HF datasets folder (default: the packaged sample comments, with their human labels)."),
+        "Corpus file or HF datasets folder (default: the task preset's packaged corpus: reddit-comment's sample "
+        "comments with their human labels, agent-tool's teacher-written requests)."),
         path=True)
+    synthesize: int | None = option(None, help=(
+        "No corpus at all: the teacher first writes N inputs for the task (as microdistill synthesize does) into "
+        "runs/NAME/inputs.jsonl, and the run distils those."))
     extract: ExtractConfig = option(default_factory=lambda: ExtractConfig(dtype="auto"), help="The extraction's options.")
     train: TrainConfig = option(default_factory=lambda: TrainConfig(student="auto", epochs=20, dropout=0.1),
                                 help="The training's options.")
@@ -47,7 +51,14 @@ class RunConfig(Options):
 
     def identity(self) -> dict[str, Any]:
         """What decides the artefacts (not where they live, nor how the report times the teacher)."""
-        return {"input": self.input, "extract": self.extract.to_dict(), "train": self.train.to_dict()}
+        return {"input": self.input, "synthesize": self.synthesize, "extract": self.extract.to_dict(),
+                "train": self.train.to_dict()}
+
+    def __post_init__(self) -> None:
+        if self.synthesize is not None and self.synthesize < 1:
+            raise UserError(f"--synthesize must be at least 1 (got {self.synthesize})")
+        if self.synthesize is not None and self.input is not None:
+            raise UserError("give --input (a corpus) or --synthesize N (inputs the teacher writes), not both")
 
 
 # The flat run.json "config" of folders written before the stages had configs of their own.
@@ -69,7 +80,7 @@ def saved_identity(saved: dict[str, Any]) -> dict[str, Any]:
                  "extract": {k: saved[k] for k in FLAT_EXTRACT if k in saved},
                  "train": {**saved.get("extra_train", {}), **{k: saved[k] for k in FLAT_TRAIN if k in saved}}}
     defaults = RunConfig()
-    return {"input": saved.get("input"),
+    return {"input": saved.get("input"), "synthesize": saved.get("synthesize"),
             "extract": ExtractConfig.from_dict({**defaults.extract.to_dict(), **LEGACY_EXTRACT,
                                                 **saved["extract"]}).to_dict(),
             "train": TrainConfig.from_dict({**defaults.train.to_dict(), **LEGACY_TRAIN, **saved["train"]}).to_dict()}

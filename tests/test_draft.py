@@ -66,7 +66,8 @@ def test_drafted_extraction_writes_the_shards_of_plain_extraction(corpus, tiny_t
     assert draft["student"] == str(student) and draft["tokens"] == 3
     assert draft["proposed"] > 0 and 0 <= draft["accepted"] <= draft["proposed"]
     assert draft["acceptance"] == round(draft["accepted"] / draft["proposed"], 4)
-    assert b.manifest["timings"]["teacher_passes"] > 0 and "draft" not in a.manifest
+    assert b.manifest["timings"]["teacher_passes"] == draft["teacher_passes"] < draft["answer_tokens"]
+    assert draft["answer_tokens"] <= sum(len(r.output_ids) for r in rb) and "draft" not in a.manifest  # calibration answers reused
 
 
 def test_a_draft_of_another_task_is_refused(corpus, tiny_teacher_dir, student, tmp_path):

@@ -91,7 +91,8 @@ class LocalLabelling:
         stats = decode_into(self.writer, decoder, self.task, todo, self.cfg.batch_size, self.progress)
         self.timings["teacher_passes"] = decoder.passes
         if drafter is not None:
-            self.closing["draft"] = drafter.report()
+            # answer tokens per teacher pass: 1 without any draft, more the more drafted tokens it kept
+            self.closing["draft"] = {**drafter.report(), "teacher_passes": decoder.passes, "answer_tokens": stats["tokens"]}
         return stats
 
     def summary(self, stats: dict[str, Any], timings: dict[str, Any]) -> str:

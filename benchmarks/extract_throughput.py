@@ -25,7 +25,7 @@ import numpy as np
 from microdistill.core.grammar import Grammar
 from microdistill.data.corpus import filter_inputs, read_corpus
 from microdistill.data.shards import ShardSet
-from microdistill.extract.draft import load_draft
+from microdistill.students.decoder.draft import load_draft
 from microdistill.extract.prepare import build_vocab, calibrate
 from microdistill.extract.local import decode_into
 from microdistill.teachers.decoding import Decoder

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from microdistill.cli import app
 from microdistill.data.shards import ShardSet
 from microdistill.extract import ExtractConfig, ExtractError, extract
+from microdistill.students.decoder.draft import draft_loader
 from microdistill.train import TrainConfig, train_once
 
 TEXTS = ["I was charged twice this month", "the app crashes when I open it", "where is my parcel, it is late",
@@ -72,8 +73,8 @@ def test_drafted_extraction_writes_the_shards_of_plain_extraction(corpus, tiny_t
 
 def test_a_draft_of_another_task_is_refused(corpus, tiny_teacher_dir, student, tmp_path):
     with pytest.raises(ExtractError, match=r"a student of task 'support-ticket', not of the task extracted \('reddit-comment'\)"):
-        extract(corpus, tmp_path / "out", ExtractConfig(teacher=str(tiny_teacher_dir), calibration=8,
-                                                        draft=str(student)), progress=False)
+        cfg = ExtractConfig(teacher=str(tiny_teacher_dir), calibration=8, draft=str(student))
+        extract(corpus, tmp_path / "out", cfg, progress=False, drafter_for=draft_loader(cfg))
 
 
 def test_a_draft_with_another_tokenizer_is_refused_and_writes_nothing(corpus, tiny_teacher_dir, student, plain, tmp_path):
@@ -86,7 +87,8 @@ def test_a_draft_with_another_tokenizer_is_refused_and_writes_nothing(corpus, ti
     (other / "tokenizer" / "tokenizer.json").write_text(json.dumps(spec))
     before = (plain / "manifest.json").read_bytes()
     with pytest.raises(ExtractError, match=rf"--draft {other}: its tokenizer is not the teacher's"):
-        extract(corpus, plain, config(tiny_teacher_dir, draft=str(other)), progress=False)
+        cfg = config(tiny_teacher_dir, draft=str(other))
+        extract(corpus, plain, cfg, progress=False, drafter_for=draft_loader(cfg))
     assert (plain / "manifest.json").read_bytes() == before
 
 
@@ -97,7 +99,8 @@ def test_a_draft_whose_kept_vocabulary_is_not_the_teachers_is_refused(corpus, ti
     cfg["vocab"]["kept"][-1] = 10**6  # an id past the teacher's vocabulary
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ExtractError, match="its kept vocabulary holds ids the teacher .* does not have"):
-        extract(corpus, tmp_path / "out", config(tiny_teacher_dir, draft=str(other)), progress=False)
+        cfg = config(tiny_teacher_dir, draft=str(other))
+        extract(corpus, tmp_path / "out", cfg, progress=False, drafter_for=draft_loader(cfg))
 
 
 def test_draft_options_are_checked_before_any_work(corpus, tiny_teacher_dir, tmp_path):

@@ -73,15 +73,19 @@ def extract(
     """Label a corpus with the teacher under the task's schema and store its logits as shards."""
     if (select is None) != (budget is None) or (student is not None and select is None):
         fail("--select and --budget go together (and --student with them)")
+    from microdistill.students.decoder.draft import draft_loader
+
     if select is not None:
         from microdistill.flows.select import select_and_extract
 
-        path = select_and_extract(input, out, cfg, select, budget, student, seed, progress=not quiet)
+        path = select_and_extract(input, out, cfg, select, budget, student, seed, progress=not quiet,
+                                  drafter_for=draft_loader(cfg))
     else:
         from microdistill.extract import extract as run_extract
         from microdistill.extract.parts import Part, from_env
 
-        path = run_extract(input, out, cfg, progress=not quiet, part=Part.parse(part) if part else from_env())
+        path = run_extract(input, out, cfg, progress=not quiet, part=Part.parse(part) if part else from_env(),
+                           drafter_for=draft_loader(cfg))
     typer.echo(f"shards: {path}")
 
 

@@ -67,7 +67,8 @@ LABELLINGS = {"white": _local, "black": _served}
 
 def extract(input_path: str | Path, out_dir: str | Path, config: ExtractConfig | None = None, *,
             task: Task | None = None, teacher: Teacher | None = None, progress: bool = True,
-            part: Part | None = None, wait_s: float = WAIT_S, chosen: Chosen | None = None) -> Path:
+            part: Part | None = None, wait_s: float = WAIT_S, chosen: Chosen | None = None,
+            drafter_for=None) -> Path:
     """Label the corpus at `input_path` with the teacher and write shards to `out_dir`.
 
     `task` and `teacher`, when given, are used instead of loading `config.task` / `config.teacher`
@@ -75,7 +76,8 @@ def extract(input_path: str | Path, out_dir: str | Path, config: ExtractConfig |
     (parts.py): worker 0 prepares the folder, the others wait for it up to `wait_s` seconds, and
     each labels only its own inputs. `chosen`: inputs of the corpus already read, filtered and
     chosen (flows/select.py), labelled instead of the corpus, and how they were chosen, which
-    the manifest's `rounds` keeps. Returns `out_dir`.
+    the manifest's `rounds` keeps. `drafter_for(teacher, task)`: the --draft student's proposals
+    (students/decoder/draft.py draft_loader), required with `config.draft`. Returns `out_dir`.
     """
     cfg = config or ExtractConfig()
     started = time.perf_counter()
@@ -87,10 +89,13 @@ def extract(input_path: str | Path, out_dir: str | Path, config: ExtractConfig |
         if other:
             raise ExtractError(f"--out {out_dir}: holds other files ({', '.join(other[:3])}) and no shards; choose a new "
                                "or empty folder, or a shard folder to add to")
+    if cfg.draft is not None and drafter_for is None:
+        raise ExtractError("--draft: pass drafter_for=draft_loader(config) (students/decoder/draft.py) to extract()")
     task = task or load_task(cfg.task)
     raw_items = read_corpus(input_path, field=cfg.field, labels=cfg.labels) if chosen is None else []
     teacher = teacher or load_teacher(cfg.teacher, cfg.teacher_url, cfg.teacher_tokenizer, progress=progress)
-    way = LABELLINGS[teacher.access]()(teacher, task, cfg, out_dir, progress)
+    way = LABELLINGS[teacher.access]()(teacher, task, cfg, out_dir, progress, **(
+        {"drafter_for": drafter_for} if drafter_for is not None else {}))
     if part is not None and not way.parts:
         raise ExtractError("--part splits a local teacher's work; a served teacher scales with --concurrency")
     if chosen is None:

@@ -24,7 +24,6 @@ from microdistill.data.corpus import Item, example_id
 from microdistill.data.shards import INPUT_EMBEDDINGS, Record, ShardWriter, StoreError
 from microdistill.extract import folder
 from microdistill.extract.config import ExtractConfig, ExtractError
-from microdistill.extract.draft import load_draft
 from microdistill.extract.embeddings import save_input_embeddings
 from microdistill.extract.parts import Part, check_root, open_part, root_fields, wait_for_root
 from microdistill.extract.prepare import Calibration, batches, build_vocab, calibrate, choose_dtype
@@ -44,13 +43,14 @@ class LocalLabelling:
 
     parts = True  # its work splits across --part workers
 
-    def __init__(self, teacher: HFTeacher, task: Task, cfg: ExtractConfig, out_dir: Path, progress: bool):
+    def __init__(self, teacher: HFTeacher, task: Task, cfg: ExtractConfig, out_dir: Path, progress: bool,
+                 drafter_for=None):
         self.teacher, self.task, self.cfg, self.out_dir, self.progress = teacher, task, cfg, out_dir, progress
         self.writer: ShardWriter | None = None
         self.timings: dict[str, Any] = {}  # extra timings this way records
         self.closing: dict[str, Any] = {}  # extra manifest entries at the end
         # a student that cannot draft is refused before the folder is touched
-        self.drafter = load_draft(cfg.draft, teacher, task, cfg.draft_tokens) if cfg.draft else None
+        self.drafter = drafter_for(teacher, task) if drafter_for is not None else None
 
     def open(self, items: list[Item], filters: dict[str, Any], part: Part | None, wait_s: float) -> list[Item]:
         """Open (or prepare) the folder; returns the inputs still to label."""

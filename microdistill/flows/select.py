@@ -30,7 +30,8 @@ class SelectError(UserError):
 
 
 def select_and_extract(pool_path: Path, out_dir: Path, cfg: ExtractConfig, strategy: str, budget: int,
-                       student_dir: Path | None = None, seed: int = 0, progress: bool = True) -> Path:
+                       student_dir: Path | None = None, seed: int = 0, progress: bool = True,
+                       drafter_for=None) -> Path:
     """Choose `budget` inputs of the pool by `strategy` and label them into `out_dir`."""
     if strategy not in STRATEGIES:
         raise SelectError(f"--select {strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -64,4 +65,5 @@ def select_and_extract(pool_path: Path, out_dir: Path, cfg: ExtractConfig, strat
     round_ = {"strategy": strategy, "student": str(student_dir) if student_dir else None, "pool": len(pool),
               "budget": budget, "seed": seed, "at": time.time(), "ids": [example_id(pool[i].text) for i in picked]}
     chosen = Chosen([pool[i] for i in picked], report.as_dict(), round_)
-    return extract(pool_path, out_dir, cfg, task=task, teacher=teacher, progress=progress, chosen=chosen)
+    return extract(pool_path, out_dir, cfg, task=task, teacher=teacher, progress=progress, chosen=chosen,
+                   drafter_for=drafter_for)

@@ -79,9 +79,9 @@ def teacher_for(spec: str, student, url: str | None = None, attempts: int | None
 
 
 def draft_for(student, teacher):
-    """A decoder student in process drafts its local teacher's answers (extract/draft.py): the same
+    """A decoder student in process drafts its local teacher's answers (students/decoder/draft.py): the same
     answers in fewer teacher passes. None where it cannot (another kind, runtime or tokenizer)."""
-    from microdistill.extract.draft import DRAFT_TOKENS, check_draft
+    from microdistill.students.decoder.draft import DRAFT_TOKENS, check_draft
     from microdistill.extract.config import ExtractError
 
     if teacher.access != "white" or getattr(student, "kind", None) != "decoder" or getattr(student, "model", None) is None:

@@ -124,7 +124,7 @@ class Decoder:
             averaged over the row's own prompt tokens (the input and the template around it; the
             shared prefix excluded): a summary of how the teacher reads the input, for
             hidden-state distillation. It comes from the forward pass decoding needs anyway.
-        drafter: proposes tokens after the grammar's (extract/draft.py: a decoder student); checked
+        drafter: proposes tokens after the grammar's (students/decoder/draft.py); checked
             as the grammar's are, so the answers do not change. `passes` counts the forward passes.
     """
 

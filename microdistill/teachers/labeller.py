@@ -22,7 +22,7 @@ from microdistill.teachers.teacher import Teacher, same_teacher
 
 def local_labeller(teacher, task: Task, kept: Sequence[int] | None, draft=None) -> Callable[[list[str]], list[str]]:
     """Constrained greedy generation with a local teacher, as extraction runs it (with `draft`
-    proposing tokens: extract/draft.py); returns output texts."""
+    proposing tokens: students/decoder/draft.py); returns output texts."""
     from microdistill.core.grammar import Grammar  # xgrammar: loaded when a teacher answers
     from microdistill.teachers.decoding import Decoder
 

@@ -149,9 +149,8 @@ class ServedTeacher:
 
     def labeller(self, task: Task, kept: list[int] | None = None, draft=None):
         """Texts -> answer texts (canonical JSON, or "" for an unusable answer), with up to
-        `concurrency` calls in flight; the first call of all goes alone (`probe`). `kept` and
-        `draft` are for the common interface: a served model decodes over its whole vocabulary,
-        where it runs."""
+        `concurrency` calls in flight; the first call of all goes alone (`probe`). `kept` and `draft`
+        are for the common interface: a served model decodes its whole vocabulary where it runs."""
         def run(texts: list[str]) -> list[str]:
             answers: dict[int, Answer] = {}
             todo = list(enumerate(texts))

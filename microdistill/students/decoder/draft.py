@@ -1,6 +1,7 @@
 """A decoder student as the teacher's draft (speculative decoding with a distilled draft).
 
     microdistill extract --task support-ticket --input more.jsonl --out shards/ --draft runs/t/student
+    extract(corpus, out, cfg, drafter_for=draft_loader(cfg))     # the same from Python
 
 At each decoding step the student reads the input and the teacher's answer so far (and the
 tokens the grammar forces next) and proposes the next --draft-tokens tokens greedily; the
@@ -90,6 +91,14 @@ class StudentDraft:
     def report(self) -> dict[str, Any]:
         return {"student": str(self.student.path), "tokens": self.tokens, "proposed": self.proposed,
                 "accepted": self.accepted, "acceptance": round(self.accepted / max(self.proposed, 1), 4)}
+
+
+def draft_loader(cfg: ExtractConfig):
+    """extract()'s `drafter_for` for cfg.draft (None without one): extraction sits before the
+    students in the stage order, so the caller hands it the loader."""
+    if cfg.draft is None:
+        return None
+    return lambda teacher, task: load_draft(cfg.draft, teacher, task, cfg.draft_tokens)
 
 
 def load_draft(path: str | Path, teacher, task: Task, tokens: int) -> StudentDraft:

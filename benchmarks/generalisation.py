@@ -39,10 +39,25 @@ def exact(answers: list[dict | None], records) -> tuple[int, int]:
     return sum(a == r.fields for a, r in zip(answers, records)), len(records)
 
 
+def t_interval(values: list[float]) -> tuple[float, float | None]:
+    """The mean over seeds and the half-width of its 95% interval (t-distribution; None for one seed)."""
+    mean = statistics.fmean(values)
+    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return mean, half
+
+
+def write_results(out: Path, args, rows: list[dict], text: str) -> None:
+    """results.json (the arguments and the rows) and results.md (`text`) in `out`, and `text` printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
+                                                 indent=1))
+    (out / "results.md").write_text(text)
+    print(text)
+
+
 def summary(counts: list[tuple[int, int]]) -> dict:
     rates = [k / n for k, n in counts]
-    mean = statistics.fmean(rates)
-    half = T95.get(len(rates) - 1, 1.96) * statistics.stdev(rates) / math.sqrt(len(rates)) if len(rates) > 1 else None
+    mean, half = t_interval(rates)
     # a learner that gives the same answers for every seed (the peers) has the interval of one count
     k, n = counts[0] if len(set(counts)) == 1 else (sum(c[0] for c in counts), sum(c[1] for c in counts))
     return {"per_seed": rates, "mean": mean, "ci95_seeds": [mean - half, mean + half] if half is not None else None,

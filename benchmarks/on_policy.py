@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 
-from generalisation import T95
+from generalisation import t_interval, write_results
 
 from microdistill.flows.compare import compare
 from microdistill.flows.config import CompareConfig
@@ -28,9 +27,8 @@ from microdistill.flows.config import CompareConfig
 
 def interval(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of the 95% interval over seeds (0 for one seed)."""
-    mean = statistics.fmean(values)
-    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return mean, half
+    mean, half = t_interval(values)
+    return mean, half or 0.0
 
 
 def main() -> None:
@@ -72,12 +70,7 @@ def main() -> None:
         lines.append(f"| {r['name']} | {100 * m:.1f}% ± {100 * h:.1f} | "
                      + " | ".join(f"{r['chrf'][t][0]:.1f} ± {r['chrf'][t][1]:.1f}" for t in texts)
                      + f" | {r['wall_s']:.0f} s |")
-    text = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "rows": rows}, indent=1))
-    (args.out / "results.md").write_text(text)
-    print(text)
+    write_results(args.out, args, rows, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

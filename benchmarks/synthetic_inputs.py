@@ -26,7 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
-from generalisation import exact, summary
+from generalisation import exact, summary, write_results
 
 from microdistill.data.shards import ShardSet
 from microdistill.extract import ExtractConfig, extract
@@ -120,10 +120,7 @@ def main() -> None:
                    f"{r['mean'] / real:.2f} |")
     text = (f"Task {args.task}, {args.student} student, {args.epochs} epochs, seeds {args.seeds}; "
             f"{len(held_out)} real held-out inputs.\n\n" + "\n".join(out) + "\n")
-    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "rows": rows}, indent=1))
-    (args.out / "results.md").write_text(text)
-    print(text)
+    write_results(args.out, args, rows, text)
 
 
 if __name__ == "__main__":

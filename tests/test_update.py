@@ -4,12 +4,17 @@ a refused student changes nothing, and the traffic a server kept is a pool."""
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 from synthetic import make_texts
+from test_serve import start_server
 
 from microdistill.core.task import load_task
 from microdistill.data.shards import ShardSet
@@ -83,3 +88,68 @@ def test_update_errors_are_one_line(student, tmp_path):
         r = subprocess.run([sys.executable, "-m", "microdistill", "update", "--student", str(student), "--input",
                             str(pool), "--quiet", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, (args, r.stderr)
+
+
+def test_a_kept_teacher_call_is_the_record_extraction_writes(student, tiny_teacher_dir, tmp_path):
+    from microdistill.extract.recording import RecordedAnswers, label_records, recorded
+    from microdistill.serve.cascade import teacher_for
+    from microdistill.students import load_student
+
+    loaded = load_student(student)
+    traffic = tmp_path / "traffic"
+    answers = recorded(teacher_for(str(tiny_teacher_dir), loaded), loaded, traffic)
+    assert isinstance(answers, RecordedAnswers)
+    texts = make_texts(6, seed=35)
+    served = answers(texts)
+    answers.close()
+    kept = {r.text: r for r in label_records(traffic)}
+    finished = [(t, a) for t, a in zip(texts, served) if a["fields"] is not None]
+    assert finished and set(kept) == {t for t, _ in finished}
+    assert all(kept[t].fields == a["fields"] and kept[t].output_text == a["output"] for t, a in finished)
+    # the same texts labelled by extraction into a copy of the student's shards
+    shards = Path(json.loads((student / "config.json").read_text())["shards"]["path"])
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    corpus = tmp_path / "texts.txt"
+    corpus.write_text("\n".join(texts) + "\n")
+    extract(corpus, copy, ExtractConfig(teacher=str(tiny_teacher_dir), vocab_size=200, calibration=4), progress=False)
+    extracted = {r.text: r for r in ShardSet(copy).records() if r.text in kept}
+    for text, record in kept.items():
+        other = extracted[text]
+        assert record.output_ids.tolist() == other.output_ids.tolist()
+        np.testing.assert_allclose(record.logits.astype(np.float32), other.logits.astype(np.float32), atol=0.02)
+        np.testing.assert_allclose(record.lse, other.lse, atol=0.02)
+        for name, p in record.decisions.items():
+            np.testing.assert_allclose(p, other.decisions[name], atol=0.01)
+
+
+def test_update_learns_the_teacher_calls_a_killed_server_kept_without_asking_again(student, tiny_teacher_dir, tmp_path):
+    traffic = tmp_path / "traffic"
+    # every answer below full confidence goes to the teacher: all of them
+    proc, url = start_server(student, "--teacher", str(tiny_teacher_dir), "--min-confidence", "1.0",
+                             "--traffic", str(traffic))
+    texts = make_texts(10, seed=36)
+    try:
+        answered = []
+        for i in range(0, len(texts), 5):
+            r = httpx.post(f"{url}/v1/predict", json={"texts": texts[i:i + 5]}, timeout=120)
+            assert r.status_code == 200
+            answered += r.json()["results"]
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no close: what the teacher answered must be on disk already
+        proc.wait(30)
+    by_teacher = {t: a["fields"] for t, a in zip(texts, answered) if a["answered_by"] == "teacher"}
+    assert len(by_teacher) >= 8
+    shards = Path(json.loads((student / "config.json").read_text())["shards"]["path"])
+    before = len(ShardSet(shards))
+    out = tmp_path / "new"
+    r = subprocess.run([sys.executable, "-m", "microdistill", "update", "--student", str(student), "--input",
+                        str(traffic), "--out", str(out), "--budget", "1", "--tolerance", "0.99", "--quiet"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "update.json").read_text())
+    assert report["rounds"][0]["reused_labels"] == len(by_teacher)
+    assert report["teacher_calls"] <= min(1, len(texts) - len(by_teacher))  # only what the teacher did not answer
+    records = {r.text: r for r in ShardSet(shards).records()}
+    assert len(records) == before + len(by_teacher) + report["teacher_calls"]
+    assert all(records[t].fields == f for t, f in by_teacher.items())

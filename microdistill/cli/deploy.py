@@ -85,7 +85,9 @@ def update(
     from microdistill.flows.continual import update as run_update
 
     report = run_update(student, input, out, cfg, shards, progress=not quiet)
-    typer.echo(f"{report['teacher_calls']} teacher calls in {len(report['rounds'])} round(s); held-out agreement "
+    reused = sum(r.get("reused_labels", 0) for r in report["rounds"])
+    typer.echo(f"{report['teacher_calls']} teacher calls in {len(report['rounds'])} round(s)"
+               + (f" and {reused} teacher answers the server kept" if reused else "") + "; held-out agreement "
                f"{report['rounds'][0]['old_agreement']:.2%} -> {report['rounds'][-1]['new_agreement']:.2%}; "
                f"student saved in {out}")
 

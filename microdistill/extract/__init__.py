@@ -19,6 +19,7 @@ stopped; the kept vocabulary of an existing folder is reused, never recomputed.
     prepare.py     a new folder's set-up: the kept vocabulary from a calibration sample, the dtype check
     embeddings.py  the teacher's input embeddings in context
     parts.py       extraction by N workers
+    recording.py   the cascade's teacher calls kept as records for update (serve --traffic)
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ of the same options is trained from its pretrained start on all the labels; and 
 the old and the new student on the held-out inputs the shards held before the update (a fixed
 set, the same for every round): the new one is kept only if it agrees with the teacher at least
 as often (`--tolerance` less, at most). `--out` gets the last kept student and `update.json`:
-per round, the teacher calls it spent and what they bought. Rounds work in `.OUT.rounds/` beside
+per round, the teacher calls it spent and what they bought. A traffic folder's teacher answers
+that the server kept as records (extract/recording.py) are added to the shards first, at no
+teacher call, and a selection never picks them again. Rounds work in `.OUT.rounds/` beside
 `--out` (removed when it finishes; a refused round's student stays there to be looked at): a
 killed update leaves the old student where it was, and the same command resumes.
 """
@@ -27,8 +29,9 @@ from microdistill.core.console import say
 from microdistill.core.files import atomic_dir, atomic_write_json, check_output_folder
 from microdistill.data.shards import ShardSet
 from microdistill.extract.config import ExtractConfig
+from microdistill.extract.recording import merge_labels
 from microdistill.flows.config import UpdateConfig, UpdateError
-from microdistill.flows.select import select_and_extract
+from microdistill.flows.select import EmptyPool, select_and_extract
 from microdistill.serve.traffic import MANIFEST as TRAFFIC, read_traffic
 from microdistill.students import load_student
 from microdistill.students.folder import FORMAT
@@ -50,11 +53,12 @@ def update(student_dir: Path, pool: Path, out_dir: Path, cfg: UpdateConfig = Upd
     shards = ShardSet(shards_dir)
     if shards.task().fingerprint() != old.task.fingerprint():
         raise UpdateError(f"shard folder {shards_dir} is for another task than student {student_dir}")
-    gate = [r for r in shards.records("val")]
-    if not gate:
-        raise UpdateError(f"shard folder {shards_dir}: no held-out inputs to gate a new student on")
     work = out_dir.parent / f".{out_dir.name}.rounds"
     work.mkdir(parents=True, exist_ok=True)
+    gate = gate_set(shards, work)
+    reused = merge_labels(Path(pool), shards_dir) if (Path(pool) / TRAFFIC).is_file() else 0
+    if reused:
+        say(f"[update] {reused} teacher answers from {pool} added to {shards_dir}: no teacher call for them", progress)
     pool = corpus_of(Path(pool), work, old.task)
     (work / "task.yaml").write_text(json.dumps(old.task.model_dump(mode="json")))
     m = shards.manifest  # label as the folder's examples were: its teacher, where it was served, its vocabulary size
@@ -64,11 +68,17 @@ def update(student_dir: Path, pool: Path, out_dir: Path, cfg: UpdateConfig = Upd
     current, before, rounds = student_dir, score(old, gate), []
     for k in range(cfg.rounds):
         n = len(ShardSet(shards_dir))
-        select_and_extract(pool, shards_dir, extract_cfg, cfg.select, cfg.budget, current, cfg.seed + k, progress)
+        try:
+            select_and_extract(pool, shards_dir, extract_cfg, cfg.select, cfg.budget, current, cfg.seed + k, progress)
+        except EmptyPool:
+            if not (k == 0 and reused):
+                raise
+            say("[update] every input of the traffic is labelled already: this round trains on them", progress)
         new = train_once(shards_dir, work / f"round-{k + 1}", train_cfg, progress)
         after = score(load_student(new), gate)
         rounds.append({"round": k + 1, "teacher_calls": len(ShardSet(shards_dir)) - n, "select": cfg.select,
-                       "gate_n": len(gate), "old_agreement": before, "new_agreement": after, "kept": after + cfg.tolerance >= before})
+                       "reused_labels": reused if k == 0 else 0, "gate_n": len(gate), "old_agreement": before,
+                       "new_agreement": after, "kept": after + cfg.tolerance >= before})
         say(f"[update] round {k + 1}: {rounds[-1]['teacher_calls']} teacher calls; held-out agreement "
             f"{before:.2%} -> {after:.2%}", progress)
         if not rounds[-1]["kept"]:
@@ -83,6 +93,19 @@ def update(student_dir: Path, pool: Path, out_dir: Path, cfg: UpdateConfig = Upd
         atomic_write_json(tmp / "update.json", report)
     shutil.rmtree(work, ignore_errors=True)  # the rounds' students: the kept one is in out_dir now
     return report
+
+
+def gate_set(shards: ShardSet, work: Path) -> list:
+    """The held-out records the shards held when this update began: their ids are kept in `work`, so
+    a resumed update gates on the same set, not on the held-out inputs its rounds have added."""
+    path = work / "gate.json"
+    held = {r.id: r for r in shards.records("val")}
+    if path.is_file():
+        held = {i: held[i] for i in json.loads(path.read_text()) if i in held}
+    if not held:
+        raise UpdateError(f"shard folder {shards.dir}: no held-out inputs to gate a new student on")
+    atomic_write_json(path, sorted(held))
+    return [held[i] for i in sorted(held)]
 
 
 def score(student, records) -> float:

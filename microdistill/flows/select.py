@@ -29,6 +29,10 @@ class SelectError(UserError):
     """A selection that cannot be made; one line for the user."""
 
 
+class EmptyPool(SelectError):
+    """Every input of the pool that passes the filters is labelled already."""
+
+
 def select_and_extract(pool_path: Path, out_dir: Path, cfg: ExtractConfig, strategy: str, budget: int,
                        student_dir: Path | None = None, seed: int = 0, progress: bool = True,
                        drafter_for=None) -> Path:
@@ -53,7 +57,7 @@ def select_and_extract(pool_path: Path, out_dir: Path, cfg: ExtractConfig, strat
     done = {r.id for r in ShardSet(out_dir).records()} if (Path(out_dir) / "manifest.json").is_file() else set()
     pool = [it for it in items if example_id(it.text) not in done]
     if not pool:
-        raise SelectError(f"pool {pool_path}: no input that passes the task's filters and is not labelled in "
+        raise EmptyPool(f"pool {pool_path}: no input that passes the task's filters and is not labelled in "
                           f"{out_dir} yet ({report.summary()})")
     if budget > len(pool):
         raise SelectError(f"--budget {budget}: the pool holds {len(pool)} inputs not labelled yet; give at most that")

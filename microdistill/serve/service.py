@@ -168,6 +168,8 @@ class Service:
         await self.teacher.close()
         if self.traffic is not None:
             self.traffic.close()
+        if hasattr(self.cascade.teacher, "close"):
+            self.cascade.teacher.close()  # the last teacher answers kept as labels
 
     def check(self, texts: list[str]) -> None:
         c = self.config
@@ -260,4 +262,8 @@ def build_service(student_dir: Path, config: ServeConfig) -> Service:
     model_id = config.served_model_name[0] if config.served_model_name else student.task.name
     traffic = TrafficLog(Path(config.traffic), student.task, config.traffic_sample,
                          int(config.traffic_max_mb * 1e6) if config.traffic_max_mb else None) if config.traffic else None
+    if traffic is not None and teacher is not None:  # the teacher's answers become labels update reuses
+        from microdistill.extract.recording import recorded  # torch: only with a teacher in process
+
+        teacher = recorded(teacher, student, traffic.folder)
     return Service(Cascade(student, threshold, teacher), config, model_id, traffic)

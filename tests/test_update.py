@@ -121,6 +121,18 @@ def test_a_kept_teacher_call_is_the_record_extraction_writes(student, tiny_teach
         np.testing.assert_allclose(record.lse, other.lse, atol=0.02)
         for name, p in record.decisions.items():
             np.testing.assert_allclose(p, other.decisions[name], atol=0.01)
+    # answers kept for other shards (here: another kept vocabulary) are refused, and the shards keep what they held
+    from microdistill.data.shards import StoreError
+    from microdistill.extract.recording import merge_labels
+
+    folder = next(traffic.glob("labels-*"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["vocab"]["kept"] = manifest["vocab"]["kept"][:-1]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    held = len(ShardSet(copy))
+    with pytest.raises(StoreError, match=r"labels-.*: teacher answers kept for other shards than .*copy"):
+        merge_labels(traffic, copy)
+    assert len(ShardSet(copy)) == held
 
 
 def test_update_learns_the_teacher_calls_a_killed_server_kept_without_asking_again(student, tiny_teacher_dir, tmp_path):

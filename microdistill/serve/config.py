@@ -41,8 +41,9 @@ class ServeConfig(Options):
         "Keep every answered call in this folder (text, answer, confidences, who answered) for `update` to learn "
         "from; off by default, as it stores what clients send."))
     traffic_sample: float = option(1.0, help="The share of answered calls --traffic keeps.")
-    traffic_max_mb: float | None = option(None, help="--traffic stops growing at this many megabytes (the rest are "
-                                                     "counted as dropped in /metrics).")
+    traffic_max_mb: float | None = option(None, help="--traffic's log stops growing at this many megabytes (the rest "
+                                                     "are counted as dropped in /metrics; the teacher's answers kept "
+                                                     "as labels are all kept).")
     watch_s: float | None = option(None, help=(
         "Reload the student whenever its folder is saved again, looking every this many seconds (SIGHUP reloads it "
         "at once); calls in flight finish on the old one."))

@@ -151,9 +151,10 @@ def make_shards(
     return path
 
 
-def whole_and_resumed(data, tmp_path, cfg):
+def whole_and_resumed(data, tmp_path, cfg, keep_checkpoint=True):
     """Train `cfg` once straight through and once interrupted at step 2 then resumed; the
-    resumed run must end with the same weights. Returns both folders."""
+    resumed run must end with the same weights (its last checkpoint kept, for the refusals tests
+    try on it). Returns both folders."""
     import os
     import signal
 
@@ -171,7 +172,7 @@ def whole_and_resumed(data, tmp_path, cfg):
 
     with pytest.raises(TrainingInterrupted):
         train(data, tmp_path / "split", cfg, progress=False, on_step=interrupt)
-    split = train(data, tmp_path / "split", cfg, resume=True, progress=False)
+    split = train(data, tmp_path / "split", cfg, resume=True, progress=False, keep_checkpoint=keep_checkpoint)
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(split / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     return whole, split

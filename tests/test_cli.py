@@ -37,7 +37,7 @@ RUN_FLAGS = {
 }
 # verb -> ([(the config its flags default to, the fields that are flags; None: all)], the verb's own parameters)
 VERB_CONFIGS = {
-    "train": ([(TrainConfig(), None)], {"data", "out", "resume", "checkpoint_every", "quiet"}),
+    "train": ([(TrainConfig(), None)], {"data", "out", "resume", "checkpoint_every", "keep_checkpoint", "quiet"}),
     "extract": ([(ExtractConfig(), None)], {"input", "out", "part", "select", "student", "budget", "seed", "quiet"}),  # --part: which worker, not what
     "eval": ([(EvalConfig(), None)], {"student", "data", "out", "json_out", "quiet"}),
     "serve": ([(ServeConfig(), None)], {"student"}),

@@ -49,6 +49,10 @@ def test_tiny_run_learns_its_training_data(shards, tmp_path):
     stats = json.loads((out / "training.json").read_text())
     assert stats["steps"] == len(rows) == 24 * 4 and stats["epochs"] == 24
     assert stats["tokens"] > 0 and stats["tokens_per_s"] > 0 and stats["wall_s"] >= stats["train_s"] > 0
+    # a finished student keeps no checkpoint (3x its size) unless asked, and is not trained over
+    assert not (out / "checkpoint").exists() and not (out / ".checkpoint.old").exists()
+    with pytest.raises(TrainError, match="holds a finished student; choose another --out"):
+        train(shards, out, cfg, resume=True, progress=False)
 
 
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(shards, tmp_path):
@@ -76,7 +80,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(shards, tmp_pa
 
 def test_resume_refuses_shards_of_another_teacher_and_changed_options(shards, tmp_path, tiny_tokenizer):
     cfg = TrainConfig(preset="nano", max_steps=2, batch_size=16, eval_limit=1)
-    out = train(shards, tmp_path / "s", cfg, progress=False)
+    out = train(shards, tmp_path / "s", cfg, progress=False, keep_checkpoint=True)
     other = make_shards(tmp_path / "other", tiny_tokenizer, n=64, teacher_sha256="1" * 64)
     with pytest.raises(TrainError, match=r"checkpoint/state.pt: trained on shards with a different teacher") as e:
         train(other, out, cfg, resume=True, progress=False)
@@ -248,7 +252,7 @@ def test_hidden_state_loss_trains_a_probe_that_stays_out_of_the_student(tmp_path
     hid = make_shards(tmp_path / "hid", tiny_tokenizer, n=48, hidden=12)
     assert ShardSet(hid).hidden_layer == 1 and next(ShardSet(hid).records()).hidden.shape == (12,)
     cfg = TrainConfig(preset="nano", epochs=8, batch_size=16, lr=5e-3, eval_limit=1, hidden_weight=3.0)
-    on = train(hid, tmp_path / "on", cfg, progress=False)
+    on = train(hid, tmp_path / "on", cfg, progress=False, keep_checkpoint=True)
     rows = steps(on)
     # standardised targets: the loss starts near 1 (an untrained probe predicts ~0) and falls
     assert 0.8 < rows[0]["hidden"] < 1.2 and rows[-1]["hidden"] < rows[0]["hidden"] / 2

@@ -92,11 +92,13 @@ def extract(
 @verb
 def train(
     data: Path = typer.Option(..., help="Shard folder written by extract."),
-    out: Path = typer.Option(..., help="Student folder to write (model, config, tokenizer, metrics, checkpoint)."),
+    out: Path = typer.Option(..., help="Student folder to write (model, config, tokenizer, metrics; a checkpoint while it trains)."),
     cfg: TrainConfig = Flags(TrainConfig),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint (same options)."),
     checkpoint_every: str = typer.Option(CHECKPOINT_EVERY, help="Besides each epoch's end, a checkpoint every N steps "
                                          "(500) or N seconds (300s): what a killed run can lose."),
+    keep_checkpoint: bool = typer.Option(False, help="Keep the last checkpoint (optimiser state, hidden-state probe; "
+                                         "about 3x the student's size) in --out once training ends."),
     quiet: bool = typer.Option(False, help="No live progress line."),
 ) -> None:
     """Train a student on teacher shards; Ctrl-C saves a checkpoint, --resume continues it exactly (torchrun: DDP)."""
@@ -106,7 +108,8 @@ def train(
     from microdistill.train import TrainingInterrupted, train as run_training
 
     try:
-        path = run_training(data, out, cfg, resume=resume, progress=not quiet, checkpoint_every=checkpoint_every)
+        path = run_training(data, out, cfg, resume=resume, progress=not quiet, checkpoint_every=checkpoint_every,
+                            keep_checkpoint=keep_checkpoint)
     except TrainingInterrupted as e:
         typer.secho(str(e), err=True)
         raise typer.Exit(130)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -148,13 +149,15 @@ def every(spec: str | None) -> Callable[[int], bool]:
     return by_time
 def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resume: bool = False,
           progress: bool = True, on_step: Callable[[int], None] | None = None,
-          checkpoint_every: str | None = CHECKPOINT_EVERY) -> Path:
+          checkpoint_every: str | None = CHECKPOINT_EVERY, keep_checkpoint: bool = False) -> Path:
     """Train a student on the shards in `data_dir`; returns `out_dir`, the student folder.
 
     Under torchrun, each process is one rank of a DistributedDataParallel run (distributed.py).
     on_step(step) is called after every optimiser step (progress reporting, tests).
     checkpoint_every: besides each epoch's end, a checkpoint every "N" steps or "Ns" seconds
     (None: at epochs' ends only), so a killed run loses at most that much.
+    keep_checkpoint: keep the last checkpoint (weights, optimiser state, probe: about 3x the
+    student) once the student folder is complete; by default it is deleted, as nothing resumes it.
     Raises TrainingInterrupted (a KeyboardInterrupt) after saving a checkpoint on SIGINT/SIGTERM.
     """
     check_out(Path(data_dir), Path(out_dir), resume)
@@ -164,9 +167,14 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     with lock:
         ranks = start()
         try:
-            return _train(ranks, Path(data_dir), Path(out_dir), config or TrainConfig(), resume, progress, on_step, due)
+            out = _train(ranks, Path(data_dir), Path(out_dir), config or TrainConfig(), resume, progress, on_step, due)
         finally:
             ranks.close()
+        if not keep_checkpoint and ranks.main:
+            # training.json is written: the folder is a finished student, which no --resume continues
+            for name in ("checkpoint", ".checkpoint.old"):
+                shutil.rmtree(out / name, ignore_errors=True)
+        return out
 
 
 def check_out(data_dir: Path, out: Path, resume: bool) -> None:
@@ -181,6 +189,9 @@ def check_out(data_dir: Path, out: Path, resume: bool) -> None:
     names = {p.name for p in out.iterdir()} if out.is_dir() else set()
     if names - {".lock"} and not (has_run(out) or "metrics.jsonl" in names):
         raise TrainError(f"--out {out}: holds other files and no training run; choose a new or empty folder")
+    finished = "training.json" in names and not names & {"checkpoint", ".checkpoint.old"}
+    if finished:
+        raise TrainError(f"--out {out}: holds a finished student; choose another --out to train a new one")
     if has_run(out) and not resume:
         raise TrainError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
 

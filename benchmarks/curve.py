@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from generalisation import mean_lines
+
 from microdistill.core.files import save_figure
 
 
@@ -37,12 +39,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, points in series.items():
-        xs = [n for n, _ in points]
-        ax.plot(xs, [100 * s["mean"] for _, s in points], marker="o", label=name)
-        if all(s["ci95_seeds"] for _, s in points):
-            ax.fill_between(xs, [100 * s["ci95_seeds"][0] for _, s in points],
-                            [100 * s["ci95_seeds"][1] for _, s in points], alpha=0.15)
+    mean_lines(ax, series)
     ceiling = json.loads(args.ceiling.read_text()) if args.ceiling else None
     if ceiling:
         lo, hi = ceiling["consistent_ci95"]

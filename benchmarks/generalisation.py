@@ -64,6 +64,16 @@ def summary(counts: list[tuple[int, int]]) -> dict:
             "pooled_wilson": list(wilson_interval(k, n)), "n": counts[0][1]}
 
 
+def mean_lines(ax, series: dict[str, list[tuple[float, dict]]]) -> None:
+    """One line per name through the means of summary() dicts, with the seeds' 95% band (kept within 0-100%)."""
+    for name, points in series.items():
+        xs = [x for x, _ in points]
+        ax.plot(xs, [100 * s["mean"] for _, s in points], marker="o", label=name)
+        if all(s["ci95_seeds"] for _, s in points):
+            ax.fill_between(xs, [100 * max(s["ci95_seeds"][0], 0.0) for _, s in points],
+                            [100 * min(s["ci95_seeds"][1], 1.0) for _, s in points], alpha=0.13)
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     """"LABEL:key=value,key=value" -> (LABEL, options typed like TrainConfig's defaults)."""
     label, _, rest = text.partition(":")

@@ -30,7 +30,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from generalisation import exact, summary, write_results
+from generalisation import exact, mean_lines, summary, write_results
 
 from microdistill.core.files import save_figure
 from microdistill.data.select import STRATEGIES, choose
@@ -112,12 +112,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for row in rows:
-        xs = [p["labels"] for p in row["points"]]
-        ax.plot(xs, [100 * p["mean"] for p in row["points"]], marker="o", label=row["strategy"])
-        if all(p["ci95_seeds"] for p in row["points"]):
-            ax.fill_between(xs, [100 * max(p["ci95_seeds"][0], 0.0) for p in row["points"]],
-                            [100 * min(p["ci95_seeds"][1], 1.0) for p in row["points"]], alpha=0.12)
+    mean_lines(ax, {row["strategy"]: [(p["labels"], p) for p in row["points"]] for row in rows})
     ax.set_xscale("log")
     ax.set_xticks(sorted({p["labels"] for row in rows for p in row["points"]}))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())

@@ -161,6 +161,15 @@ def make_record(task: Task, tokenizer, item: Item, row, text: str, decisions: di
     )
 
 
+def decode_batch(decoder: "Decoder", task: Task, rests: Sequence, texts: Sequence[str]) -> list[tuple]:
+    """One batch through the teacher: [(row, its answer's text or None where max_tokens cut it,
+    its decision points)], row by row."""
+    batch = decoder.generate(rests, task.output.max_tokens, texts=texts)
+    tok = decoder.teacher.tokenizer
+    answers = [tok.decode(r.output_ids[:-1]) if r.finished else None for r in batch.rows]
+    return list(zip(batch.rows, answers, decoder.decisions(batch, answers)))
+
+
 def decode_into(writer: ShardWriter, decoder: "Decoder", task: Task, items: Sequence[Item], batch_size: int = 16,
                 progress: bool = True) -> dict[str, float]:
     """Decode `items` and add their records to `writer`.
@@ -175,10 +184,7 @@ def decode_into(writer: ShardWriter, decoder: "Decoder", task: Task, items: Sequ
     bar, job = progress_bar(progress, "extracting", len(items))
     with bar:
         for chunk, rests in batches(decoder, items, batch_size):
-            batch = decoder.generate(rests, task.output.max_tokens, texts=[it.text for it in chunk])
-            texts = [tok.decode(r.output_ids[:-1]) if r.finished else None for r in batch.rows]
-            decisions = decoder.decisions(batch, texts)
-            for item, row, text, dec in zip(chunk, batch.rows, texts, decisions):
+            for item, (row, text, dec) in zip(chunk, decode_batch(decoder, task, rests, [it.text for it in chunk])):
                 stats["tokens"] += len(row.output_ids)
                 if text is None:  # hit max_tokens: an answer cut short is not a valid example
                     stats["cut"] += 1

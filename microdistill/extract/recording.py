@@ -37,7 +37,7 @@ class RecordedAnswers:
 
     def __init__(self, answers, shards: dict[str, Any], folder: Path):
         from microdistill.core.grammar import Grammar  # xgrammar and torch: loaded when a teacher answers
-        from microdistill.extract.local import make_record
+        from microdistill.extract.local import decode_batch, make_record
         from microdistill.teachers.decoding import Decoder
 
         self.answers, self.task, self.teacher = answers, answers.task, answers.teacher
@@ -49,26 +49,24 @@ class RecordedAnswers:
         self.kept = set(kept)
         self.writer = ShardWriter(folder, {k: shards[k] for k in (*SAME, "hidden_layer") if k in shards})
         self.writer.save_manifest()  # at once: a server killed before its first full shard leaves a readable folder
-        self.name, self.make_record = answers.name, make_record
+        self.name, self.make_record, self.decode_batch = answers.name, make_record, decode_batch
 
     def __call__(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         cleaned = clean_inputs(self.task, texts)
         if not cleaned:
             return []
         tok, eos = self.teacher.tokenizer, self.teacher.eos_id
-        batch = self.decoder.generate([self.decoder.rest_ids(t) for t in cleaned], self.task.output.max_tokens,
-                                      texts=cleaned)
-        outputs = [tok.decode([i for i in r.output_ids if i != eos]) for r in batch.rows]
-        finished = [o if r.finished else None for o, r in zip(outputs, batch.rows)]
-        for text, row, output, dec in zip(cleaned, batch.rows, finished, self.decoder.decisions(batch, finished)):
+        rows = self.decode_batch(self.decoder, self.task, [self.decoder.rest_ids(t) for t in cleaned], cleaned)
+        for text, (row, output, dec) in zip(cleaned, rows):
             if output is None:
-                continue  # cut at max_tokens: not a valid example (its fields are None below)
+                continue  # cut at max_tokens: not a valid example (served as it stands, its fields None)
             try:
                 self.writer.add(self.make_record(self.task, tok, Item(text), row, output, dec, self.kept, eos))
             except Exception as e:  # an answer that does not round-trip is served, just not kept
                 log.warning("teacher answer not kept as a label: %s", str(e).splitlines()[0][:200])
         self.writer.journal()
-        return [{"output": o, "fields": parse_or_none(self.task, o)} for o in outputs]
+        served = [output if output is not None else tok.decode(row.output_ids) for row, output, _ in rows]
+        return [{"output": o, "fields": parse_or_none(self.task, o)} for o in served]
 
     def close(self) -> None:
         self.writer.close()

@@ -163,7 +163,7 @@ GIVEN = {
                    weight_decay=0.01, grad_clip=0.5, pretrained_lr_ratio=0.5, dropout=0.2, seed=7, divergence="jsd",
                    temperature=2.0, beta=0.3, alpha=0.2, curriculum="linear", divergence_start=0.8,
                    divergence_end=0.2, tail=True, signal="text", embed_init="random", hidden_weight=0.5, max_steps=9,
-                   limit_train=40, eval_limit=10, augment=0.5, on_policy=0.5)],
+                   limit_train=40, eval_limit=10, augment=0.5, on_policy=0.5, init_from="runs/s/student")],
     "extract": [dict(OPENAI, task="support-ticket", field="body", labels={"tone": "t", "toxicity": "x"}, limit=5,
                      batch_size=4, vocab_size=64, calibration=8, hidden_layer="middle", dtype="bfloat16",
                      teacher_tokenizer="gemma-3-270m", concurrency=2, embeddings=True),

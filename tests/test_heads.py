@@ -145,6 +145,29 @@ def test_learns_the_teachers_decisions(shards, tmp_path):
     assert steps(out)[-1]["ce"] < steps(out)[0]["ce"] / 2
 
 
+def test_a_warm_start_begins_from_the_given_students_weights(shards, trained, tmp_path, tiny_tokenizer):
+    start = load_student(trained).model.state_dict()
+    warm = set_up(shards, TrainConfig(**{**CFG.to_dict(), "init_from": str(trained)}), progress=False).model
+    assert all(torch.equal(v, start[k]) for k, v in warm.state_dict().items())
+    fresh = set_up(shards, CFG, progress=False).model  # the heads start at random, the body pretrained
+    assert any(not torch.equal(v, start[k]) for k, v in fresh.state_dict().items())
+    bad = [(tmp_path / "none", "not a student folder"),
+           (train(shards, tmp_path / "dec", TrainConfig(preset="nano", max_steps=1, batch_size=8, eval_limit=1),
+                  progress=False), "a decoder student; a warm start needs a heads student")]
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    config = json.loads((other / "config.json").read_text())
+    config["task"] = {**config["task"], "name": "another", "description": "another task"}
+    (other / "config.json").write_text(json.dumps(config))
+    bad.append((other, "a student of another task"))
+    for folder, message in bad:
+        with pytest.raises(TrainError, match=message) as e:
+            set_up(shards, TrainConfig(**{**CFG.to_dict(), "init_from": str(folder)}), progress=False)
+        assert "\n" not in str(e.value) and "init_from=" in str(e.value)
+    with pytest.raises(TrainError, match="another body than this run's"):
+        set_up(shards, TrainConfig(**{**CFG.to_dict(), "init_from": str(trained), "encoder_layers": 2}), progress=False)
+
+
 def test_interrupted_and_resumed_heads_run_matches_an_uninterrupted_one(shards, tmp_path):
     whole_and_resumed(shards, tmp_path, CFG)
 
@@ -209,6 +232,11 @@ def test_cli_trains_predicts_and_evaluates_a_heads_student(shards, tmp_path):
     val = [r for r in ShardSet(shards).records("val")][:6]
     preds = load_student(out).predict([r.text for r in val])
     assert report["student_only_exact"] == pytest.approx(np.mean([p["fields"] == r.fields for p, r in zip(preds, val)]))
+    # a warm start from that student, from the command line
+    r = run("train", "--data", str(shards), "--out", str(tmp_path / "warm"), "--student", "heads", "--max-steps", "1",
+            "--batch-size", "8", "--eval-limit", "4", "--init-from", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "warm" / "training.json").read_text())["config"]["init_from"] == str(out)
 
 
 def test_auto_picks_heads_for_enum_tasks_and_the_decoder_otherwise(shards, tmp_path):

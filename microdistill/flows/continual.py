@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ def update(student_dir: Path, pool: Path, out_dir: Path, cfg: UpdateConfig = Upd
     m = shards.manifest  # label as the folder's examples were: its teacher, where it was served, its vocabulary size
     extract_cfg = ExtractConfig(task=str(work / "task.yaml"), teacher=recorded_spec(m.get("teacher")),
                                 teacher_url=(m.get("api") or {}).get("url"), vocab_size=m["vocab"].get("size") or 512)
-    train_cfg = TrainConfig.from_dict(old.meta.get("training") or {})
+    # the old student's options, from the pretrained start (never from the student its run warm-started from)
+    train_cfg = replace(TrainConfig.from_dict(old.meta.get("training") or {}), init_from="")
     current, before, rounds = student_dir, score(old, gate), []
     for k in range(cfg.rounds):
         n = len(ShardSet(shards_dir))

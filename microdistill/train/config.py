@@ -82,6 +82,9 @@ class TrainConfig(Options):
     max_steps: int | None = option(None, help="A fixed step budget instead of --epochs (the last epoch may be partial).")
     limit_train: int | None = option(None, help="Use only the first N training examples.")
     eval_limit: int | None = option(None, help="Evaluate on at most N held-out examples per epoch.")
+    init_from: str = option("", help=(
+        "A heads student folder of the same task and body whose weights start this run (a warm start, e.g. from the "
+        "student being updated); empty: from the pretrained encoder."))
     on_policy: float = option(0.0, help=(
         "Share of the batches made of the decoder student's own answers, scored by the teacher in process "
         "(on-policy distillation, GKD)."))

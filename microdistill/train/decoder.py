@@ -69,6 +69,8 @@ def set_up_decoder(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progres
     if cfg.augment:
         raise TrainError("training option augment is for the heads student; the decoder learns the teacher's tokens "
                          "for each input text")
+    if cfg.init_from:
+        raise TrainError("training option init_from is for the heads student; a decoder run starts from its preset")
     if cfg.on_policy and not use_logits:
         raise TrainError("training option on_policy needs teacher logits to learn from; --signal text has none")
     if cfg.tail and not use_logits:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from pathlib import Path
 
 import torch
 
@@ -85,6 +86,8 @@ def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress:
     val_set = examples_of(val_records, tokenizer, fields, False)
     seed_everything(cfg.seed)
     model = HeadsStudent(body, [len(f.values) for f in fields], cfg.dropout)
+    if cfg.init_from:
+        warm_start(model, Path(cfg.init_from), shards)
     total = cfg.max_steps or cfg.epochs * math.ceil(len(train_set) / cfg.batch_size)
     n = compute_parameters(model)
     return Setup(
@@ -96,6 +99,25 @@ def set_up_heads(shards: ShardSet, cfg: TrainConfig, use_logits: bool, progress:
         info={"encoder": source, "input_pieces": pieces, "layers": body.config.num_hidden_layers},
         title=f"heads: {n / 1e6:.1f}M compute parameters (encoder {source}, {body.config.num_hidden_layers} layers, "
               f"{pieces} input pieces, {len(fields)} fields)")
+
+
+def warm_start(model: HeadsStudent, folder: Path, shards: ShardSet) -> None:
+    """`model` takes the weights of the heads student in `folder`, which must do the shards' task
+    with the same body (encoder, layers, input pieces)."""
+    from microdistill.students import load_student
+
+    where = f"training option init_from={str(folder)!r}"
+    if not (folder / "config.json").is_file():
+        raise TrainError(f"{where}: not a student folder (no config.json)")
+    start = load_student(folder)
+    if getattr(start, "kind", None) != "heads":
+        raise TrainError(f"{where}: a {getattr(start, 'kind', '?')} student; a warm start needs a heads student")
+    if start.task.fingerprint() != shards.task().fingerprint():
+        raise TrainError(f"{where}: a student of another task than the shard folder {shards.dir}")
+    mine, theirs = model.state_dict(), start.model.state_dict()
+    if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+        raise TrainError(f"{where}: another body than this run's (encoder, layers or input vocabulary differ)")
+    model.load_state_dict(theirs)
 
 
 def augmented(records: list, cfg: TrainConfig) -> list:

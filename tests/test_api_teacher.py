@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -320,7 +321,9 @@ def test_eval_times_and_the_server_defers_to_a_served_teacher(server, tmp_path):
     assert report["speed"]["teacher"]["same_output_as_shards"] == 1.0  # the served teacher, asked again, answered alike
 
     asked = calls(server, "tiny")
-    proc, url = start_server(student, "--teacher", "openai:tiny", "--teacher-url", server + "/v1", "--min-confidence", "1.0")
+    traffic = tmp_path / "traffic"
+    proc, url = start_server(student, "--teacher", "openai:tiny", "--teacher-url", server + "/v1", "--min-confidence", "1.0",
+                             "--traffic", str(traffic))
     try:
         texts = make_texts(6, seed=9)
         r = httpx.post(f"{url}/v1/predict", json={"texts": texts}, timeout=120)
@@ -332,6 +335,21 @@ def test_eval_times_and_the_server_defers_to_a_served_teacher(server, tmp_path):
     finally:
         proc.terminate()
         proc.wait(60)
+    # the served teacher's answers were kept as the records its extraction stores (top-k log-probabilities)
+    from microdistill.extract.recording import label_records
+
+    kept = {r.text: r for r in label_records(traffic)}
+    assert sorted(kept) == sorted(texts) and all(kept[t].fields == label(t) for t in texts)
+    again = tmp_path / "again.jsonl"
+    again.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    copy = tmp_path / "copy"
+    shutil.copytree(shards.dir, copy)
+    extracted = {r.text: r for r in api_extract(again, copy, server).records() if r.text in kept}
+    for text, record in kept.items():
+        other = extracted[text]
+        assert record.output_ids.tolist() == other.output_ids.tolist()
+        assert np.array_equal(record.logits, other.logits) and np.array_equal(record.lse, other.lse)
+        assert all(np.allclose(p, other.decisions[name]) for name, p in record.decisions.items())
 
 
 def test_a_teacher_that_goes_down_behind_the_cascade(tiny_tokenizer_dir, tmp_path):

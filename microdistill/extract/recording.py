@@ -3,9 +3,10 @@
     microdistill serve --student runs/x/student --teacher qwen2.5-coder-0.5b-instruct --traffic runs/x/traffic
 
 A call the student hands to its teacher is a hard input the teacher has just labelled. When the
-teacher in process is the one that labelled the student's shards (same model, same dtype) and
-those shards are readable, each such answer is decoded as extraction decodes (the shards' kept
-vocabulary, decision points, hidden layer) and stored as a record in
+teacher is the one that labelled the student's shards (same model, same dtype) and those shards
+are readable, each such answer is stored as extraction stores it: decoded in process over the
+shards' kept vocabulary with decision points and hidden layer, or, from a served teacher, its
+top-k log-probabilities at the kept ids (text alone for text-only shards); a record in
 `TRAFFIC/labels-<start>-<pid>/`, a shard folder with the shards' own header. `update --input
 TRAFFIC` adds those records to the shards (`merge_labels`) before it chooses anything for the
 teacher, so the calls the cascade already paid for are never paid again.
@@ -24,7 +25,7 @@ from typing import Any, Sequence
 
 from microdistill.core.task import parse_or_none
 from microdistill.data.corpus import Item, clean_inputs
-from microdistill.data.shards import JOURNAL, ShardSet, ShardWriter, StoreError, decode_shard, read_manifest
+from microdistill.data.shards import JOURNAL, Record, ShardSet, ShardWriter, StoreError, decode_shard, read_manifest
 
 log = logging.getLogger("uvicorn.error")  # the server's log, where this runs
 LABELS = "labels-*"  # glob of the per-process label folders in a traffic folder
@@ -32,41 +33,69 @@ SAME = ("format", "task_fingerprint", "teacher", "vocab", "signal", "calibration
 
 
 class RecordedAnswers:
-    """Texts -> the teacher's answers as TeacherAnswers gives them ({output, fields}), each finished
-    answer also added to a shard folder with the header of the shards the student learned from."""
+    """Texts -> the teacher's answers as TeacherAnswers gives them ({output, fields}), each usable
+    answer also added to a shard folder with the header of the shards the student learned from:
+    decoded as local extraction decodes (extract/local.py), or, from a served teacher, stored from
+    its top-k log-probabilities as served extraction stores them (extract/served.py)."""
 
     def __init__(self, answers, shards: dict[str, Any], folder: Path):
-        from microdistill.core.grammar import Grammar  # xgrammar and torch: loaded when a teacher answers
-        from microdistill.extract.local import decode_batch, make_record
-        from microdistill.teachers.decoding import Decoder
-
-        self.answers, self.task, self.teacher = answers, answers.task, answers.teacher
+        self.answers, self.task, self.teacher, self.name = answers, answers.task, answers.teacher, answers.name
         kept = shards["vocab"]["kept"]
-        t = self.teacher
-        grammar = Grammar(self.task, t.tokenizer, t.vocab_size, t.eos_id, allowed=kept)
-        self.decoder = Decoder(t, self.task, grammar, keep_ids=kept, hidden_layer=shards.get("hidden_layer"),
-                               drafter=answers.draft)
-        self.kept = set(kept)
+        if self.teacher.access == "white":
+            from microdistill.core.grammar import Grammar  # xgrammar and torch: loaded when a teacher answers
+            from microdistill.teachers.decoding import Decoder
+
+            t = self.teacher
+            grammar = Grammar(self.task, t.tokenizer, t.vocab_size, t.eos_id, allowed=kept)
+            self.decoder = Decoder(t, self.task, grammar, keep_ids=kept, hidden_layer=shards.get("hidden_layer"),
+                                   drafter=answers.draft)
+        self.kept = {int(tid): k for k, tid in enumerate(kept)}
+        self.eos, self.signal = int(shards["vocab"].get("eos", self.teacher.eos_id)), shards.get("signal", "logits")
         self.writer = ShardWriter(folder, {k: shards[k] for k in (*SAME, "hidden_layer") if k in shards})
         self.writer.save_manifest()  # at once: a server killed before its first full shard leaves a readable folder
-        self.name, self.make_record, self.decode_batch = answers.name, make_record, decode_batch
 
     def __call__(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         cleaned = clean_inputs(self.task, texts)
         if not cleaned:
             return []
-        tok, eos = self.teacher.tokenizer, self.teacher.eos_id
-        rows = self.decode_batch(self.decoder, self.task, [self.decoder.rest_ids(t) for t in cleaned], cleaned)
-        for text, (row, output, dec) in zip(cleaned, rows):
-            if output is None:
-                continue  # cut at max_tokens: not a valid example (served as it stands, its fields None)
-            try:
-                self.writer.add(self.make_record(self.task, tok, Item(text), row, output, dec, self.kept, eos))
-            except Exception as e:  # an answer that does not round-trip is served, just not kept
-                log.warning("teacher answer not kept as a label: %s", str(e).splitlines()[0][:200])
+        pairs = self.decoded(cleaned) if self.teacher.access == "white" else self.served(cleaned)
+        for text, (_, record) in zip(cleaned, pairs):
+            if isinstance(record, Record):
+                self.writer.add(record)
+            elif not record.startswith("cut at"):  # a cut answer is no example, as in extraction
+                log.warning("teacher answer to %r not kept as a label: %s", text[:40], record)
         self.writer.journal()
-        served = [output if output is not None else tok.decode(row.output_ids) for row, output, _ in rows]
-        return [{"output": o, "fields": parse_or_none(self.task, o)} for o in served]
+        return [{"output": o, "fields": parse_or_none(self.task, o)} for o, _ in pairs]
+
+    def decoded(self, cleaned: list[str]) -> list[tuple[str, Record | str]]:
+        """(the answer served, its record or why there is none) per text, from the teacher in process."""
+        from microdistill.extract.local import decode_batch, make_record
+
+        tok, out = self.teacher.tokenizer, []
+        for text, (row, answer, dec) in zip(cleaned, decode_batch(self.decoder, self.task,
+                                                                  [self.decoder.rest_ids(t) for t in cleaned], cleaned)):
+            if answer is None:
+                out.append((tok.decode(row.output_ids), f"cut at {self.task.output.max_tokens} tokens"))
+                continue
+            try:
+                out.append((answer, make_record(self.task, tok, Item(text), row, answer, dec, set(self.kept),
+                                                self.teacher.eos_id)))
+            except Exception as e:  # an answer that does not round-trip is served, just not kept
+                out.append((answer, str(e).splitlines()[0][:200]))
+        return out
+
+    def served(self, cleaned: list[str]) -> list[tuple[str, Record | str]]:
+        """The same, from a served teacher's replies."""
+        from microdistill.extract.served import api_record
+
+        out = []
+        for text, a in zip(cleaned, self.teacher.answers(self.task, cleaned)):
+            if a.fields is None:
+                out.append(("", a.problem))
+            else:
+                out.append((self.task.serialize(a.fields),
+                            api_record(self.task, self.teacher, Item(text), a, self.kept, self.eos, self.signal)))
+        return out
 
     def close(self) -> None:
         self.writer.close()
@@ -74,13 +103,11 @@ class RecordedAnswers:
 
 def recorded(answers, student, traffic: Path):
     """`answers` recording into `traffic`, or `answers` itself where the records would not be the
-    shards' kind: a served teacher, another teacher or dtype than the shards', shards not readable."""
+    shards' kind: another teacher or dtype than the shards', shards not readable."""
     shards_meta = (getattr(student, "meta", None) or {}).get("shards") or {}
     path = Path(shards_meta.get("path") or "")
     why = None
-    if getattr(answers.teacher, "access", None) != "white":
-        why = "the teacher is served: its answers are logged, not kept as shard records"
-    elif not answers.same:
+    if not answers.same:
         why = "the teacher is not the one that labelled the student's shards"
     elif not (path / "manifest.json").is_file():
         why = f"the student's shards ({path}) are not here"

@@ -147,20 +147,20 @@ class ServedTeacher:
         return {"name": self.name, "source": self.source, "sha256": self.sha256, "tokenizer": self.tokenizer_spec,
                 "tokenizer_sha256": self.tokenizer_sha256, "vocab_size": self.vocab_size}
 
-    def labeller(self, task: Task, kept: list[int] | None = None, draft=None):
-        """Texts -> answer texts (canonical JSON, or "" for an unusable answer), with up to
-        `concurrency` calls in flight; the first call of all goes alone (`probe`). `kept` and `draft`
-        are for the common interface: a served model decodes its whole vocabulary where it runs."""
-        def run(texts: list[str]) -> list[str]:
-            answers: dict[int, Answer] = {}
-            todo = list(enumerate(texts))
-            if todo and not self.probed:
-                answers[0] = self.probe(task, todo.pop(0)[1])
-            for (i, _), answer in in_flight(self, task, todo, self.concurrency):
-                answers[i] = answer
-            return [task.serialize(a.fields) if a.fields is not None else "" for a in (answers[i] for i in range(len(texts)))]
+    def answers(self, task: Task, texts: list[str]) -> list[Answer]:
+        """The Answer of each text, up to `concurrency` calls in flight; the first call of all alone (`probe`)."""
+        got: dict[int, Answer] = {}
+        todo = list(enumerate(texts))
+        if todo and not self.probed:
+            got[0] = self.probe(task, todo.pop(0)[1])
+        for (i, _), answer in in_flight(self, task, todo, self.concurrency):
+            got[i] = answer
+        return [got[i] for i in range(len(texts))]
 
-        return run
+    def labeller(self, task: Task, kept: list[int] | None = None, draft=None):
+        """Texts -> answer texts (canonical JSON, or "" for an unusable answer). `kept` and `draft`
+        are for the common interface: a served model decodes its whole vocabulary where it runs."""
+        return lambda texts: [task.serialize(a.fields) if a.fields is not None else "" for a in self.answers(task, texts)]
 
     def write(self, conversations: list[list[dict[str, str]]], max_tokens: int, temperature: float, seed: int) -> list[str]:
         """Free text, sampled, for each chat conversation, `concurrency` calls in flight."""

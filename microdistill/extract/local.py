@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, AbstractSet, Any, Sequence
 
 import numpy as np
 import torch
@@ -133,7 +133,7 @@ def reuse_calibration(teacher: HFTeacher, task: Task, calib: Calibration, wanted
 
 
 def make_record(task: Task, tokenizer, item: Item, row, text: str, decisions: dict[str, np.ndarray],
-                kept: set[int], eos_id: int) -> Record:
+                kept: AbstractSet[int], eos_id: int) -> Record:
     """A checked Record for one decoded row; any broken round trip is a hard failure."""
     input_ids = tokenizer(item.text, add_special_tokens=False).input_ids
     where = f"example {example_id(item.text)} ({item.text[:40]!r})"

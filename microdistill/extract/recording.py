@@ -78,7 +78,7 @@ class RecordedAnswers:
                 out.append((tok.decode(row.output_ids), f"cut at {self.task.output.max_tokens} tokens"))
                 continue
             try:
-                out.append((answer, make_record(self.task, tok, Item(text), row, answer, dec, set(self.kept),
+                out.append((answer, make_record(self.task, tok, Item(text), row, answer, dec, self.kept.keys(),
                                                 self.teacher.eos_id)))
             except Exception as e:  # an answer that does not round-trip is served, just not kept
                 out.append((answer, str(e).splitlines()[0][:200]))

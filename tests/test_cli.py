@@ -178,7 +178,7 @@ GIVEN = {
               dict(target_agreement=0.8)],
     "synthesize": [dict(OPENAI, task="support-ticket", n=5, batch_size=4, temperature=0.7, max_tokens=20,
                         similarity=0.8, seed=3)],
-    "update": [dict(select="diverse", budget=50, rounds=3, tolerance=0.01, seed=4)],
+    "update": [dict(select="diverse", budget=50, rounds=3, tolerance=0.01, seed=4, warm_epochs=2)],
     "compare": [dict(preset="nano", max_steps=5, seed=3, limit_train=20, sizes=(10, 20), sizes_for=("kd", "ce"),
                      batch_size=4, lr=0.01, eval_limit=5),
                 dict(epochs=2)],

@@ -67,6 +67,21 @@ def test_a_worse_student_is_refused_and_nothing_changes(student, tmp_path, monke
     assert not (tmp_path / "new").exists() and (student / "model.safetensors").read_bytes() == before
 
 
+def test_a_warm_update_trains_from_the_current_student_for_its_epochs(student, tmp_path):
+    pool = tmp_path / "pool.txt"
+    pool.write_text("\n".join(make_texts(20, seed=36)) + "\n")
+    report = continual.update(student, pool, tmp_path / "new", UpdateConfig(budget=4, tolerance=0.99, warm_epochs=1),
+                              progress=False)
+    training = json.loads((tmp_path / "new" / "training.json").read_text())
+    assert training["config"]["init_from"] == str(student) and training["config"]["epochs"] == 1
+    assert training["config"]["max_steps"] is None and training["epochs"] == 1
+    assert report["rounds"][0]["warm_start"] and report["rounds"][0]["train_s"] > 0
+    # without it, a round starts from the pretrained body with the old student's step budget
+    fresh = continual.update(student, pool, tmp_path / "fresh", UpdateConfig(budget=4, tolerance=0.99), progress=False)
+    training = json.loads((tmp_path / "fresh" / "training.json").read_text())
+    assert training["config"]["init_from"] == "" and training["steps"] == 3 and not fresh["rounds"][0]["warm_start"]
+
+
 def test_the_traffic_a_server_kept_is_a_pool(student, tmp_path):
     traffic = tmp_path / "traffic"
     log = TrafficLog(traffic, load_task("reddit-comment"))
@@ -84,7 +99,8 @@ def test_update_errors_are_one_line(student, tmp_path):
     pool.write_text("\n".join(make_texts(3, seed=34)) + "\n")
     for args, message in [(["--out", str(student)], "is the student folder"),
                           (["--out", str(tmp_path / "n"), "--budget", "50"], "--budget 50: the pool holds"),
-                          (["--out", str(tmp_path / "n"), "--rounds", "0"], "--rounds must be at least 1")]:
+                          (["--out", str(tmp_path / "n"), "--rounds", "0"], "--rounds must be at least 1"),
+                          (["--out", str(tmp_path / "n"), "--warm-epochs", "-1"], "--warm-epochs must be 0 or more")]:
         r = subprocess.run([sys.executable, "-m", "microdistill", "update", "--student", str(student), "--input",
                             str(pool), "--quiet", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, (args, r.stderr)

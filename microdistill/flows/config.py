@@ -148,8 +148,13 @@ class UpdateConfig(Options):
         "The gate: a new student may agree with the teacher this much less than the old one on the fixed "
         "held-out set (0: never worse)."))
     seed: int = option(0, help="Seed of --select random.")
+    warm_epochs: int = option(0, help=(
+        "Train each round's student from the current one's weights for this many epochs (heads students; 0: from "
+        "the pretrained body for the old student's epochs). Cheaper per round; BENCHMARKS.md compares the two."))
 
     def __post_init__(self) -> None:
+        if self.warm_epochs < 0:
+            raise UpdateError(f"--warm-epochs must be 0 or more (got {self.warm_epochs})")
         for name in ("budget", "rounds"):
             if getattr(self, name) < 1:
                 raise UpdateError(f"--{name} must be at least 1 (got {getattr(self, name)})")

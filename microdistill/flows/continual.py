@@ -7,7 +7,8 @@ new student only if it is not worse.
 Each round: `--select` chooses `--budget` inputs of the pool (a corpus, or a `serve --traffic`
 folder: the calls the student answered are the inputs it doubts) that the student's shards do
 not hold yet; the teacher that labelled those shards labels them into the same folder; a student
-of the same options is trained from its pretrained start on all the labels; and the gate scores
+of the same options is trained on all the labels, from its pretrained start (or, with
+`--warm-epochs N`, from the current student's weights for N epochs); and the gate scores
 the old and the new student on the held-out inputs the shards held before the update (a fixed
 set, the same for every round): the new one is kept only if it agrees with the teacher at least
 as often (`--tolerance` less, at most). `--out` gets the last kept student and `update.json`:
@@ -47,6 +48,9 @@ def update(student_dir: Path, pool: Path, out_dir: Path, cfg: UpdateConfig = Upd
     check_output_folder(out_dir, "--out", "config.json", FORMAT, "a student folder", {"student": student_dir},
                         UpdateError)
     old = load_student(student_dir)
+    if cfg.warm_epochs and getattr(old, "kind", None) != "heads":
+        raise UpdateError(f"--warm-epochs: student {student_dir} is a {getattr(old, 'kind', '?')} student; a warm "
+                          "start needs a heads student")
     shards_dir = Path(shards_dir or (old.meta.get("shards") or {}).get("path") or "")
     if not (shards_dir / "manifest.json").is_file():
         raise UpdateError(f"student {student_dir}: the shards it was trained on ({shards_dir}) are not here; give "
@@ -76,10 +80,13 @@ def update(student_dir: Path, pool: Path, out_dir: Path, cfg: UpdateConfig = Upd
             if not (k == 0 and reused):
                 raise
             say("[update] every input of the traffic is labelled already: this round trains on them", progress)
-        new = train_once(shards_dir, work / f"round-{k + 1}", train_cfg, progress)
+        warm = {"init_from": str(current), "epochs": cfg.warm_epochs, "max_steps": None} if cfg.warm_epochs else {}
+        new = train_once(shards_dir, work / f"round-{k + 1}", replace(train_cfg, **warm), progress)
         after = score(load_student(new), gate)
         rounds.append({"round": k + 1, "teacher_calls": len(ShardSet(shards_dir)) - n, "select": cfg.select,
-                       "reused_labels": reused if k == 0 else 0, "gate_n": len(gate), "old_agreement": before,
+                       "reused_labels": reused if k == 0 else 0, "warm_start": bool(cfg.warm_epochs),
+                       "train_s": json.loads((new / "training.json").read_text()).get("wall_s"),
+                       "gate_n": len(gate), "old_agreement": before,
                        "new_agreement": after, "kept": after + cfg.tolerance >= before})
         say(f"[update] round {k + 1}: {rounds[-1]['teacher_calls']} teacher calls; held-out agreement "
             f"{before:.2%} -> {after:.2%}", progress)

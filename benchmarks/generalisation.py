@@ -2,7 +2,7 @@
 
     python benchmarks/generalisation.py --data runs/default/shards --out runs/bench/default \
         [--also runs/tweets/shards] [--seeds 0,1,2] [--students decoder,heads] [--epochs 20] \
-        [--variant "heads-3-layers:student=heads,encoder_layers=3"]
+        [--variant "heads-3-layers:student=heads,encoder_layers=3"] [--consistency]
 
 Every student trains on the train split of `--data` with the run's options (20 epochs, dropout
 0.1) and one seed at a time; the peers (peers.py) learn from the same teacher answers. Each is
@@ -13,7 +13,10 @@ nested corpora compare on one set. A `--variant LABEL:OPTION=VALUE,...` adds a s
 training options (TrainConfig's names) on top of the same defaults. Exact match of the whole answer; mean over seeds with a 95% interval (t-distribution
 over the seeds' scores) and the Wilson interval of the pooled count (of one count, for a learner
 that answers alike for every seed: the peers). Finished students are
-reused, so an interrupted benchmark continues. Writes `results.json` and `results.md` in `--out`.
+reused, so an interrupted benchmark continues. `--consistency` also measures each student's own
+self-consistency on every scored set: the share of inputs whose answer survives every edit that
+the teacher's consistency is measured with (evaluate/consistency.py). Writes `results.json` and
+`results.md` in `--out`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from microdistill.evaluate.agreement import wilson_interval
+from microdistill.evaluate.consistency import self_consistency
 from microdistill.evaluate.peers import fit_predict
 from microdistill.data.shards import ShardSet
 from microdistill.students import load_student
@@ -37,6 +41,11 @@ T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}  # two-sided 95% t quantile
 
 def exact(answers: list[dict | None], records) -> tuple[int, int]:
     return sum(a == r.fields for a, r in zip(answers, records)), len(records)
+
+
+def answers_of(student):
+    """The student's answers to a batch of texts, as comparable strings."""
+    return lambda texts: [json.dumps(p["fields"], sort_keys=True) for p in student.predict(texts)]
 
 
 def t_interval(values: list[float]) -> tuple[float, float | None]:
@@ -99,6 +108,7 @@ def main() -> None:
     ap.add_argument("--peers", default="tfidf,encoder")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--consistency", action="store_true", help="each student's self-consistency on every scored set")
     ap.add_argument("--held-out", type=Path, default=None,
                     help="score on the held-out split of this shard folder instead (e.g. a larger one by the same "
                          "teacher: split by input hash, its held-out inputs are never in --data's training split)")
@@ -118,6 +128,7 @@ def main() -> None:
     variants += [parse_variant(v) for v in args.variant]
     for kind, options in variants:
         counts: dict[str, list] = {t: [] for t in targets}
+        consistent: dict[str, list] = {t: [] for t in targets}
         wall = []
         for seed in seeds:
             cfg = TrainConfig(**{"epochs": args.epochs, "dropout": 0.1, "limit_train": args.limit_train, **options,
@@ -130,12 +141,18 @@ def main() -> None:
             for name, records in targets.items():
                 answers = [p["fields"] for p in student.predict([r.text for r in records])]
                 counts[name].append(exact(answers, records))
+                if args.consistency:
+                    texts = [r.text for r in records]
+                    said = [json.dumps(a, sort_keys=True) for a in answers]
+                    consistent[name].append(self_consistency(answers_of(student), texts, said, 64)["consistent"])
             print(f"{kind} seed {seed}: " + ", ".join(f"{t} {k}/{n}" for t, (k, n) in
                                                      ((t, c[-1]) for t, c in counts.items()))
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
         params = json.loads((args.out / f"{kind}-seed{seeds[0]}" / "training.json").read_text())["parameters"]
         rows.append({"name": kind, "parameters": params, "train_s": statistics.fmean(wall),
-                     **{t: summary(c) for t, c in counts.items()}})
+                     **{t: summary(c) for t, c in counts.items()},
+                     **({"consistency": {t: dict(zip(("mean", "half"), t_interval(c))) for t, c in consistent.items()}}
+                        if args.consistency else {})})
     for name in [p for p in args.peers.split(",") if p]:
         counts = {t: [] for t in targets}
         for seed in seeds:
@@ -158,6 +175,13 @@ def main() -> None:
             ci = f" ({100 * lo:.1f}–{100 * hi:.1f})"
             cells.append(f"{100 * s['mean']:.1f}%{ci}")
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    if args.consistency:
+        lines += ["", "Each student's self-consistency (its answer unchanged under every meaning-keeping edit), mean "
+                  "of the seeds ± the 95% half-width:", "",
+                  "| | " + " | ".join(targets) + " |", "|---|" + "---:|" * len(targets)]
+        lines += [f"| {r['name']} | " + " | ".join(f"{100 * c['mean']:.1f}% ± {100 * (c['half'] or 0):.1f}"
+                                                  for c in r["consistency"].values()) + " |"
+                  for r in rows if "consistency" in r]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

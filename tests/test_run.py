@@ -185,8 +185,9 @@ def test_sample_corpus_ships_with_the_package():
     from microdistill.data.corpus import read_corpus
 
     items = read_corpus(sample_corpus(), labels={"toxicity": "toxicity"})
-    assert len(items) >= 500
-    assert {it.labels["toxicity"] for it in items} == {"toxic", "respectful"}
+    labelled = [it for it in items if it.labels]
+    assert len(items) >= 3000 and len(labelled) == 1000 and items[:1000] == labelled  # human labels come first
+    assert {it.labels["toxicity"] for it in labelled} == {"toxic", "respectful"}
 
 
 @pytest.mark.teacher

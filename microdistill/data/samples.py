@@ -4,8 +4,9 @@
     read_corpus(sample_corpus(), labels=SAMPLE_LABELS)
     path, labels = SAMPLES["agent-tool"]
 
-README.md beside them says how each was written. `sample_comments.jsonl` holds 1,000 short
-comments with a human label for the reddit-comment task's tone, sentiment and toxicity;
+README.md beside them says how each was written. `sample_comments.jsonl` holds 3,100 short
+comments, the first 1,000 with a human label for the reddit-comment task's tone, sentiment and
+toxicity (null for the rest);
 `sample_requests.jsonl` holds requests to an assistant for the agent-tool task, written by the
 default teacher (`microdistill synthesize`), each with the tool it was asked to write one for
 (not a label: what the teacher then answers is the target). `probe_texts.txt`

@@ -94,11 +94,11 @@ def test_every_option_has_help():
 
 
 def test_run_flags_default_to_run_config_stage_defaults():
-    """`run`'s own defaults (20 epochs, dropout 0.1, dtype auto, student auto) are RunConfig's, not the stages'."""
+    """`run`'s own defaults (10 epochs, dropout 0.1, dtype auto, student auto) are RunConfig's, not the stages'."""
     p = params("run")
-    assert (p["epochs"].default, p["dropout"].default) == (RUN.train.epochs, RUN.train.dropout) == (20, 0.1)
+    assert (p["epochs"].default, p["dropout"].default) == (RUN.train.epochs, RUN.train.dropout) == (10, 0.1)
     assert (p["dtype"].default, p["student"].default) == (RUN.extract.dtype, RUN.train.student) == ("auto", "auto")
-    assert (TrainConfig().epochs, ExtractConfig().dtype) != (20, "auto")  # so the flags could not be the stages'
+    assert (TrainConfig().dropout, ExtractConfig().dtype) != (0.1, "auto")  # so the flags could not be the stages'
     assert p["batch_size"].default == RUN.extract.batch_size  # the teacher's batch
 
 

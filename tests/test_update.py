@@ -69,7 +69,7 @@ def test_a_worse_student_is_refused_and_nothing_changes(student, tmp_path, monke
 
 def test_a_warm_update_trains_from_the_current_student_for_its_epochs(student, tmp_path):
     pool = tmp_path / "pool.txt"
-    pool.write_text("\n".join(make_texts(20, seed=36)) + "\n")
+    pool.write_text("\n".join(make_texts(20, seed=41)) + "\n")
     report = continual.update(student, pool, tmp_path / "new", UpdateConfig(budget=4, tolerance=0.99, warm_epochs=1),
                               progress=False)
     training = json.loads((tmp_path / "new" / "training.json").read_text())

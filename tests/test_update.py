@@ -82,6 +82,21 @@ def test_a_warm_update_trains_from_the_current_student_for_its_epochs(student, t
     assert training["config"]["init_from"] == "" and training["steps"] == 3 and not fresh["rounds"][0]["warm_start"]
 
 
+def test_a_kind_that_cannot_warm_start_is_refused_before_the_teacher_is_asked(student, tmp_path, monkeypatch):
+    import dataclasses
+
+    from microdistill.students import KINDS
+
+    monkeypatch.setitem(KINDS, "heads", dataclasses.replace(KINDS["heads"], warm_starts=False))
+    pool = tmp_path / "pool.txt"
+    pool.write_text("\n".join(make_texts(10, seed=42)) + "\n")
+    shards = Path(json.loads((student / "config.json").read_text())["shards"]["path"])
+    before = len(ShardSet(shards))
+    with pytest.raises(UpdateError, match=r"--warm-epochs: student .* is a heads student, which cannot start from"):
+        continual.update(student, pool, tmp_path / "new", UpdateConfig(budget=2, warm_epochs=1), progress=False)
+    assert len(ShardSet(shards)) == before and not (tmp_path / "new").exists()
+
+
 def test_the_traffic_a_server_kept_is_a_pool(student, tmp_path):
     traffic = tmp_path / "traffic"
     log = TrafficLog(traffic, load_task("reddit-comment"))

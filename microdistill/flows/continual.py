@@ -35,7 +35,7 @@ from microdistill.extract.recording import merge_labels
 from microdistill.flows.config import UpdateConfig, UpdateError
 from microdistill.flows.select import EmptyPool, select_and_extract
 from microdistill.serve.traffic import MANIFEST as TRAFFIC, read_traffic
-from microdistill.students import load_student
+from microdistill.students import KINDS, load_student
 from microdistill.students.folder import FORMAT
 from microdistill.teachers import recorded_spec
 from microdistill.train import TrainConfig, train_once
@@ -48,9 +48,9 @@ def update(student_dir: Path, pool: Path, out_dir: Path, cfg: UpdateConfig = Upd
     check_output_folder(out_dir, "--out", "config.json", FORMAT, "a student folder", {"student": student_dir},
                         UpdateError)
     old = load_student(student_dir)
-    if cfg.warm_epochs and getattr(old, "kind", None) != "heads":
-        raise UpdateError(f"--warm-epochs: student {student_dir} is a {getattr(old, 'kind', '?')} student; a warm "
-                          "start needs a heads student")
+    if cfg.warm_epochs and not KINDS[old.kind].warm_starts:  # refused before the teacher is asked anything
+        raise UpdateError(f"--warm-epochs: student {student_dir} is a {old.kind} student, which cannot start from "
+                          "another student's weights")
     shards_dir = Path(shards_dir or (old.meta.get("shards") or {}).get("path") or "")
     if not (shards_dir / "manifest.json").is_file():
         raise UpdateError(f"student {student_dir}: the shards it was trained on ({shards_dir}) are not here; give "

@@ -29,6 +29,7 @@ class Kind:
     serves: Callable[["Task"], str | None]  # None when the kind can learn the task, else why it cannot
     load: Callable[[Path, dict[str, Any]], "Student"]  # a folder whose config.json says this kind
     reads: tuple[str, ...] = ()  # what it reads from a shard folder beyond the records ("input_embeddings")
+    warm_starts: bool = False  # a run of it may start from another student's weights (train --init-from)
 
 
 class Student(Protocol):

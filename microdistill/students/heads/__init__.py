@@ -40,4 +40,4 @@ def _load(path: Path, config: dict[str, Any]):
 
 
 KIND = Kind(name="heads", summary="enum fields: a pretrained encoder with one softmax per field, confidences included",
-            serves=_serves, load=_load)
+            serves=_serves, load=_load, warm_starts=True)

@@ -139,10 +139,10 @@ def main() -> None:
             wall.append(json.loads((folder / "training.json").read_text())["wall_s"])
             student = load_student(folder)
             for name, records in targets.items():
-                answers = [p["fields"] for p in student.predict([r.text for r in records])]
+                texts = [r.text for r in records]
+                answers = [p["fields"] for p in student.predict(texts)]
                 counts[name].append(exact(answers, records))
                 if args.consistency:
-                    texts = [r.text for r in records]
                     said = [json.dumps(a, sort_keys=True) for a in answers]
                     consistent[name].append(self_consistency(answers_of(student), texts, said, 64)["consistent"])
             print(f"{kind} seed {seed}: " + ", ".join(f"{t} {k}/{n}" for t, (k, n) in
